@@ -1,0 +1,1 @@
+"""Data layer: read -> ingest -> sample -> blocks."""

@@ -1,0 +1,157 @@
+"""Parallel, resumable conversion of source images (and their ROIs) into the working-size PNG cache."""
+
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing as mp
+import os
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from cvfast.data.read import WORKING_SIZE, atomic_write_bytes, read_mammogram, resize, resize_mask, write_png
+from cvfast.errors import CvfastError
+
+log = logging.getLogger(__name__)
+
+RECORDS_DIR = ".records"  # one JSON per finished image; its presence is what makes a re-run skip the image
+
+
+@dataclass
+class RoiSpec:
+    """Where one abnormality's ROI comes from: DICOM files to search for the mask, or a circle."""
+
+    abnormality_id: int
+    candidates: list[str] = field(default_factory=list)  # files in a CBIS-DDSM ROI folder
+    circle: tuple[float, float, float] | None = None  # (x, y, radius) in source pixels
+    y_from_bottom: bool = False  # mini-MIAS counts y from the bottom edge
+
+
+@dataclass
+class ImageJob:
+    """One image to convert: its id, source file and ROIs."""
+
+    image_id: str
+    source: str
+    rois: list[RoiSpec] = field(default_factory=list)
+
+
+def default_workers() -> int:
+    """Worker processes: one per core this process may use."""
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
+
+
+def _mask_from_candidates(roi: RoiSpec, shape: tuple[int, int]) -> np.ndarray:
+    """Pick the ROI mask among a CBIS-DDSM ROI folder's DICOMs: the binary one near the full image's size."""
+    h, w = shape
+    tol = max(8, int(0.01 * max(h, w)))  # real CBIS-DDSM masks can be a few pixels off the full image
+    seen = []
+    for f in roi.candidates:
+        px = read_mammogram(f).pixels
+        seen.append(f"{Path(f).name} {px.shape[0]}x{px.shape[1]}")
+        if px.shape[0] < h // 2 and px.shape[1] < w // 2:
+            continue  # the cropped lesion
+        values = np.unique(px[:: max(1, px.shape[0] // 256), :: max(1, px.shape[1] // 256)])
+        if len(values) > 2:
+            continue
+        if abs(px.shape[0] - h) > tol or abs(px.shape[1] - w) > tol:
+            raise CvfastError(f"{f}: ROI mask is {px.shape[0]}x{px.shape[1]} but its full image is {h}x{w} "
+                              f"(more than {tol} px off); abnormality {roi.abnormality_id} skipped")
+        return px > 0
+    raise CvfastError(f"{Path(roi.candidates[0]).parent if roi.candidates else '?'}: no binary ROI mask of the full "
+                      f"image's size among {', '.join(seen) or 'no DICOM files'}; abnormality {roi.abnormality_id} skipped")
+
+
+def _circle_mask(roi: RoiSpec, shape: tuple[int, int]) -> np.ndarray:
+    """A filled circle in source pixel coordinates."""
+    x, y, r = roi.circle
+    if roi.y_from_bottom:
+        y = shape[0] - y
+    ys, xs = np.ogrid[: shape[0], : shape[1]]
+    return (xs - x) ** 2 + (ys - y) ** 2 <= r * r
+
+
+def convert_one(job: ImageJob, data_dir: str, size: tuple[int, int]) -> dict:
+    """Convert one image and its ROI masks into the cache; return its record (with per-ROI rejects)."""
+    data_dir = Path(data_dir)
+    record_path = data_dir / RECORDS_DIR / f"{job.image_id}.json"
+    if record_path.is_file():
+        record = json.loads(record_path.read_text())
+        if record.get("size") == list(size) and record.get("source") == job.source:
+            return record
+    mammo = read_mammogram(job.source)
+    rel = f"images/{job.image_id}.png"
+    write_png(data_dir / rel, resize(mammo.pixels, size))
+    masks, rejects = {}, []
+    for roi in job.rois:
+        try:
+            full = _circle_mask(roi, mammo.pixels.shape) if roi.circle else _mask_from_candidates(roi, mammo.pixels.shape)
+            if not full.any():
+                raise CvfastError(f"{job.source}: ROI of abnormality {roi.abnormality_id} is empty")
+            mrel = f"masks/{job.image_id}_{roi.abnormality_id}.png"
+            write_png(data_dir / mrel, resize_mask(full, size))
+            masks[str(roi.abnormality_id)] = mrel
+        except CvfastError as e:
+            rejects.append({"source": job.source, "row": f"{job.image_id} abnormality {roi.abnormality_id}", "reason": str(e)})
+    record = {"image_id": job.image_id, "size": list(size), "path": rel, "source": job.source, "orig_height": int(mammo.pixels.shape[0]),
+              "orig_width": int(mammo.pixels.shape[1]), "laterality": mammo.laterality, "view": mammo.view,
+              "patient_id": mammo.patient_id, "masks": masks, "rejects": rejects}
+    atomic_write_bytes(record_path, json.dumps(record).encode())
+    return record
+
+
+def _run_job(args: tuple[ImageJob, str, tuple[int, int]]) -> tuple[str, dict | None, str | None]:
+    """Worker entry point: never raises for bad input, returns the error text instead."""
+    job, data_dir, size = args
+    try:
+        return job.image_id, convert_one(job, data_dir, size), None
+    except CvfastError as e:
+        return job.image_id, None, str(e)
+    except Exception as e:  # an unexpected failure on one file must not kill the whole run
+        return job.image_id, None, f"{job.source}: {type(e).__name__}: {e}"
+
+
+def parallel_map(fn: Callable, items: list, workers: int, description: str, chunksize: int = 1) -> Iterator:
+    """Map fn over items in worker processes (or inline for workers<=1) with a rich progress bar, in order."""
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, transient=True, disable=not items) as progress:
+        task = progress.add_task(description, total=len(items))
+        if workers <= 1 or len(items) <= 1:
+            results: Iterable = map(fn, items)
+            pool = None
+        else:
+            # spawn, not fork: the parent may hold torch/OpenMP threads, which fork would copy in a broken state
+            pool = ProcessPoolExecutor(max_workers=min(workers, len(items)), mp_context=mp.get_context("spawn"))
+            results = pool.map(fn, items, chunksize=chunksize)
+        try:
+            for r in results:
+                progress.advance(task)
+                yield r
+        finally:
+            if pool is not None:
+                pool.shutdown(cancel_futures=True)
+
+
+def convert_all(jobs: list[ImageJob], data_dir: str | Path, size: tuple[int, int] = WORKING_SIZE,
+                workers: int | None = None) -> tuple[dict[str, dict], list[dict]]:
+    """Convert every job (skipping finished ones); return records by image_id and the rejects."""
+    data_dir = Path(data_dir)
+    done = sum((data_dir / RECORDS_DIR / f"{j.image_id}.json").is_file() for j in jobs)
+    if done:
+        log.info("resuming: %d of %d images already converted", done, len(jobs))
+    records, rejects = {}, []
+    sources = {j.image_id: j.source for j in jobs}
+    items = [(j, str(data_dir), tuple(size)) for j in jobs]
+    for image_id, record, error in parallel_map(_run_job, items, workers or default_workers(), "converting", chunksize=2):
+        if record is None:
+            rejects.append({"source": sources[image_id], "row": image_id, "reason": error})
+            continue
+        records[image_id] = record
+        rejects.extend(record["rejects"])
+    return records, rejects
+

@@ -1,0 +1,137 @@
+"""The uniform manifest every dataset adapter writes, so that everything downstream is dataset-agnostic.
+
+One row per image. ``abnormalities`` is a JSON list; each item has ``abnormality_id``, ``kind``
+('mass' | 'calc'), ``pathology`` ('BENIGN' | 'MALIGNANT'), ``patch_class`` (one of PATCH_CLASSES; '' for lesions
+without a mass/calc type, e.g. INbreast's image-level positives) and
+``mask`` (path of the working-size ROI mask PNG, relative to the manifest's folder, or '' when the
+lesion has no usable ROI -- such lesions count for the image label but yield no patches). Paths in ``path`` are relative to the manifest's folder.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from pathlib import Path
+
+import pandas as pd
+from sklearn.model_selection import train_test_split
+
+from cvfast.data.read import atomic_write_bytes
+from cvfast.errors import CvfastError
+
+log = logging.getLogger(__name__)
+
+MANIFEST_NAME = "manifest.csv"
+REJECTS_NAME = "rejects.csv"
+MANIFEST_COLUMNS = ["image_id", "patient_id", "dataset", "side", "view", "path", "label", "pathology",
+                    "n_abnormalities", "abnormalities", "split", "source", "orig_height", "orig_width"]
+REJECT_COLUMNS = ["source", "row", "reason"]
+# The 5 patch classes of Shen et al., in the order every patch model stores and outputs them.
+PATCH_CLASSES = ["background", "calc_benign", "calc_malignant", "mass_benign", "mass_malignant"]
+SPLITS = ("train", "valid", "test")
+
+
+def write_csv(df: pd.DataFrame, path: str | Path) -> None:
+    """Write a DataFrame as CSV atomically."""
+    buf = io.StringIO()
+    df.to_csv(buf, index=False)
+    atomic_write_bytes(path, buf.getvalue().encode())
+
+
+def write_manifest(df: pd.DataFrame, data_dir: str | Path) -> Path:
+    """Validate and write DATA/manifest.csv (atomically); return its path."""
+    missing = [c for c in MANIFEST_COLUMNS if c not in df.columns]
+    if missing:
+        raise ValueError(f"manifest lacks columns {missing}")
+    bad = sorted(set(df["split"]) - set(SPLITS))
+    if bad:
+        raise ValueError(f"manifest has unknown splits {bad}")
+    assert_patient_disjoint(df)
+    extra = [c for c in df.columns if c not in MANIFEST_COLUMNS]
+    path = Path(data_dir) / MANIFEST_NAME
+    write_csv(df[MANIFEST_COLUMNS + extra].sort_values("image_id").reset_index(drop=True), path)
+    return path
+
+
+def read_manifest(data: str | Path) -> pd.DataFrame:
+    """Read a manifest (a DATA folder or the CSV itself), with image and mask paths made absolute."""
+    path = Path(data)
+    if path.is_dir():
+        path = path / MANIFEST_NAME
+    if not path.is_file():
+        raise CvfastError(f"{path}: no manifest here; run `cvfast prepare ...` first")
+    df = pd.read_csv(path, dtype={"image_id": str, "patient_id": str, "side": str, "view": str}, keep_default_na=False)
+    missing = [c for c in MANIFEST_COLUMNS if c not in df.columns]
+    if missing:
+        raise CvfastError(f"{path}: not a cvfast manifest, columns {missing} are missing")
+    root = path.parent
+    df["path"] = [str(root / p) for p in df["path"]]
+    df["abnormalities"] = [[{**a, "mask": str(root / a["mask"]) if a.get("mask") else ""} for a in json.loads(s or "[]")]
+                           for s in df["abnormalities"]]
+    return df
+
+
+def assert_patient_disjoint(df: pd.DataFrame) -> None:
+    """Raise if any patient appears in more than one split (medical-ML hygiene, checked on every write)."""
+    spans = df.groupby("patient_id")["split"].nunique()
+    leaky = spans[spans > 1]
+    if len(leaky):
+        raise ValueError(f"patients in more than one split: {list(leaky.index[:5])}")
+
+
+def patient_split(patients: pd.DataFrame, frac: float, seed: int, name: str) -> set[str]:
+    """Pick a fraction of patients (columns patient_id, label), stratified by label when possible."""
+    if frac <= 0 or len(patients) < 2:
+        return set()
+    n = max(1, int(round(len(patients) * frac)))
+    if n >= len(patients):
+        raise CvfastError(f"{name} fraction {frac} leaves no patients for training ({len(patients)} patients)")
+    counts = patients["label"].value_counts()
+    stratify = patients["label"] if len(counts) > 1 and counts.min() >= 2 and n >= len(counts) else None
+    if stratify is None:
+        log.warning("%s split: too few patients per class to stratify by malignancy; drawing at random", name)
+    _, picked = train_test_split(patients["patient_id"].to_numpy(), test_size=n, random_state=seed, stratify=stratify)
+    return set(picked.tolist())
+
+
+def assign_splits(df: pd.DataFrame, seed: int, valid_frac: float, test_frac: float) -> pd.Series:
+    """Patient-level splits: keep an existing 'test' split, draw test (if none) then valid from the rest."""
+    split = df["split"].copy() if "split" in df.columns else pd.Series("train", index=df.index)
+    split = split.where(split.isin(SPLITS), "train")
+    # A patient with any official-test image goes wholly to test, so no patient spans train and test.
+    test_pat = set(df.loc[split == "test", "patient_id"])
+    moved = df["patient_id"].isin(test_pat) & (split != "test")
+    if moved.any():
+        log.warning("%d images of %d patients that also have official-test images moved to test",
+                    int(moved.sum()), df.loc[moved, "patient_id"].nunique())
+    split[df["patient_id"].isin(test_pat)] = "test"
+    patients = df[split != "test"].groupby("patient_id")["label"].max().reset_index()
+    if not test_pat and test_frac > 0:
+        picked = patient_split(patients, test_frac, seed, "test")
+        split[df["patient_id"].isin(picked)] = "test"
+        patients = patients[~patients["patient_id"].isin(picked)]
+    if valid_frac > 0 and not (split == "valid").any():
+        picked = patient_split(patients, valid_frac / max(1e-9, 1 - (test_frac if not test_pat else 0)), seed + 1, "validation")
+        split[df["patient_id"].isin(picked) & (split != "test")] = "valid"
+    return split
+
+
+def summarize(df: pd.DataFrame) -> pd.DataFrame:
+    """Images, patients and positives per split (for the CLI's summary table)."""
+    g = df.groupby("split")
+    out = pd.DataFrame({"images": g.size(), "patients": g["patient_id"].nunique(), "cancer": g["label"].sum()})
+    return out.reindex([s for s in SPLITS if s in out.index])
+
+
+def abnormality(abnormality_id: int, kind: str, malignant: bool, mask: str = "", **extra) -> dict:
+    """One abnormality record as stored in the manifest."""
+    pathology = "MALIGNANT" if malignant else "BENIGN"
+    return {"abnormality_id": int(abnormality_id), "kind": kind, "pathology": pathology,
+            "patch_class": f"{kind}_{pathology.lower()}" if kind in ("mass", "calc") else "", "mask": mask, **extra}
+
+
+def rejects_frame(rejects: list[dict]) -> pd.DataFrame:
+    """Rejects as a DataFrame with the standard columns."""
+    return pd.DataFrame(rejects, columns=REJECT_COLUMNS)
+

@@ -1,0 +1,206 @@
+"""Reading mammograms (DICOM, PNG, TIFF, PGM) into uint16 arrays, resizing, and the 16-bit PNG cache."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pydicom
+from PIL import Image, UnidentifiedImageError
+from pydicom.errors import InvalidDicomError
+from pydicom.pixels import apply_modality_lut, apply_voi_lut, get_decoder
+
+from cvfast.errors import CvfastError
+
+WORKING_SIZE: tuple[int, int] = (1152, 896)  # (height, width), the paper's whole-image size
+DICOM_SUFFIXES = {".dcm", ".dicom", ""}
+RASTER_SUFFIXES = {".png", ".tif", ".tiff", ".pgm", ".jpg", ".jpeg"}
+
+# cv2 worker threads fight the process pool for the same cores; one thread per process is faster overall.
+cv2.setNumThreads(1)
+
+
+@dataclass
+class Mammogram:
+    """Pixels as uint16 (0 = black, 65535 = white, MONOCHROME2 sense) plus what the file says about them."""
+
+    pixels: np.ndarray
+    source: str
+    laterality: str | None = None
+    view: str | None = None
+    pixel_spacing: tuple[float, float] | None = None
+    patient_id: str | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def read_mammogram(path: str | os.PathLike) -> Mammogram:
+    """Read a DICOM, PNG, TIFF or PGM mammogram as uint16; raise CvfastError naming the file on failure."""
+    path = Path(path)
+    if not path.is_file():
+        raise CvfastError(f"{path}: no such file")
+    if path.suffix.lower() in RASTER_SUFFIXES:
+        return read_raster(path)
+    return read_dicom(path)
+
+
+def _output_range(ds: pydicom.Dataset, voi_applied: bool) -> tuple[float, float]:
+    """The value range the modality/VOI LUT stages can produce, used to map onto 0..65535."""
+    bits = int(ds.get("BitsStored", ds.get("BitsAllocated", 16)))
+    if voi_applied and ds.get("VOILUTSequence"):
+        return 0.0, float(2 ** int(ds.VOILUTSequence[0].LUTDescriptor[2]) - 1)
+    if ds.get("ModalityLUTSequence"):
+        return 0.0, float(2 ** int(ds.ModalityLUTSequence[0].LUTDescriptor[2]) - 1)
+    lo, hi = (0.0, 2.0**bits - 1) if ds.get("PixelRepresentation", 0) == 0 else (-(2.0 ** (bits - 1)), 2.0 ** (bits - 1) - 1)
+    slope, intercept = float(ds.get("RescaleSlope", 1) or 1), float(ds.get("RescaleIntercept", 0) or 0)
+    lo, hi = sorted((lo * slope + intercept, hi * slope + intercept))
+    return lo, hi
+
+
+def read_dicom(path: str | os.PathLike) -> Mammogram:
+    """Read a DICOM image: modality LUT, VOI LUT or window when present, MONOCHROME1 inverted, as uint16."""
+    path = Path(path)
+    try:
+        ds = pydicom.dcmread(path)
+    except InvalidDicomError as e:
+        raise CvfastError(f"{path}: not a DICOM file ({e})") from None
+    except Exception as e:  # pydicom raises many types on truncated/garbled headers
+        raise CvfastError(f"{path}: unreadable DICOM header ({type(e).__name__}: {e})") from None
+    if "PixelData" not in ds:
+        raise CvfastError(f"{path}: DICOM has no pixel data (SOP class {ds.get('SOPClassUID', '?')})")
+    tsyntax = ds.file_meta.get("TransferSyntaxUID", pydicom.uid.ExplicitVRLittleEndian)
+    try:
+        decoder = get_decoder(tsyntax)
+    except NotImplementedError:
+        raise CvfastError(f"{path}: pydicom has no decoder at all for transfer syntax {tsyntax.name} ({tsyntax})") from None
+    if not decoder.is_available:
+        missing = "; ".join(f"{name}: {', '.join(deps)}" for name, deps in decoder.missing_dependencies.items()) if hasattr(decoder, "missing_dependencies") else "see pydicom docs"
+        raise CvfastError(f"{path}: transfer syntax {tsyntax.name} ({tsyntax}) needs a decoder that is not installed ({missing})")
+    try:
+        raw = ds.pixel_array
+    except Exception as e:
+        raise CvfastError(f"{path}: pixel data cannot be decoded ({type(e).__name__}: {e}); the file may be truncated or corrupt") from None
+    if raw.ndim != 2:
+        raise CvfastError(f"{path}: expected one grey-level frame, got pixel array of shape {raw.shape}")
+    has_voi = bool(ds.get("VOILUTSequence") or ds.get("WindowCenter") is not None)
+    arr = apply_modality_lut(raw, ds)
+    if has_voi:
+        arr = apply_voi_lut(arr, ds, prefer_lut=True)
+    lo, hi = _output_range(ds, has_voi)  # a window maps onto the same range the modality LUT produces
+    pixels = _to_uint16(arr, lo, hi)
+    if ds.get("PhotometricInterpretation", "MONOCHROME2") == "MONOCHROME1":
+        pixels = np.subtract(65535, pixels, dtype=np.uint16)
+    spacing = ds.get("PixelSpacing") or ds.get("ImagerPixelSpacing")
+    return Mammogram(
+        pixels=pixels,
+        source=str(path),
+        laterality=_norm_side(ds.get("ImageLaterality") or ds.get("Laterality")),
+        view=(str(ds.get("ViewPosition")) or None) if ds.get("ViewPosition") else None,
+        pixel_spacing=(float(spacing[0]), float(spacing[1])) if spacing else None,
+        patient_id=str(ds.get("PatientID")) if ds.get("PatientID") else None,
+    )
+
+
+def _to_uint16(arr: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """Map values in [lo, hi] linearly onto 0..65535 (a no-op copy-free path for plain 16-bit data)."""
+    if arr.dtype == np.uint16 and lo == 0 and hi == 65535:
+        return arr
+    scale = 65535.0 / max(hi - lo, 1e-9)
+    out = (arr.astype(np.float32) - lo) * scale
+    return np.clip(out + 0.5, 0, 65535).astype(np.uint16)
+
+
+def _norm_side(value) -> str | None:
+    """'L'/'R' from DICOM laterality or a file name token."""
+    v = str(value or "").strip().upper()
+    return {"L": "L", "LEFT": "L", "R": "R", "RIGHT": "R"}.get(v)
+
+
+def read_raster(path: str | os.PathLike) -> Mammogram:
+    """Read a PNG/TIFF/PGM/JPEG as uint16 (8-bit data scaled by 257, colour converted to grey)."""
+    path = Path(path)
+    try:
+        with Image.open(path) as im:
+            im.load()
+            mode = im.mode
+            if mode in ("RGB", "RGBA", "P", "LA", "CMYK"):
+                im = im.convert("L")
+                mode = "L"
+            arr = np.array(im)
+    except UnidentifiedImageError:
+        raise CvfastError(f"{path}: not an image file PIL can identify") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise CvfastError(f"{path}: unreadable image ({e})") from None
+    if mode in ("L", "1"):
+        pixels = arr.astype(np.uint16) * 257
+    elif arr.dtype == np.uint16:
+        pixels = arr
+    elif mode in ("I", "I;16", "I;16B", "I;16L"):
+        pixels = np.clip(arr, 0, 65535).astype(np.uint16)
+    elif mode == "F":
+        lo, hi = float(arr.min()), float(arr.max())
+        pixels = _to_uint16(arr, lo, hi)
+    else:
+        raise CvfastError(f"{path}: unsupported image mode {mode}")
+    if pixels.ndim != 2:
+        raise CvfastError(f"{path}: expected a grey-level image, got shape {pixels.shape}")
+    return Mammogram(pixels=pixels, source=str(path))
+
+
+def resize(pixels: np.ndarray, size: tuple[int, int] = WORKING_SIZE) -> np.ndarray:
+    """Resize a uint16 image to (height, width), aspect ignored as in the paper; antialiased when shrinking."""
+    h, w = size
+    if pixels.shape == (h, w):
+        return pixels
+    # INTER_AREA is the antialiased choice for shrinking (what skimage's anti_aliasing=True approximates,
+    # at a fraction of the cost); cubic when enlarging, clipped back into uint16 range.
+    shrinking = h <= pixels.shape[0] and w <= pixels.shape[1]
+    out = cv2.resize(pixels, (w, h), interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_CUBIC)
+    return out
+
+
+def resize_mask(mask: np.ndarray, size: tuple[int, int] = WORKING_SIZE) -> np.ndarray:
+    """Resize a binary mask (any dtype, nonzero = lesion) to (height, width) as uint8 0/255."""
+    h, w = size
+    frac = cv2.resize((mask > 0).astype(np.float32), (w, h), interpolation=cv2.INTER_AREA)
+    out = (frac >= 0.5).astype(np.uint8) * 255
+    if not out.any() and mask.any():  # a tiny lesion must not vanish when shrunk
+        out[np.unravel_index(np.argmax(frac), frac.shape)] = 255
+    return out
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write bytes to path via a temporary file in the same folder and os.replace, so no partial file appears."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException as e:
+        Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise CvfastError(f"{path}: cannot write ({e.strerror or e})") from None
+        raise
+
+
+def write_png(path: str | os.PathLike, pixels: np.ndarray) -> None:
+    """Write a uint16 (or uint8) grey image as PNG, atomically; fast compression (cache files, not archives)."""
+    if pixels.dtype not in (np.uint8, np.uint16):
+        raise ValueError(f"write_png expects uint8 or uint16, got {pixels.dtype}")
+    ok, buf = cv2.imencode(".png", pixels, [cv2.IMWRITE_PNG_COMPRESSION, 1])
+    if not ok:
+        raise CvfastError(f"{path}: PNG encoding failed")
+    atomic_write_bytes(path, buf.tobytes())
+
+
+def read_png(path: str | os.PathLike) -> np.ndarray:
+    """Read a cache PNG exactly as written (uint16 or uint8)."""
+    arr = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    if arr is None:
+        raise CvfastError(f"{path}: cannot read cached PNG")
+    return arr
