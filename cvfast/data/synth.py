@@ -209,7 +209,7 @@ def render_image(rng: np.random.Generator, h: int, w: int, side: str, view: str,
         r = les.rel_size * w
         for _ in range(500):
             cx, cy = rng.uniform(0, w), rng.uniform(0, h)
-            far = all(np.hypot(cx - ox, cy - oy) > 3.2 * r for ox, oy in centres)
+            far = all(np.hypot(cx - ox, cy - oy) > max(3.2 * r, 0.3 * w) for ox, oy in centres)  # one lesion per patch
             if br.inside(cx, cy, 0.72) and far:
                 break
         else:

@@ -1,0 +1,201 @@
+"""The `cvfast` command line: a thin typer shell over the library (every command is a function you can import)."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import warnings
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Callable, Optional
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.table import Table
+
+from cvfast.errors import CvfastError
+
+app = typer.Typer(help="Breast cancer detection on mammograms, the end-to-end all-convolutional way (Shen et al. 2019).",
+                  no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
+prepare_app = typer.Typer(help="Turn a dataset's raw files into a manifest + working-size 16-bit PNG cache.", no_args_is_help=True)
+app.add_typer(prepare_app, name="prepare")
+console = Console(stderr=True)
+# fastai's import calls torch.jit.script, which the torch release we pin deprecates loudly; nothing for users to act on
+warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*is deprecated", category=FutureWarning)
+
+
+def handles_errors(fn: Callable) -> Callable:
+    """Turn CvfastError into a one-line message and exit code 1 (never a bare traceback for bad input)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except CvfastError as e:
+            console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+            raise typer.Exit(1) from None
+
+    return wrapper
+
+
+@app.callback()
+def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
+         quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Warnings and errors only.")] = False) -> None:
+    """Set up logging for every command."""
+    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(message)s", handlers=[RichHandler(console=console, show_path=False)], force=True)
+
+
+def _size(text: str) -> tuple[int, int]:
+    from cvfast.data.synth import parse_size
+
+    return parse_size(text)
+
+
+def _print_summary(df, title: str) -> None:
+    from cvfast.data.manifest import summarize
+
+    table = Table(title=title)
+    s = summarize(df)
+    for col in ["split", *s.columns]:
+        table.add_column(col)
+    for split, row in s.iterrows():
+        table.add_row(split, *(str(v) for v in row))
+    Console().print(table)
+
+
+@app.command()
+@handles_errors
+def synth(out: Annotated[Path, typer.Argument(help="Output folder (gets ddsm/, inbreast/, ground_truth.json).")],
+          patients: Annotated[int, typer.Option(help="Patients (women) per dataset.")] = 24,
+          seed: Annotated[int, typer.Option(help="Random seed; same seed, same files.")] = 0,
+          size: Annotated[str, typer.Option(help="tiny | small | realistic | HxW of the DDSM-like images.")] = "tiny") -> None:
+    """Generate synthetic mammograms in the CBIS-DDSM and INbreast layouts."""
+    from cvfast.data.synth import synthesize
+
+    truth = synthesize(out, patients=patients, seed=seed, size=size)
+    console.print(f"wrote {len(truth['ddsm']['images'])} DDSM-like and {len(truth['inbreast']['images'])} INbreast-like images to {out}")
+
+
+OUT = Annotated[Path, typer.Option("--out", "-o", help="DATA folder for manifest.csv, rejects.csv and the cache.")]
+SIZE = Annotated[str, typer.Option("--size", help="Working size HxW (the paper: 1152x896).")]
+WORKERS = Annotated[Optional[int], typer.Option(help="Worker processes (default: one per core).")]
+SEED = Annotated[int, typer.Option(help="Seed of the patient-level splits.")]
+VALID = Annotated[float, typer.Option(help="Fraction of patients for validation (drawn from train).")]
+TEST = Annotated[float, typer.Option(help="Fraction of patients for test where the dataset has no official split.")]
+
+
+def _opts(out: Path, size: str, workers: int | None, seed: int, valid_frac: float, test_frac: float):
+    from cvfast.data.ingest.common import PrepareOptions
+
+    if not 0 <= valid_frac < 1 or not 0 <= test_frac < 1 or valid_frac + test_frac >= 1:
+        raise CvfastError(f"--valid-frac {valid_frac} / --test-frac {test_frac}: each in [0, 1) and together below 1")
+    if workers is not None and workers < 1:
+        raise CvfastError(f"--workers {workers}: must be at least 1")
+    return PrepareOptions(out=out, size=_size(size), workers=workers, seed=seed, valid_frac=valid_frac, test_frac=test_frac)
+
+
+@prepare_app.command("ddsm")
+@handles_errors
+def prepare_ddsm_cmd(source: Annotated[Path, typer.Argument(help="Folder with CBIS-DDSM/ and the case-description CSVs.")],
+                     out: OUT, size: SIZE = "1152x896", workers: WORKERS = None, seed: SEED = 0, valid_frac: VALID = 0.15) -> None:
+    """CBIS-DDSM: four CSVs + DICOM tree; official train/test kept, patient-level validation split."""
+    from cvfast.data.ingest import prepare_ddsm
+
+    _print_summary(prepare_ddsm(source, _opts(out, size, workers, seed, valid_frac, 0.0)), f"CBIS-DDSM -> {out}")
+
+
+@prepare_app.command("inbreast")
+@handles_errors
+def prepare_inbreast_cmd(source: Annotated[Path, typer.Argument(help="Folder with AllDICOMs/ and INbreast.csv|xls.")],
+                         out: OUT, size: SIZE = "1152x896", workers: WORKERS = None, seed: SEED = 0, valid_frac: VALID = 0.15,
+                         test_frac: TEST = 0.2,
+                         positive: Annotated[str, typer.Option(help="BI-RADS values labelled cancer.")] = "4a,4b,4c,5,6",
+                         negative: Annotated[str, typer.Option(help="BI-RADS values labelled no cancer (3 is excluded by default).")] = "1,2") -> None:
+    """INbreast: image-level labels from BI-RADS; patient-level splits."""
+    from cvfast.data.ingest import prepare_inbreast
+
+    df = prepare_inbreast(source, _opts(out, size, workers, seed, valid_frac, test_frac),
+                          positive=tuple(v for v in positive.split(",") if v.strip()), negative=tuple(v for v in negative.split(",") if v.strip()))
+    _print_summary(df, f"INbreast -> {out}")
+
+
+@prepare_app.command("mias")
+@handles_errors
+def prepare_mias_cmd(source: Annotated[Path, typer.Argument(help="Folder with Info.txt and mdb*.pgm|png.")],
+                     out: OUT, size: SIZE = "1152x896", workers: WORKERS = None, seed: SEED = 0, valid_frac: VALID = 0.15,
+                     test_frac: TEST = 0.2) -> None:
+    """mini-MIAS: circular ROIs become masks; a patient is the left/right pair."""
+    from cvfast.data.ingest import prepare_mias
+
+    _print_summary(prepare_mias(source, _opts(out, size, workers, seed, valid_frac, test_frac)), f"mini-MIAS -> {out}")
+
+
+@prepare_app.command("csv")
+@handles_errors
+def prepare_csv_cmd(source: Annotated[Path, typer.Argument(help="CSV with path,label[,patient_id,side,view,split].")],
+                    out: OUT, size: SIZE = "1152x896", workers: WORKERS = None, seed: SEED = 0, valid_frac: VALID = 0.15,
+                    test_frac: TEST = 0.2) -> None:
+    """Your own images with image-level labels only (the transfer route)."""
+    from cvfast.data.ingest import prepare_csv
+
+    _print_summary(prepare_csv(source, _opts(out, size, workers, seed, valid_frac, test_frac)), f"{source.name} -> {out}")
+
+
+class PatchSet(str, Enum):
+    s1 = "s1"
+    s10 = "s10"
+
+
+@app.command()
+@handles_errors
+def patches(data: Annotated[Path, typer.Argument(help="A prepared DATA folder (with ROI masks).")],
+            set_: Annotated[PatchSet, typer.Option("--set", help="s1: one centred patch per ROI; s10: ten around it.")] = PatchSet.s10,
+            size: Annotated[int, typer.Option(help="Patch side in pixels of the working-size image.")] = 224,
+            out: Annotated[Optional[Path], typer.Option(help="Output folder (default DATA/patches_<set>).")] = None,
+            n_roi: Annotated[Optional[int], typer.Option(help="Patches per ROI (default from the set).")] = None,
+            n_background: Annotated[Optional[int], typer.Option(help="Background patches per image (default from the set).")] = None,
+            seed: Annotated[int, typer.Option(help="Sampling seed; same seed, same patches.")] = 0,
+            workers: WORKERS = None) -> None:
+    """Cut the paper's S1/S10 patch sets (5 classes, stored order) with the patient-level split carried over."""
+    from dataclasses import replace
+
+    from cvfast.data.sample import PATCH_SETS, make_patches
+
+    if size < 8:
+        raise CvfastError(f"--size {size}: patches must be at least 8 pixels")
+    spec = replace(PATCH_SETS[set_.value], size=size, seed=seed)
+    if n_roi is not None:
+        spec = replace(spec, n_roi=n_roi)
+    if n_background is not None:
+        spec = replace(spec, n_background=n_background)
+    df = make_patches(data, spec, out=out, workers=workers)
+    table = Table(title=f"patch set {spec.name} ({len(df)} patches)")
+    counts = df.groupby(["label", "split"]).size().unstack(fill_value=0)
+    table.add_column("class")
+    for c in counts.columns:
+        table.add_column(c)
+    for cls, row in counts.iterrows():
+        table.add_row(cls, *(str(v) for v in row))
+    Console().print(table)
+
+
+@app.command()
+@handles_errors
+def demo(out: Annotated[Path, typer.Option(help="Folder for everything the demo makes.")] = Path("demo-out"),
+         patients: Annotated[int, typer.Option(help="Synthetic patients per dataset.")] = 32,
+         synth_size: Annotated[str, typer.Option(help="Synthetic image size preset or HxW.")] = "small",
+         size: SIZE = "1152x896",
+         patch_size: Annotated[int, typer.Option(help="Patch side.")] = 224,
+         seed: Annotated[int, typer.Option(help="Seed for data, splits and sampling.")] = 0) -> None:
+    """End-to-end demo on built-in synthetic data: synth -> prepare -> patches -> batch grids."""
+    from cvfast.demo import run_demo
+
+    report = run_demo(out, patients=patients, synth_size=synth_size, size=_size(size), patch_size=patch_size, seed=seed)
+    for k, v in report.items():
+        console.print(f"{k}: {v}")
+
+
+if __name__ == "__main__":
+    app()

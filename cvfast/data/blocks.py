@@ -1,0 +1,191 @@
+"""fastai DataBlocks for patches and whole images: 16 bits kept, train-only mean grey, the paper's augmentation."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import fastai.callback.data  # noqa: F401  (patches DataBlock.weighted_dataloaders)
+import torch
+from fastai.data.block import CategoryBlock, DataBlock, TransformBlock
+from fastai.data.core import DataLoaders
+from fastai.data.transforms import ColReader, ColSplitter, IntToFloatTensor, Normalize
+from fastai.vision.augment import RandTransform, aug_transforms
+from fastai.vision.core import PILImageBW, TensorImage, TensorImageBW
+
+from cvfast.data.manifest import PATCH_CLASSES, read_manifest
+from cvfast.data.read import read_png
+from cvfast.data.sample import PATCH_MANIFEST
+from cvfast.errors import CvfastError
+
+log = logging.getLogger(__name__)
+
+WHOLE_IMAGE_CLASSES = ["no_cancer", "cancer"]
+
+
+class TensorMammo(TensorImageBW):
+    """A grey-level mammogram tensor, shown with black = 0 (TensorImageBW's default colour map is inverted)."""
+
+    _show_args = {"cmap": "gray"}
+
+
+class PILMammo16(PILImageBW):
+    """A 16-bit grey image opened in PIL mode 'I' (PILImageBW's mode 'L' would clip it to 8 bits)."""
+
+    _open_args = {"mode": "I"}
+    _tensor_cls = TensorMammo
+
+
+def Mammo16Block() -> TransformBlock:
+    """Block for 16-bit grey images: opened in mode 'I', scaled by 1/65535 to floats in [0, 1]."""
+    return TransformBlock(type_tfms=PILMammo16.create, batch_tfms=IntToFloatTensor(div=65535))
+
+
+class VerticalFlip(RandTransform):
+    """Flip each image upside down with probability p (fastai's flip_vert also transposes, wrong for HxW != WxH)."""
+
+    order, split_idx = 25, 0
+
+    def __init__(self, p: float = 0.5):
+        super().__init__(p=1.0)
+        self.flip_p = p
+
+    def before_call(self, b, split_idx):
+        """Draw which items of the batch flip."""
+        super().before_call(b, split_idx)
+        x = b[0] if isinstance(b, tuple) else b
+        self.mask = torch.rand(x.shape[0], device=x.device) < self.flip_p
+
+    def encodes(self, x: TensorImage):
+        return torch.where(self.mask[:, None, None, None], x.flip(-2), x)
+
+
+class IntensityShift(RandTransform):
+    """Add a random grey-level offset per image, uniform in [-max_shift, max_shift] (paper: 20 of 255)."""
+
+    order, split_idx = 40, 0
+
+    def __init__(self, max_shift: float = 20 / 255):
+        super().__init__(p=1.0)
+        self.max_shift = max_shift
+
+    def before_call(self, b, split_idx):
+        """Draw one shift per item."""
+        super().before_call(b, split_idx)
+        x = b[0] if isinstance(b, tuple) else b
+        self.shift = (torch.rand(x.shape[0], device=x.device) * 2 - 1) * self.max_shift
+
+    def encodes(self, x: TensorImage):
+        return x + self.shift[:, None, None, None]
+
+
+def paper_augmentation(max_rotate: float = 25.0, min_zoom: float = 0.8, max_zoom: float = 1.2,
+                       max_shift: float = 20 / 255, size: tuple[int, int] | None = None) -> list:
+    """The paper's augmentation as batch transforms: h/v flips, rotation, zoom (one affine pass), intensity shift."""
+    affine = aug_transforms(size=size, do_flip=True, flip_vert=False, max_rotate=max_rotate, min_zoom=min_zoom,
+                            max_zoom=max_zoom, max_warp=0.0, max_lighting=0.0, p_lighting=0.0, pad_mode="zeros")
+    if size is None:
+        for t in affine:  # fastai resamples validation batches through an identity grid: cost and blur for nothing
+            t.split_idx = 0
+    return [*affine, VerticalFlip(), IntensityShift(max_shift)]
+
+
+def mean_grey(paths: list[str], max_files: int = 2000, seed: int = 0) -> float:
+    """Mean grey value in [0, 1] over (a deterministic sample of) the given 16-bit files: training files only."""
+    if not paths:
+        raise CvfastError("no training images to compute the mean grey value from")
+    rng = np.random.default_rng(seed)
+    pick = rng.choice(len(paths), min(max_files, len(paths)), replace=False)
+    total, count = 0.0, 0
+    for i in sorted(pick):
+        a = read_png(paths[i])
+        total += float(a.sum(dtype=np.float64)) / (65535.0 if a.dtype == np.uint16 else 255.0)
+        count += a.size
+    return total / count
+
+
+@dataclass
+class DataInfo:
+    """What a model must store to preprocess inputs as in training (saved beside every model)."""
+
+    classes: list[str]
+    mean_grey: float
+    size: tuple[int, int]
+    kind: str  # 'patch' or 'whole'
+
+    def to_json(self) -> str:
+        """Serialise as JSON."""
+        return json.dumps({"classes": self.classes, "mean_grey": self.mean_grey, "size": list(self.size), "kind": self.kind})
+
+
+def _with_valid(df: pd.DataFrame, where: str) -> pd.DataFrame:
+    """Train + valid rows with an is_valid column; the test split stays out of training and of the mean."""
+    df = df[df["split"].isin(["train", "valid"])].reset_index(drop=True)
+    if not (df["split"] == "train").any():
+        raise CvfastError(f"{where}: no images in the train split")
+    if not (df["split"] == "valid").any():
+        raise CvfastError(f"{where}: no images in the valid split; re-run prepare with --valid-frac > 0")
+    return df.assign(is_valid=df["split"] == "valid")
+
+
+def _dataloaders(df: pd.DataFrame, classes: list[str], label_col: str, bs: int, augment: bool, balance: bool,
+                 size: tuple[int, int], num_workers: int, seed: int | None, **kwargs) -> DataLoaders:
+    """Build the DataBlock over a DataFrame with absolute 'path' and label columns; attach DataInfo as dls.info."""
+    mean = mean_grey(df.loc[~df["is_valid"], "path"].tolist(), seed=seed or 0)
+    batch_tfms = (paper_augmentation() if augment else []) + [Normalize.from_stats([mean], [1.0])]
+    block = DataBlock(blocks=(Mammo16Block(), CategoryBlock(vocab=classes, sort=False)), get_x=ColReader("path"),
+                      get_y=ColReader(label_col), splitter=ColSplitter("is_valid"), batch_tfms=batch_tfms)
+    if seed is not None:
+        torch.manual_seed(seed)
+        np.random.seed(seed)  # fastai's WeightedDL samples with numpy's global RNG
+    if balance:
+        # fastai indexes these weights with the train split's row numbers: one weight per row of df
+        counts = df.loc[~df["is_valid"], label_col].value_counts()
+        wgts = (1.0 / df[label_col].map(counts).fillna(1)).to_numpy()
+        dls = block.weighted_dataloaders(df, wgts=wgts, bs=bs, num_workers=num_workers, **kwargs)
+    else:
+        dls = block.dataloaders(df, bs=bs, num_workers=num_workers, **kwargs)
+    dls.info = DataInfo(classes=list(classes), mean_grey=mean, size=tuple(size), kind="patch" if classes == PATCH_CLASSES else "whole")
+    return dls
+
+
+def patch_dataloaders(patches: str | Path, bs: int = 32, augment: bool = True, balance: bool = True,
+                      num_workers: int = 0, seed: int | None = 0, **kwargs) -> DataLoaders:
+    """DataLoaders for a patch set (folder from `cvfast patches` or its patches.csv): 5 classes, class-balanced."""
+    path = Path(patches)
+    csv = path / PATCH_MANIFEST if path.is_dir() else path
+    if not csv.is_file():
+        raise CvfastError(f"{csv}: no patch manifest; run `cvfast patches DATA` first")
+    df = pd.read_csv(csv, dtype={"image_id": str, "patient_id": str})
+    df["path"] = [str(csv.parent / p) for p in df["path"]]
+    df = _with_valid(df, str(csv))
+    size = read_png(df["path"].iloc[0]).shape
+    return _dataloaders(df, PATCH_CLASSES, "label", bs, augment, balance, size, num_workers, seed, **kwargs)
+
+
+def whole_image_dataloaders(data: str | Path, bs: int = 2, augment: bool = True, balance: bool = False,
+                            num_workers: int = 0, seed: int | None = 0, **kwargs) -> DataLoaders:
+    """DataLoaders for whole images of a prepared DATA folder: label cancer / no_cancer."""
+    df = read_manifest(data)
+    df = _with_valid(df, str(data)).assign(target=lambda d: [WHOLE_IMAGE_CLASSES[v] for v in d["label"]])
+    size = read_png(df["path"].iloc[0]).shape
+    return _dataloaders(df, WHOLE_IMAGE_CLASSES, "target", bs, augment, balance, size, num_workers, seed, **kwargs)
+
+
+def save_batch_grid(dls: DataLoaders, path: str | Path, max_n: int = 16) -> Path:
+    """Save `show_batch` of a training batch (augmentation included) as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    dls.show_batch(max_n=max_n, figsize=(12, 12))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    plt.savefig(path, dpi=80, bbox_inches="tight")
+    plt.close("all")
+    return path

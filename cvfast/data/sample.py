@@ -1,0 +1,203 @@
+"""The paper's patch sets S1 and S10: ROI patches and background patches cut from the working-size cache.
+
+S1: one patch centred on each ROI + ``n_background`` (default 1) background patches per image.
+S10: 10 patches per ROI sampled around it (accepted when the patch covers at least ``min_overlap`` of the
+ROI or the ROI covers at least ``min_overlap`` of the patch; the cut-off is relaxed after repeated failures,
+as the reference sampler did) + 10 background patches per image. Background patches lie on breast tissue
+(segmented by Otsu threshold + largest component) and overlap no ROI of the image -- not just the first.
+Every image uses its own RNG seeded from (seed, image_id), so the output does not depend on worker order.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import zlib
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from scipy import ndimage
+from skimage.filters import threshold_otsu
+from skimage.measure import label as label_components
+
+from cvfast.data.convert import default_workers, parallel_map
+from cvfast.data.manifest import PATCH_CLASSES, read_manifest, rejects_frame, write_csv
+from cvfast.data.read import atomic_write_bytes, read_png, write_png
+from cvfast.errors import CvfastError
+
+log = logging.getLogger(__name__)
+
+PATCH_MANIFEST = "patches.csv"
+
+
+@dataclass
+class PatchSetSpec:
+    """How to cut one patch set."""
+
+    name: str = "s10"
+    size: int = 224
+    n_roi: int = 10  # patches per ROI (S1: 1, centred)
+    n_background: int = 10  # background patches per image
+    centred: bool = False  # S1: the ROI patch is centred on the ROI
+    min_overlap: float = 0.75
+    min_breast: float = 0.6  # background patches: at least this fraction of the patch on breast tissue
+    seed: int = 0
+
+
+PATCH_SETS = {
+    "s1": PatchSetSpec(name="s1", n_roi=1, n_background=1, centred=True),
+    "s10": PatchSetSpec(name="s10", n_roi=10, n_background=10),
+}
+
+
+def segment_breast(img: np.ndarray) -> np.ndarray:
+    """Breast mask: Otsu threshold on a smoothed copy, largest connected component, holes filled."""
+    small = img[::4, ::4].astype(np.float32)
+    smooth = ndimage.uniform_filter(small, 5)
+    fg = smooth > threshold_otsu(smooth)
+    lab = label_components(fg)
+    if lab.max() == 0:
+        return np.ones(img.shape, bool)
+    largest = lab == (np.argmax(np.bincount(lab.ravel())[1:]) + 1)
+    largest = ndimage.binary_fill_holes(largest)
+    full = np.repeat(np.repeat(largest, 4, 0), 4, 1)[: img.shape[0], : img.shape[1]]
+    return full
+
+
+def _integral(mask: np.ndarray) -> np.ndarray:
+    """Summed-area table with a zero border, for O(1) window sums over many candidate patches."""
+    sat = np.zeros((mask.shape[0] + 1, mask.shape[1] + 1), np.int64)
+    sat[1:, 1:] = mask.astype(np.int64).cumsum(0).cumsum(1)
+    return sat
+
+
+def _window_sums(sat: np.ndarray, cy: np.ndarray, cx: np.ndarray, size: int) -> np.ndarray:
+    """Sum of the mask inside size x size windows centred at (cy, cx), clipped to the image."""
+    h, w = sat.shape[0] - 1, sat.shape[1] - 1
+    y0, x0 = np.clip(cy - size // 2, 0, h), np.clip(cx - size // 2, 0, w)
+    y1, x1 = np.clip(cy - size // 2 + size, 0, h), np.clip(cx - size // 2 + size, 0, w)
+    return sat[y1, x1] - sat[y0, x1] - sat[y1, x0] + sat[y0, x0]
+
+
+def crop(img: np.ndarray, cy: int, cx: int, size: int) -> np.ndarray:
+    """A size x size patch centred at (cy, cx), zero-padded where it leaves the image."""
+    out = np.zeros((size, size), img.dtype)
+    y0, x0 = cy - size // 2, cx - size // 2
+    sy0, sx0 = max(y0, 0), max(x0, 0)
+    sy1, sx1 = min(y0 + size, img.shape[0]), min(x0 + size, img.shape[1])
+    out[sy0 - y0 : sy1 - y0, sx0 - x0 : sx1 - x0] = img[sy0:sy1, sx0:sx1]
+    return out
+
+
+def roi_centres(rng: np.random.Generator, roi: np.ndarray, spec: PatchSetSpec) -> list[tuple[int, int]]:
+    """Centres of the patches for one ROI: its centre (S1) or n_roi accepted samples around it."""
+    ys, xs = np.nonzero(roi)
+    if spec.centred:
+        return [(int(round((ys.min() + ys.max()) / 2)), int(round((xs.min() + xs.max()) / 2)))]
+    sat, area, patch_area = _integral(roi), len(ys), spec.size**2
+    y0, y1, x0, x1 = ys.min(), ys.max(), xs.min(), xs.max()
+    cut, found, tries = spec.min_overlap, [], 0
+    while len(found) < spec.n_roi:
+        cy = rng.integers(y0 - spec.size // 4, y1 + spec.size // 4 + 1, 256)
+        cx = rng.integers(x0 - spec.size // 4, x1 + spec.size // 4 + 1, 256)
+        inside = _window_sums(sat, cy, cx, spec.size)
+        ok = (inside >= cut * area) | (inside >= cut * patch_area)
+        found += list(zip(cy[ok].tolist(), cx[ok].tolist()))
+        tries += 256
+        if tries % 1024 == 0:  # the reference sampler lowered its cut-off after repeated failures
+            cut *= 0.9
+    return found[: spec.n_roi]
+
+
+def background_centres(rng: np.random.Generator, breast: np.ndarray, rois: np.ndarray, spec: PatchSetSpec) -> list[tuple[int, int]]:
+    """n_background centres whose patches touch no ROI and lie mostly on breast tissue."""
+    h, w = breast.shape
+    roi_sat, breast_sat = _integral(rois), _integral(breast)
+    ys, xs = np.nonzero(breast)
+    if len(ys) == 0:
+        return []
+    found: list[tuple[int, int]] = []
+    min_breast = spec.min_breast
+    for attempt in range(40):
+        pick = rng.integers(0, len(ys), 512)
+        cy, cx = ys[pick], xs[pick]
+        clear = _window_sums(roi_sat, cy, cx, spec.size) == 0
+        tissue = _window_sums(breast_sat, cy, cx, spec.size) >= min_breast * spec.size**2
+        found += list(zip(cy[clear & tissue].tolist(), cx[clear & tissue].tolist()))
+        if len(found) >= spec.n_background:
+            break
+        if attempt % 10 == 9:
+            min_breast *= 0.7  # small or mostly-lesion breasts: accept less tissue, never an ROI
+    return found[: spec.n_background]
+
+
+def _image_seed(seed: int, image_id: str) -> np.random.Generator:
+    """Per-image RNG independent of processing order."""
+    return np.random.default_rng([seed, zlib.crc32(image_id.encode())])
+
+
+def patches_for_image(args: tuple[dict, str, PatchSetSpec]) -> tuple[list[dict], list[dict]]:
+    """Cut one image's patches (written as 16-bit PNGs); return patch rows and rejects."""
+    row, out_dir, spec = args
+    out = Path(out_dir)
+    rows, rejects = [], []
+    try:
+        img = read_png(row["path"])
+        masks = [(a, read_png(a["mask"]) > 0) for a in row["abnormalities"] if a.get("mask") and a.get("patch_class")]
+    except CvfastError as e:
+        return [], [{"source": row["path"], "row": row["image_id"], "reason": str(e)}]
+    for a, m in masks:
+        if m.shape != img.shape:
+            rejects.append({"source": a["mask"], "row": row["image_id"], "reason": f"mask is {m.shape}, image is {img.shape}"})
+    masks = [(a, m) for a, m in masks if m.shape == img.shape]
+    rng = _image_seed(spec.seed, row["image_id"])
+    union = np.zeros(img.shape, bool)
+    for _, m in masks:
+        union |= m
+    planned = []
+    for a, m in masks:
+        planned += [(a["patch_class"], f"roi{a['abnormality_id']}", c) for c in roi_centres(rng, m, spec)]
+    unmasked = [a for a in row["abnormalities"] if not (a.get("mask") and any(a is b for b, _ in masks))]
+    if spec.n_background and unmasked:
+        # a lesion without a usable ROI could sit under any "background" patch: take none from this image
+        rejects.append({"source": row["path"], "row": row["image_id"],
+                        "reason": f"{len(unmasked)} abnormality(ies) without a usable ROI mask; no background patches from this image"})
+    elif spec.n_background:
+        bg = background_centres(rng, segment_breast(img), union, spec)
+        if len(bg) < spec.n_background:
+            rejects.append({"source": row["path"], "row": row["image_id"],
+                            "reason": f"only {len(bg)} of {spec.n_background} background patches fit clear of the ROIs"})
+        planned += [("background", "bg", c) for c in bg]
+    for k, (cls, tag, (cy, cx)) in enumerate(planned):
+        rel = f"{cls}/{row['image_id']}_{tag}_{k:02d}.png"
+        write_png(out / rel, crop(img, cy, cx, spec.size))
+        rows.append({"patch_id": f"{row['image_id']}_{tag}_{k:02d}", "path": rel, "label": cls, "class_idx": PATCH_CLASSES.index(cls),
+                     "image_id": row["image_id"], "patient_id": row["patient_id"], "split": row["split"], "cy": cy, "cx": cx})
+    return rows, rejects
+
+
+def make_patches(data: str | Path, spec: PatchSetSpec, out: str | Path | None = None, workers: int | None = None) -> pd.DataFrame:
+    """Cut a patch set from a prepared DATA folder into OUT (default DATA/patches_<set>); return its manifest."""
+    df = read_manifest(data)
+    data_dir = Path(data) if Path(data).is_dir() else Path(data).parent
+    out = Path(out) if out else data_dir / f"patches_{spec.name}"
+    with_rois = [r for r in df.to_dict("records") if any(a.get("mask") and a.get("patch_class") for a in r["abnormalities"])]
+    if not with_rois:
+        raise CvfastError(f"{data_dir}: no image has an ROI mask; patch sets need ROI annotations (CBIS-DDSM or mini-MIAS)")
+    shape = read_png(df["path"].iloc[0]).shape
+    if spec.size > min(shape):
+        raise CvfastError(f"--size {spec.size}: patches larger than the cached images ({shape[0]}x{shape[1]})")
+    # images without any ROI still give background patches, as in the paper's S10 (normals help the background class)
+    items = [(r, str(out), spec) for r in df.to_dict("records")]
+    rows, rejects = [], []
+    for r, rej in parallel_map(patches_for_image, items, workers or default_workers(), f"patches {spec.name}", chunksize=4):
+        rows += r
+        rejects += rej
+    patches = pd.DataFrame(rows, columns=["patch_id", "path", "label", "class_idx", "image_id", "patient_id", "split", "cy", "cx"])
+    write_csv(rejects_frame(rejects), out / "rejects.csv")
+    write_csv(patches, out / PATCH_MANIFEST)
+    atomic_write_bytes(out / "patchset.json", json.dumps({"classes": PATCH_CLASSES, "spec": asdict(spec), "source": str(data_dir)}, indent=1).encode())
+    log.info("%d patches (%s) in %s", len(patches), ", ".join(f"{k}: {v}" for k, v in patches["label"].value_counts().items()), out)
+    return patches
