@@ -141,6 +141,9 @@ def convert_all(jobs: list[ImageJob], data_dir: str | Path, size: tuple[int, int
                 workers: int | None = None) -> tuple[dict[str, dict], list[dict]]:
     """Convert every job (skipping finished ones); return records by image_id and the rejects."""
     data_dir = Path(data_dir)
+    for sub in ("images", "masks", RECORDS_DIR):  # temporaries of a killed run; finished files are never .tmp
+        for tmp in (data_dir / sub).glob(".*.tmp"):
+            tmp.unlink(missing_ok=True)
     done = sum((data_dir / RECORDS_DIR / f"{j.image_id}.json").is_file() for j in jobs)
     if done:
         log.info("resuming: %d of %d images already converted", done, len(jobs))

@@ -77,7 +77,7 @@ def read_dicom(path: str | os.PathLike) -> Mammogram:
     except NotImplementedError:
         raise CvfastError(f"{path}: pydicom has no decoder at all for transfer syntax {tsyntax.name} ({tsyntax})") from None
     if not decoder.is_available:
-        missing = "; ".join(f"{name}: {', '.join(deps)}" for name, deps in decoder.missing_dependencies.items()) if hasattr(decoder, "missing_dependencies") else "see pydicom docs"
+        missing = "; ".join(decoder.missing_dependencies)
         raise CvfastError(f"{path}: transfer syntax {tsyntax.name} ({tsyntax}) needs a decoder that is not installed ({missing})")
     try:
         raw = ds.pixel_array

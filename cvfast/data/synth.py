@@ -256,7 +256,7 @@ def make_dicom(path: Path, pixels: np.ndarray, *, patient_id: str, sop_class: st
     ds.file_meta = meta
     ds.SOPClassUID, ds.SOPInstanceUID = sop_class, meta.MediaStorageSOPInstanceUID
     ds.StudyInstanceUID = generate_uid(entropy_srcs=[uid_seed, "study"])
-    ds.SeriesInstanceUID = generate_uid(entropy_srcs=[uid_seed, "series", str(path.parent)])
+    ds.SeriesInstanceUID = generate_uid(entropy_srcs=[uid_seed, "series", path.parent.name])
     ds.PatientID, ds.PatientName, ds.Modality = patient_id, patient_id, "MG"
     ds.Rows, ds.Columns = pixels.shape
     ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PixelRepresentation = 1, photometric, 0
@@ -273,7 +273,7 @@ def make_dicom(path: Path, pixels: np.ndarray, *, patient_id: str, sop_class: st
         setattr(ds, k, v)
     ds.PixelData = np.ascontiguousarray(pixels).tobytes()
     if rle:
-        ds.compress(RLELossless, encoding_plugin="pylibjpeg")
+        ds.compress(RLELossless, encoding_plugin="pylibjpeg", generate_instance_uid=False)
     buf = BytesIO()
     ds.save_as(buf, enforce_file_format=True)
     atomic_write_bytes(path, buf.getvalue())

@@ -1,0 +1,62 @@
+"""Shared fixtures: one small synthetic dataset, prepared and cut into patches once per test session."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import warnings
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*is deprecated", category=FutureWarning)
+
+from cvfast.data.ingest import prepare_ddsm, prepare_inbreast  # noqa: E402
+from cvfast.data.ingest.common import PrepareOptions  # noqa: E402
+from cvfast.data.sample import PATCH_SETS, make_patches  # noqa: E402
+from cvfast.data.synth import synthesize  # noqa: E402
+
+SIZE = (256, 192)  # working size for tests (the paper's 1152x896 scaled down)
+PATCH = 48
+MIAS = Path(__file__).resolve().parents[2] / "shared" / "data" / "mini-mias"
+
+
+@pytest.fixture(scope="session")
+def synth_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("synth")
+    synthesize(out, patients=10, seed=3, size="tiny")
+    return out
+
+
+@pytest.fixture(scope="session")
+def truth(synth_dir) -> dict:
+    return json.loads((synth_dir / "ground_truth.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def ddsm_data(synth_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("ddsm_data")
+    prepare_ddsm(synth_dir / "ddsm", PrepareOptions(out=out, size=SIZE, workers=2, seed=0))
+    return out
+
+
+@pytest.fixture(scope="session")
+def inbreast_data(synth_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("inbreast_data")
+    prepare_inbreast(synth_dir / "inbreast", PrepareOptions(out=out, size=SIZE, workers=1, seed=0))
+    return out
+
+
+@pytest.fixture(scope="session")
+def s10(ddsm_data) -> Path:
+    make_patches(ddsm_data, replace(PATCH_SETS["s10"], size=PATCH), workers=2)
+    return ddsm_data / "patches_s10"
+
+
+def run_cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run the installed `cvfast` entry point in a fresh process."""
+    env = {**os.environ, "COLUMNS": "200"}
+    return subprocess.run([sys.executable, "-m", "cvfast.cli", *args], capture_output=True, text=True, timeout=timeout, env=env)

@@ -1,0 +1,97 @@
+"""Patch sets: counts and labels match the ground truth, backgrounds clear of every ROI, determinism."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from cvfast.data.manifest import PATCH_CLASSES, read_manifest
+from cvfast.data.read import read_png
+from cvfast.data.sample import PATCH_SETS, make_patches, segment_breast
+
+from conftest import PATCH, run_cli
+
+
+def test_s10_counts_and_labels_match_ground_truth(s10, truth):
+    p = pd.read_csv(s10 / "patches.csv", dtype={"image_id": str})
+    gt = truth["ddsm"]["images"]
+    expected = {"background": 10 * len(gt)}
+    for im in gt.values():
+        for a in im["abnormalities"]:
+            cls = f"{a['kind']}_{'malignant' if a['malignant'] else 'benign'}"
+            expected[cls] = expected.get(cls, 0) + 10
+    assert p["label"].value_counts().to_dict() == expected
+    assert (p["class_idx"] == p["label"].map(PATCH_CLASSES.index)).all()
+    assert json.loads((s10 / "patchset.json").read_text())["classes"] == PATCH_CLASSES
+    assert len(pd.read_csv(s10 / "rejects.csv")) == 0
+    for path in p["path"].sample(20, random_state=0):
+        arr = read_png(s10 / path)
+        assert arr.shape == (PATCH, PATCH) and arr.dtype == np.uint16
+
+
+def test_split_and_patient_carried_over(s10, ddsm_data):
+    m = read_manifest(ddsm_data).set_index("image_id")
+    p = pd.read_csv(s10 / "patches.csv", dtype={"image_id": str, "patient_id": str})
+    assert (p["split"].to_numpy() == m.loc[p["image_id"], "split"].to_numpy()).all()
+    assert (p["patient_id"].to_numpy() == m.loc[p["image_id"], "patient_id"].to_numpy()).all()
+    assert p.groupby("patient_id")["split"].nunique().max() == 1
+
+
+def test_background_patches_clear_of_every_roi(s10, ddsm_data):
+    m = read_manifest(ddsm_data).set_index("image_id")
+    p = pd.read_csv(s10 / "patches.csv", dtype={"image_id": str})
+    checked_multi = 0
+    for image_id, group in p[p["label"] == "background"].groupby("image_id"):
+        masks = [read_png(a["mask"]) > 0 for a in m.loc[image_id, "abnormalities"]]
+        union = np.logical_or.reduce(masks)
+        img = read_png(m.loc[image_id, "path"])
+        breast = segment_breast(img)
+        checked_multi += len(masks) > 1
+        for r in group.itertuples():
+            y0, x0 = r.cy - PATCH // 2, r.cx - PATCH // 2
+            window = (slice(max(y0, 0), y0 + PATCH), slice(max(x0, 0), x0 + PATCH))
+            assert not union[window].any(), f"background patch {r.patch_id} touches an ROI"
+            assert breast[window].mean() >= 0.4, f"background patch {r.patch_id} is off the breast"
+    assert checked_multi > 0, "the fixture must include images with several ROIs"
+
+
+def test_roi_patches_cover_their_roi(s10, ddsm_data):
+    m = read_manifest(ddsm_data).set_index("image_id")
+    p = pd.read_csv(s10 / "patches.csv", dtype={"image_id": str})
+    for r in p[p["label"] != "background"].itertuples():
+        abn_id = int(r.patch_id.split("_roi")[1].split("_")[0])
+        roi = read_png(m.loc[r.image_id, "abnormalities"][abn_id - 1]["mask"]) > 0
+        y0, x0 = r.cy - PATCH // 2, r.cx - PATCH // 2
+        inside = roi[max(y0, 0) : y0 + PATCH, max(x0, 0) : x0 + PATCH].sum()
+        assert inside >= 0.5 * min(roi.sum(), PATCH * PATCH)
+
+
+def test_s1_is_centred_and_deterministic(ddsm_data, tmp_path):
+    spec = replace(PATCH_SETS["s1"], size=PATCH)
+    a = make_patches(ddsm_data, spec, out=tmp_path / "a", workers=1)
+    b = make_patches(ddsm_data, spec, out=tmp_path / "b", workers=2)
+    c = make_patches(ddsm_data, replace(spec, seed=1), out=tmp_path / "c", workers=1)
+    pd.testing.assert_frame_equal(a, b)
+    assert all((tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes() for f in a["path"])
+    assert not a[["cy", "cx"]].equals(c[["cy", "cx"]])
+    m = read_manifest(ddsm_data).set_index("image_id")
+    for r in a[a["label"] != "background"].itertuples():
+        abn_id = int(r.patch_id.split("_roi")[1].split("_")[0])
+        ys, xs = np.nonzero(read_png(m.loc[r.image_id, "abnormalities"][abn_id - 1]["mask"]))
+        assert abs(r.cy - (ys.min() + ys.max()) / 2) <= 0.5 and abs(r.cx - (xs.min() + xs.max()) / 2) <= 0.5
+    assert (a["label"] == "background").sum() == len(m)
+
+
+def test_patches_need_rois(inbreast_data):
+    r = run_cli("patches", str(inbreast_data))
+    assert r.returncode == 1 and "no image has an ROI mask" in r.stderr
+
+
+def test_cli_patches_prints_table(ddsm_data, tmp_path):
+    r = run_cli("patches", str(ddsm_data), "--set", "s1", "--size", "32", "--out", str(tmp_path / "p"))
+    assert r.returncode == 0, r.stderr
+    assert "background" in r.stdout and (tmp_path / "p" / "patches.csv").is_file()

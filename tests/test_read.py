@@ -1,0 +1,135 @@
+"""Reading mammograms: DICOM LUTs, photometric inversion, compression, rasters, and clear errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pydicom
+import pytest
+from PIL import Image
+from pydicom.dataset import Dataset
+from pydicom.sequence import Sequence
+
+from cvfast.data.read import read_mammogram, read_png, resize, resize_mask, write_png
+from cvfast.data.synth import make_dicom
+from cvfast.errors import CvfastError
+
+
+@pytest.fixture
+def ramp() -> np.ndarray:
+    return (np.arange(64 * 48, dtype=np.uint32) * 13 % 4096).astype(np.uint16).reshape(64, 48)
+
+
+def test_plain_16bit_dicom_roundtrip_and_metadata(tmp_path, ramp):
+    f = tmp_path / "a.dcm"
+    px = (ramp.astype(np.uint32) * 16).astype(np.uint16)
+    make_dicom(f, px, patient_id="P1", laterality="L", view="MLO", spacing=0.07)
+    m = read_mammogram(f)
+    assert m.pixels.dtype == np.uint16
+    np.testing.assert_array_equal(m.pixels, px)
+    assert (m.laterality, m.view, m.pixel_spacing, m.patient_id) == ("L", "MLO", (0.07, 0.07), "P1")
+
+
+def test_bits_stored_14_scaled_to_full_range(tmp_path):
+    px = np.array([[0, 16383], [8192, 100]], np.uint16)
+    make_dicom(tmp_path / "a.dcm", px, patient_id="P", bits_stored=14)
+    out = read_mammogram(tmp_path / "a.dcm").pixels
+    assert out[0, 0] == 0 and out[0, 1] == 65535
+    assert abs(int(out[1, 0]) - round(8192 * 65535 / 16383)) <= 1
+
+
+def test_monochrome1_is_inverted(tmp_path, ramp):
+    make_dicom(tmp_path / "m2.dcm", ramp, patient_id="P", bits_stored=12)
+    make_dicom(tmp_path / "m1.dcm", ramp, patient_id="P", bits_stored=12, photometric="MONOCHROME1")
+    m2, m1 = read_mammogram(tmp_path / "m2.dcm").pixels, read_mammogram(tmp_path / "m1.dcm").pixels
+    np.testing.assert_array_equal(m1.astype(int), 65535 - m2.astype(int))
+
+
+def test_rle_lossless_decodes_identically(tmp_path, ramp):
+    make_dicom(tmp_path / "raw.dcm", ramp, patient_id="P")
+    make_dicom(tmp_path / "rle.dcm", ramp, patient_id="P", rle=True)
+    assert pydicom.dcmread(tmp_path / "rle.dcm").file_meta.TransferSyntaxUID == pydicom.uid.RLELossless
+    np.testing.assert_array_equal(read_mammogram(tmp_path / "rle.dcm").pixels, read_mammogram(tmp_path / "raw.dcm").pixels)
+
+
+def test_voi_window_is_applied(tmp_path):
+    px = np.array([[1000, 1999, 2500, 3001, 4000]], np.uint16)
+    # window centre 2500 width 1001: below 1999.5 black, above 3000.5 white, linear between (PS3.3 C.11.2.1.2)
+    make_dicom(tmp_path / "w.dcm", px, patient_id="P", bits_stored=12, extra={"WindowCenter": 2500, "WindowWidth": 1001})
+    out = read_mammogram(tmp_path / "w.dcm").pixels.astype(int)
+    assert out[0, 0] == out[0, 1] == 0 and out[0, 3] == out[0, 4] == 65535
+    assert abs(out[0, 2] - 32768) < 100
+
+
+def test_voi_lut_sequence_is_applied(tmp_path):
+    px = np.array([[0, 1, 2, 3]], np.uint16)
+    item = Dataset()
+    item.LUTDescriptor = [4, 0, 8]  # 4 entries, first value 0, 8-bit output
+    item.add_new(0x00283006, "US", [255, 128, 64, 0])  # LUTData, decreasing: the file says "show this inverted"
+    make_dicom(tmp_path / "l.dcm", px, patient_id="P", bits_stored=2, extra={"VOILUTSequence": Sequence([item])})
+    out = read_mammogram(tmp_path / "l.dcm").pixels
+    np.testing.assert_array_equal(out[0], np.round(np.array([255, 128, 64, 0]) * 65535 / 255).astype(np.uint16))
+
+
+def test_modality_rescale_is_applied(tmp_path):
+    px = np.array([[0, 100, 200]], np.uint16)
+    make_dicom(tmp_path / "r.dcm", px, patient_id="P", bits_stored=8, extra={"RescaleSlope": 2, "RescaleIntercept": 10})
+    out = read_mammogram(tmp_path / "r.dcm").pixels.astype(float)
+    # output range is [10, 255*2+10]; values map linearly onto 0..65535
+    np.testing.assert_allclose(out[0], [0, 200 / 510 * 65535, 400 / 510 * 65535], atol=1)
+
+
+def test_truncated_dicom_names_file(tmp_path, ramp):
+    f = tmp_path / "t.dcm"
+    make_dicom(f, ramp, patient_id="P")
+    f.write_bytes(f.read_bytes()[:-1000])
+    with pytest.raises(CvfastError, match=r"t\.dcm.*(truncated|corrupt|decoded)"):
+        read_mammogram(f)
+
+
+def test_non_image_file_names_file(tmp_path):
+    for name in ("notes.dcm", "notes.png"):
+        (tmp_path / name).write_text("this is not an image")
+        with pytest.raises(CvfastError, match=name.replace(".", r"\.")):
+            read_mammogram(tmp_path / name)
+
+
+def test_missing_decoder_is_named(tmp_path, ramp):
+    f = tmp_path / "jls.dcm"
+    make_dicom(f, ramp, patient_id="P")
+    ds = pydicom.dcmread(f)
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.JPEGLSLossless  # no JPEG-LS plugin is installed
+    ds.PixelData = pydicom.encaps.encapsulate([b"\x00" * 64])
+    ds.save_as(f)
+    with pytest.raises(CvfastError, match=r"jls\.dcm.*JPEG-LS.*(not installed|no decoder)"):
+        read_mammogram(f)
+
+
+@pytest.mark.parametrize("mode,suffix", [("I;16", ".png"), ("L", ".png"), ("I;16", ".tif"), ("L", ".pgm")])
+def test_rasters(tmp_path, mode, suffix):
+    arr = np.array([[0, 1, 255, 1000]], np.uint16) if mode == "I;16" else np.array([[0, 1, 128, 255]], np.uint8)
+    f = tmp_path / f"x{suffix}"
+    Image.fromarray(arr).save(f)
+    out = read_mammogram(f).pixels
+    assert out.dtype == np.uint16
+    np.testing.assert_array_equal(out, arr if mode == "I;16" else arr.astype(np.uint16) * 257)
+
+
+def test_png_cache_roundtrip_keeps_16_bits(tmp_path):
+    arr = np.random.default_rng(0).integers(0, 65536, (37, 23), dtype=np.uint16)
+    write_png(tmp_path / "c.png", arr)
+    np.testing.assert_array_equal(read_png(tmp_path / "c.png"), arr)
+    assert not list(tmp_path.glob(".*tmp"))  # atomic write leaves no temporary file
+
+
+def test_resize_shape_and_range():
+    arr = np.full((400, 300), 60000, np.uint16)
+    out = resize(arr, (128, 96))
+    assert out.shape == (128, 96) and out.dtype == np.uint16 and out.min() == 60000
+    assert resize(arr, (800, 600)).max() <= 65535
+
+
+def test_resize_mask_keeps_tiny_lesion():
+    m = np.zeros((1000, 800), bool)
+    m[500, 400] = True
+    out = resize_mask(m, (100, 80))
+    assert out.dtype == np.uint8 and out.sum() == 255

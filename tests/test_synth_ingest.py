@@ -1,0 +1,112 @@
+"""Synthetic data -> prepare: manifests match the generator's ground truth exactly; splits are patient-level."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from cvfast.data.manifest import MANIFEST_COLUMNS, read_manifest
+from cvfast.data.read import read_png
+from cvfast.data.synth import CALC_COLUMNS, MASS_COLUMNS, synthesize
+
+from conftest import SIZE
+
+
+def _tree_digest(root) -> str:
+    h = hashlib.sha256()
+    for p in sorted(root.rglob("*")):
+        if p.is_file():
+            h.update(str(p.relative_to(root)).encode() + p.read_bytes())
+    return h.hexdigest()
+
+
+def test_same_seed_same_files_other_seed_differs(tmp_path):
+    a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    synthesize(a, patients=3, seed=7)
+    synthesize(b, patients=3, seed=7)
+    synthesize(c, patients=3, seed=8)
+    assert _tree_digest(a) == _tree_digest(b) != _tree_digest(c)
+
+
+def test_ddsm_layout_is_the_real_one(synth_dir, truth):
+    ddsm = synth_dir / "ddsm"
+    for name, cols in [("mass_case_description_train_set.csv", MASS_COLUMNS), ("calc_case_description_test_set.csv", CALC_COLUMNS)]:
+        assert list(pd.read_csv(ddsm / name).columns) == cols
+    rows = pd.concat([pd.read_csv(p, dtype=str) for p in ddsm.glob("*_case_description_*.csv")])
+    assert len(rows) == truth["ddsm"]["rows"]
+    for path in rows["image file path"]:
+        folder, *_, fname = path.split("/")
+        assert fname == "000000.dcm" and not (ddsm / "CBIS-DDSM" / path.strip()).exists()  # CSV paths never match files
+        assert [p.name for p in (ddsm / "CBIS-DDSM" / folder).rglob("*.dcm")] == ["1-1.dcm"]
+    assert any(p.endswith("\n") for p in rows["ROI mask file path"])
+    assert set(rows["pathology"]) <= {"MALIGNANT", "BENIGN", "BENIGN_WITHOUT_CALLBACK"}
+
+
+def test_lesions_are_small(truth):
+    h, w = truth["ddsm"]["size"]
+    fractions = [a["mask_pixels"] / (h * w) for im in truth["ddsm"]["images"].values() for a in im["abnormalities"]]
+    assert max(fractions) < 0.03 and min(fractions) > 0.0005
+
+
+def test_ddsm_manifest_matches_ground_truth(ddsm_data, truth):
+    df = read_manifest(ddsm_data)
+    gt = truth["ddsm"]["images"]
+    assert list(df.columns[: len(MANIFEST_COLUMNS)]) == MANIFEST_COLUMNS
+    assert sorted(df["image_id"]) == sorted(gt)
+    for row in df.itertuples():
+        g = gt[row.image_id]
+        assert (row.patient_id, row.side, row.view, row.label) == (g["patient_id"], g["side"], g["view"], g["label"])
+        assert row.n_abnormalities == len(g["abnormalities"]) == len(row.abnormalities)
+        assert [a["pathology"] == "MALIGNANT" for a in row.abnormalities] == [a["malignant"] for a in g["abnormalities"]]
+        assert [a["patch_class"].split("_")[0] for a in row.abnormalities] == [a["kind"] for a in g["abnormalities"]]
+        assert (row.split == "test") == (g["split"] == "test")  # the official split is kept
+        for a, ga in zip(row.abnormalities, g["abnormalities"]):
+            m = read_png(a["mask"]) > 0  # every ROI found, mask told from crop, even when a few px off in size
+            assert m.shape == SIZE
+            ys, xs = np.nonzero(m)
+            cx, cy = ga["center"]
+            assert abs(xs.mean() * truth["ddsm"]["size"][1] / SIZE[1] - cx) < 12
+            assert abs(ys.mean() * truth["ddsm"]["size"][0] / SIZE[0] - cy) < 12
+        assert read_png(row.path).shape == SIZE and read_png(row.path).dtype == np.uint16
+    assert (df["split"] == "valid").any()
+    assert len(pd.read_csv(ddsm_data / "rejects.csv")) == 0
+
+
+def test_splits_are_patient_disjoint(ddsm_data, inbreast_data):
+    for data in (ddsm_data, inbreast_data):
+        df = read_manifest(data)
+        assert df.groupby("patient_id")["split"].nunique().max() == 1
+        assert set(df["split"]) == {"train", "valid", "test"}
+
+
+def test_inbreast_manifest_matches_ground_truth(inbreast_data, truth):
+    df = read_manifest(inbreast_data)
+    gt = truth["inbreast"]["images"]
+    kept = {k: v for k, v in gt.items() if v["label"] is not None}
+    assert sorted(df["image_id"]) == sorted(kept)
+    for row in df.itertuples():
+        g = kept[row.image_id]
+        assert (row.patient_id, row.side, row.view, row.label, row.birads) == (g["patient_id"], g["side"], g["view"], g["label"], g["birads"])
+    rejects = pd.read_csv(inbreast_data / "rejects.csv")
+    excluded = {k for k, v in gt.items() if v["birads"] == "3"}
+    assert len(excluded) > 0 and len(rejects) == len(excluded)
+    assert rejects["reason"].str.contains("BI-RADS '3' excluded").all()
+
+
+def test_inbreast_birads3_can_be_included(synth_dir, truth, tmp_path):
+    from cvfast.data.ingest import prepare_inbreast
+    from cvfast.data.ingest.common import PrepareOptions
+
+    df = prepare_inbreast(synth_dir / "inbreast", PrepareOptions(out=tmp_path, size=(64, 48), workers=1), negative=("1", "2", "3"))
+    assert len(df) == len(truth["inbreast"]["images"])
+    assert df.loc[df["birads"] == "3", "label"].eq(0).all()
+
+
+def test_manifest_records_are_json(ddsm_data):
+    raw = pd.read_csv(ddsm_data / "manifest.csv")
+    assert all(isinstance(json.loads(s), list) for s in raw["abnormalities"])
+    assert not raw["path"].str.startswith("/").any()  # relative: the DATA folder can move
