@@ -14,7 +14,7 @@ import torch
 from fastai.data.block import CategoryBlock, DataBlock, TransformBlock
 from fastai.data.core import DataLoaders
 from fastai.data.transforms import ColReader, ColSplitter, IntToFloatTensor, Normalize
-from fastai.vision.augment import RandTransform, aug_transforms
+from fastai.vision.augment import AffineCoordTfm, RandTransform, aug_transforms
 from fastai.vision.core import PILImageBW, TensorImage, TensorImageBW
 
 from cvfast.data.manifest import PATCH_CLASSES, read_manifest
@@ -83,14 +83,23 @@ class IntensityShift(RandTransform):
         return x + self.shift[:, None, None, None]
 
 
+class TrainOnlyAffine(AffineCoordTfm):
+    """fastai's single-pass affine augmentation, skipped on validation (fastai resamples it through an identity grid)."""
+
+    def before_call(self, b, split_idx):
+        """Draw the affine matrices on training batches only."""
+        super().before_call(b, split_idx)
+        self.do = split_idx == 0
+
+
 def paper_augmentation(max_rotate: float = 25.0, min_zoom: float = 0.8, max_zoom: float = 1.2,
                        max_shift: float = 20 / 255, size: tuple[int, int] | None = None) -> list:
     """The paper's augmentation as batch transforms: h/v flips, rotation, zoom (one affine pass), intensity shift."""
     affine = aug_transforms(size=size, do_flip=True, flip_vert=False, max_rotate=max_rotate, min_zoom=min_zoom,
                             max_zoom=max_zoom, max_warp=0.0, max_lighting=0.0, p_lighting=0.0, pad_mode="zeros")
-    if size is None:
-        for t in affine:  # fastai resamples validation batches through an identity grid: cost and blur for nothing
-            t.split_idx = 0
+    if size is None:  # nothing to resize: validation batches need no resampling at all
+        affine = [TrainOnlyAffine(aff_fs=t.aff_fs, coord_fs=t.coord_fs, mode=t.mode, pad_mode=t.pad_mode, mode_mask=t.mode_mask,
+                                  align_corners=t.align_corners) for t in affine]
     return [*affine, VerticalFlip(), IntensityShift(max_shift)]
 
 

@@ -1,0 +1,54 @@
+"""Real data: mini-MIAS ingest (skipped cleanly when ../shared is absent)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from cvfast.data.manifest import read_manifest
+from cvfast.data.read import read_png
+
+from conftest import MIAS, run_cli
+
+pytestmark = pytest.mark.skipif(not (MIAS / "Info.txt").is_file(), reason=f"mini-MIAS not available at {MIAS}")
+
+
+@pytest.fixture(scope="module")
+def mias(tmp_path_factory):
+    out = tmp_path_factory.mktemp("mias")
+    r = run_cli("prepare", "mias", str(MIAS), "--out", str(out), "--size", "256x256", "--workers", "2")
+    assert r.returncode == 0, r.stderr
+    return read_manifest(out), out
+
+
+def test_all_images_and_abnormal_counts(mias):
+    df, out = mias
+    assert len(df) == 322
+    assert (df["n_abnormalities"] > 0).sum() == 115 and (df["n_abnormalities"] == 0).sum() == 207
+    rows = [a for abns in df["abnormalities"] for a in abns]
+    assert sum(a["pathology"] == "BENIGN" for a in rows) == 69 and sum(a["pathology"] == "MALIGNANT" for a in rows) == 54
+    assert df["label"].sum() == 52  # 54 malignant rows on 52 images (mdb239, mdb249 have two each)
+    assert len(pd.read_csv(out / "rejects.csv")) == 0
+
+
+def test_several_rows_per_image_and_rows_without_coordinates(mias):
+    df = mias[0].set_index("image_id")
+    assert df.loc["mdb005", "n_abnormalities"] == 2 and all(a["mask"] for a in df.loc["mdb005", "abnormalities"])
+    for ref in ("mdb059", "mdb216", "mdb233", "mdb245"):  # listed without coordinates
+        assert df.loc[ref, "n_abnormalities"] == 1 and df.loc[ref, "abnormalities"][0]["mask"] == ""
+
+
+def test_y_origin_is_bottom_left(mias):
+    df = mias[0].set_index("image_id")
+    # Info.txt: mdb001 G CIRC B 535 425 197 -> centre at column 535, row 1024 - 425 = 599 (of 1024)
+    ys, xs = np.nonzero(read_png(df.loc["mdb001", "abnormalities"][0]["mask"]))
+    assert abs(xs.mean() * 4 - 535) < 8 and abs(ys.mean() * 4 - 599) < 8
+    assert abs(np.sqrt(len(ys) / np.pi) * 4 - 197) < 8
+
+
+def test_patients_are_left_right_pairs(mias):
+    df = mias[0].set_index("image_id")
+    assert df.loc["mdb001", "patient_id"] == df.loc["mdb002", "patient_id"] != df.loc["mdb003", "patient_id"]
+    assert (df.loc["mdb001", "side"], df.loc["mdb002", "side"]) == ("R", "L")
+    assert df.groupby("patient_id")["split"].nunique().max() == 1 and df["patient_id"].nunique() == 161
