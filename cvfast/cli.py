@@ -30,6 +30,7 @@ def handles_errors(fn: Callable) -> Callable:
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        """Call the command; report CvfastError and exit 1."""
         try:
             return fn(*args, **kwargs)
         except CvfastError as e:
@@ -144,6 +145,8 @@ def prepare_csv_cmd(source: Annotated[Path, typer.Argument(help="CSV with path,l
 
 
 class PatchSet(str, Enum):
+    """The paper's patch sets."""
+
     s1 = "s1"
     s10 = "s10"
 

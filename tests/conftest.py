@@ -21,7 +21,8 @@ from cvfast.data.synth import synthesize  # noqa: E402
 
 SIZE = (256, 192)  # working size for tests (the paper's 1152x896 scaled down)
 PATCH = 48
-MIAS = Path(__file__).resolve().parents[2] / "shared" / "data" / "mini-mias"
+# the real mini-MIAS (research licence, never committed): ../shared/data/mini-mias, or wherever CVFAST_MINI_MIAS points
+MIAS = Path(os.environ.get("CVFAST_MINI_MIAS", Path(__file__).resolve().parents[2] / "shared" / "data" / "mini-mias"))
 
 
 @pytest.fixture(scope="session")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -110,3 +111,59 @@ def test_manifest_records_are_json(ddsm_data):
     raw = pd.read_csv(ddsm_data / "manifest.csv")
     assert all(isinstance(json.loads(s), list) for s in raw["abnormalities"])
     assert not raw["path"].str.startswith("/").any()  # relative: the DATA folder can move
+
+
+def test_dicom_pixels_reach_the_batch_bit_exact(tmp_path):
+    """At the source size nothing is resampled: the batch tensor must hold the DICOM's 16-bit values exactly."""
+    from cvfast.data.blocks import whole_image_dataloaders
+    from cvfast.data.ingest import prepare_ddsm
+    from cvfast.data.ingest.common import PrepareOptions
+    from cvfast.data.read import read_mammogram
+
+    truth = synthesize(tmp_path / "s", patients=4, seed=21)
+    prepare_ddsm(tmp_path / "s" / "ddsm", PrepareOptions(out=tmp_path / "d", size=tuple(truth["ddsm"]["size"]), workers=1))
+    dls = whole_image_dataloaders(tmp_path / "d", bs=2, augment=False)
+    xb, _ = dls.valid.one_batch()
+    values = ((xb.double() + dls.info.mean_grey) * 65535).round().long().numpy()[:, 0]
+    for got, source in zip(values, dls.valid_ds.items["source"]):
+        np.testing.assert_array_equal(got, read_mammogram(source).pixels)
+
+
+def test_same_image_in_mass_and_calc_folders_is_one_image(synth_dir, tmp_path):
+    """CBIS-DDSM files an image with a mass and a calcification under two folders: ingest groups them."""
+    import shutil
+
+    from cvfast.data.ingest import prepare_ddsm
+    from cvfast.data.ingest.common import PrepareOptions
+
+    src = Path(shutil.copytree(synth_dir / "ddsm", tmp_path / "ddsm"))
+    mass = pd.read_csv(src / "mass_case_description_train_set.csv", dtype=str, keep_default_na=False)
+    row = mass.iloc[0]
+    folder = row["image file path"].split("/")[0]
+    twin = folder.replace("Mass-", "Calc-")
+    shutil.copytree(src / "CBIS-DDSM" / folder, src / "CBIS-DDSM" / twin)
+    shutil.copytree(src / "CBIS-DDSM" / f"{folder}_1", src / "CBIS-DDSM" / f"{twin}_1")
+    calc_csv = src / "calc_case_description_train_set.csv"
+    calc = pd.read_csv(calc_csv, dtype=str, keep_default_na=False)
+    extra = {c: "" for c in calc.columns} | {
+        "patient_id": row["patient_id"], "left or right breast": row["left or right breast"], "image view": row["image view"],
+        "abnormality id": "1", "abnormality type": "calcification", "pathology": "MALIGNANT",
+        "image file path": row["image file path"].replace("Mass-", "Calc-"), "ROI mask file path": row["ROI mask file path"].replace("Mass-", "Calc-"),
+        "cropped image file path": row["cropped image file path"].replace("Mass-", "Calc-")}
+    pd.concat([calc, pd.DataFrame([extra])]).to_csv(calc_csv, index=False)
+    df = prepare_ddsm(src, PrepareOptions(out=tmp_path / "d", size=(64, 48), workers=1)).set_index("image_id")
+    image_id = f"{row['patient_id']}_{row['left or right breast']}_{row['image view']}"
+    kinds = [a["kind"] for a in json.loads(df.loc[image_id, "abnormalities"])]
+    assert kinds.count("calc") == 1 and kinds.count("mass") == len(kinds) - 1 >= 1
+    assert df.loc[image_id, "label"] == 1 and len(df) == len(json.loads((synth_dir / "ground_truth.json").read_text())["ddsm"]["images"])
+
+
+def test_patient_in_official_train_and_test_goes_wholly_to_test():
+    from cvfast.data.manifest import assign_splits
+
+    df = pd.DataFrame({"patient_id": ["a", "a", "b", "c", "d", "e", "f"], "label": [1, 0, 1, 0, 1, 0, 1],
+                       "split": ["train", "test", "train", "train", "train", "train", "train"]})
+    split = assign_splits(df, seed=0, valid_frac=0.4, test_frac=0.0)
+    assert list(split[:2]) == ["test", "test"]
+    assert set(split[2:]) == {"train", "valid"}
+    assert df.assign(split=split).groupby("patient_id")["split"].nunique().max() == 1

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,6 +60,7 @@ class VerticalFlip(RandTransform):
         self.mask = torch.rand(x.shape[0], device=x.device) < self.flip_p
 
     def encodes(self, x: TensorImage):
+        """Flip the drawn items along the height axis."""
         return torch.where(self.mask[:, None, None, None], x.flip(-2), x)
 
 
@@ -80,6 +80,7 @@ class IntensityShift(RandTransform):
         self.shift = (torch.rand(x.shape[0], device=x.device) * 2 - 1) * self.max_shift
 
     def encodes(self, x: TensorImage):
+        """Add each item's shift."""
         return x + self.shift[:, None, None, None]
 
 
@@ -125,10 +126,6 @@ class DataInfo:
     mean_grey: float
     size: tuple[int, int]
     kind: str  # 'patch' or 'whole'
-
-    def to_json(self) -> str:
-        """Serialise as JSON."""
-        return json.dumps({"classes": self.classes, "mean_grey": self.mean_grey, "size": list(self.size), "kind": self.kind})
 
 
 def _with_valid(df: pd.DataFrame, where: str) -> pd.DataFrame:

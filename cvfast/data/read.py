@@ -17,7 +17,6 @@ from pydicom.pixels import apply_modality_lut, apply_voi_lut, get_decoder
 from cvfast.errors import CvfastError
 
 WORKING_SIZE: tuple[int, int] = (1152, 896)  # (height, width), the paper's whole-image size
-DICOM_SUFFIXES = {".dcm", ".dicom", ""}
 RASTER_SUFFIXES = {".png", ".tif", ".tiff", ".pgm", ".jpg", ".jpeg"}
 
 # cv2 worker threads fight the process pool for the same cores; one thread per process is faster overall.

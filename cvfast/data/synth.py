@@ -121,17 +121,17 @@ def _render_breast(rng: np.random.Generator, br: Breast, density: float) -> tupl
     return signal.astype(np.float32), inside
 
 
-def _local(canvas: np.ndarray, cx: float, cy: float, half: int) -> tuple[slice, slice, int, int]:
-    """Slices of a (2*half)^2 window around (cx, cy), clipped to the canvas, and the window origin."""
+def _local(canvas: np.ndarray, cx: float, cy: float, half: int) -> tuple[slice, slice]:
+    """Slices of a (2*half)^2 window around (cx, cy), clipped to the canvas."""
     h, w = canvas.shape
     x0, y0 = int(cx) - half, int(cy) - half
-    return slice(max(y0, 0), min(y0 + 2 * half, h)), slice(max(x0, 0), min(x0 + 2 * half, w)), x0, y0
+    return slice(max(y0, 0), min(y0 + 2 * half, h)), slice(max(x0, 0), min(x0 + 2 * half, w))
 
 
 def _draw_mass(rng: np.random.Generator, signal: np.ndarray, mask: np.ndarray, cx: float, cy: float, r: float, malignant: bool) -> None:
     """Add a mass (round/oval benign, irregular + spiculated malignant) to signal and its outline to mask."""
     half = int(r * 3) + 2
-    sy, sx, _, _ = _local(signal, cx, cy, half)
+    sy, sx = _local(signal, cx, cy, half)
     ys, xs = np.mgrid[sy, sx].astype(np.float32)
     ys, xs = ys - cy, xs - cx
     theta, rot = np.arctan2(ys, xs), rng.uniform(0, np.pi)
@@ -164,7 +164,7 @@ def _draw_mass(rng: np.random.Generator, signal: np.ndarray, mask: np.ndarray, c
 def _draw_calcs(rng: np.random.Generator, signal: np.ndarray, mask: np.ndarray, cx: float, cy: float, r: float, malignant: bool, scale: float) -> None:
     """Add a calcification cluster (few coarse benign, many fine pleomorphic malignant); mask = its hull."""
     half = int(r * 1.6) + 4
-    sy, sx, _, _ = _local(signal, cx, cy, half)
+    sy, sx = _local(signal, cx, cy, half)
     local = np.zeros((sy.stop - sy.start, sx.stop - sx.start), np.float32)
     n = int(rng.integers(3, 7)) if not malignant else int(rng.integers(14, 30))
     pts = []
