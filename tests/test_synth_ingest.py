@@ -167,3 +167,21 @@ def test_patient_in_official_train_and_test_goes_wholly_to_test():
     assert list(split[:2]) == ["test", "test"]
     assert set(split[2:]) == {"train", "valid"}
     assert df.assign(split=split).groupby("patient_id")["split"].nunique().max() == 1
+
+
+def test_inbreast_xlsx_sheet_with_spreadsheet_numbers(synth_dir, truth, tmp_path):
+    """The label sheet as a spreadsheet: numbers come back as floats ('22678622.0', '2.0') and must still match."""
+    import shutil
+
+    from cvfast.data.ingest import prepare_inbreast
+    from cvfast.data.ingest.common import PrepareOptions
+
+    src = Path(shutil.copytree(synth_dir / "inbreast" / "AllDICOMs", tmp_path / "inb" / "AllDICOMs")).parent
+    sheet = pd.read_csv(synth_dir / "inbreast" / "INbreast.csv", sep=";", dtype=str)
+    sheet["File Name"] = sheet["File Name"].astype(float)
+    sheet["Bi-Rads"] = [float(v) if v.isdigit() else v.upper() for v in sheet["Bi-Rads"]]
+    sheet.to_excel(src / "INbreast.xlsx", index=False)
+    df = prepare_inbreast(src, PrepareOptions(out=tmp_path / "d", size=(64, 48), workers=1))
+    kept = {k: v for k, v in truth["inbreast"]["images"].items() if v["label"] is not None}
+    assert sorted(df["image_id"]) == sorted(kept)
+    assert all(df.set_index("image_id").loc[k, "label"] == v["label"] for k, v in kept.items())
