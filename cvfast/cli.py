@@ -166,8 +166,6 @@ def patches(data: Annotated[Path, typer.Argument(help="A prepared DATA folder (w
 
     from cvfast.data.sample import PATCH_SETS, make_patches
 
-    if size < 8:
-        raise CvfastError(f"--size {size}: patches must be at least 8 pixels")
     spec = replace(PATCH_SETS[set_.value], size=size, seed=seed)
     if n_roi is not None:
         spec = replace(spec, n_roi=n_roi)

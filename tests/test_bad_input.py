@@ -151,3 +151,21 @@ def test_inbreast_sheet_rows_without_files_and_unlabelled_files(small_synth, tmp
     reasons = " | ".join(pd.read_csv(tmp_path / "data" / "rejects.csv")["reason"])
     assert f"File Name {files[0].name.split('_')[0]} resolves to nothing" in reasons
     assert "not in INbreast.csv (no label)" in reasons
+
+
+def test_restored_roi_folder_is_picked_up_on_rerun(ddsm_copy, tmp_path):
+    roi_dir = sorted((ddsm_copy / "CBIS-DDSM").glob("*_MLO_1"))[0]
+    moved = shutil.move(roi_dir, tmp_path / "aside")
+    prepare_ddsm(ddsm_copy, _opts(tmp_path))
+    assert len(pd.read_csv(tmp_path / "data" / "rejects.csv")) == 1
+    shutil.move(moved, roi_dir)
+    df = prepare_ddsm(ddsm_copy, _opts(tmp_path))
+    assert len(pd.read_csv(tmp_path / "data" / "rejects.csv")) == 0
+    assert all(a["mask"] for abns in read_manifest(tmp_path / "data")["abnormalities"] for a in abns)
+    assert len(df) > 0
+
+
+def test_out_that_is_a_file_is_a_clear_error(tmp_path, small_synth):
+    (tmp_path / "f").write_text("x")
+    r = run_cli("prepare", "inbreast", str(small_synth / "inbreast"), "--out", str(tmp_path / "f"))
+    assert r.returncode == 1 and "cannot create the output folder" in r.stderr and "Traceback" not in r.stderr

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from dataclasses import replace
 
 import numpy as np
@@ -95,3 +96,19 @@ def test_cli_patches_prints_table(ddsm_data, tmp_path):
     r = run_cli("patches", str(ddsm_data), "--set", "s1", "--size", "32", "--out", str(tmp_path / "p"))
     assert r.returncode == 0, r.stderr
     assert "background" in r.stdout and (tmp_path / "p" / "patches.csv").is_file()
+
+
+def test_patch_set_refused_after_the_manifest_changes(ddsm_data, tmp_path):
+    import shutil
+
+    from cvfast.data.blocks import patch_dataloaders
+    from cvfast.errors import CvfastError
+
+    data = Path(shutil.copytree(ddsm_data, tmp_path / "data"))
+    make_patches(data, replace(PATCH_SETS["s1"], size=PATCH), workers=1)
+    patch_dataloaders(data / "patches_s1", bs=4)  # fine while the manifest is unchanged
+    m = pd.read_csv(data / "manifest.csv")
+    m.loc[m["split"] == "valid", "split"] = "train"
+    m.to_csv(data / "manifest.csv", index=False)
+    with pytest.raises(CvfastError, match="changed since these patches were cut"):
+        patch_dataloaders(data / "patches_s1", bs=4)

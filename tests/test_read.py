@@ -70,6 +70,15 @@ def test_voi_lut_sequence_is_applied(tmp_path):
     np.testing.assert_array_equal(out[0], np.round(np.array([255, 128, 64, 0]) * 65535 / 255).astype(np.uint16))
 
 
+def test_8bit_voi_lut_with_more_than_256_entries(tmp_path):
+    px = np.array([[0, 256, 1000, 4095]], np.uint16)
+    item = Dataset()
+    item.LUTDescriptor = [4096, 0, 8]
+    item.add_new(0x00283006, "US", [i // 16 for i in range(4096)])
+    make_dicom(tmp_path / "l.dcm", px, patient_id="P", bits_stored=12, extra={"VOILUTSequence": Sequence([item])})
+    np.testing.assert_array_equal(read_mammogram(tmp_path / "l.dcm").pixels[0], np.array([0, 16, 62, 255]) * 257)
+
+
 def test_modality_rescale_is_applied(tmp_path):
     px = np.array([[0, 100, 200]], np.uint16)
     make_dicom(tmp_path / "r.dcm", px, patient_id="P", bits_stored=8, extra={"RescaleSlope": 2, "RescaleIntercept": 10})
@@ -104,14 +113,15 @@ def test_missing_decoder_is_named(tmp_path, ramp):
         read_mammogram(f)
 
 
-@pytest.mark.parametrize("mode,suffix", [("I;16", ".png"), ("L", ".png"), ("I;16", ".tif"), ("L", ".pgm")])
+@pytest.mark.parametrize("mode,suffix", [("I;16", ".png"), ("L", ".png"), ("I;16", ".tif"), ("L", ".pgm"), ("1", ".png")])
 def test_rasters(tmp_path, mode, suffix):
-    arr = np.array([[0, 1, 255, 1000]], np.uint16) if mode == "I;16" else np.array([[0, 1, 128, 255]], np.uint8)
+    arr = {"I;16": np.array([[0, 1, 255, 1000]], np.uint16), "L": np.array([[0, 1, 128, 255]], np.uint8),
+           "1": np.array([[False, True, True, False]])}[mode]
     f = tmp_path / f"x{suffix}"
     Image.fromarray(arr).save(f)
     out = read_mammogram(f).pixels
     assert out.dtype == np.uint16
-    np.testing.assert_array_equal(out, arr if mode == "I;16" else arr.astype(np.uint16) * 257)
+    np.testing.assert_array_equal(out, arr if mode == "I;16" else (arr.astype(np.uint8) * (255 if mode == "1" else 1)).astype(np.uint16) * 257)
 
 
 def test_png_cache_roundtrip_keeps_16_bits(tmp_path):

@@ -185,3 +185,15 @@ def test_inbreast_xlsx_sheet_with_spreadsheet_numbers(synth_dir, truth, tmp_path
     kept = {k: v for k, v in truth["inbreast"]["images"].items() if v["label"] is not None}
     assert sorted(df["image_id"]) == sorted(kept)
     assert all(df.set_index("image_id").loc[k, "label"] == v["label"] for k, v in kept.items())
+
+
+def test_given_splits_widen_to_the_whole_patient_and_small_sets_do_not_crash():
+    from cvfast.data.manifest import assign_splits
+
+    df = pd.DataFrame({"patient_id": ["a", "a", "b", "b", "c", "d"], "label": [1, 0, 0, 1, 0, 1],
+                       "split": ["valid", "", "train", "test", "train", "train"]})
+    split = assign_splits(df, seed=0, valid_frac=0.0, test_frac=0.0)
+    assert list(split) == ["valid", "valid", "test", "test", "train", "train"]
+    many = pd.DataFrame({"patient_id": [f"p{i}" for i in range(10)], "label": [0, 1] * 5, "split": ""})
+    split = assign_splits(many, seed=0, valid_frac=0.9, test_frac=0.0)  # 9 of 10: too few left to stratify
+    assert (split == "valid").sum() == 9

@@ -18,7 +18,7 @@ from fastai.vision.core import PILImageBW, TensorImage, TensorImageBW
 
 from cvfast.data.manifest import PATCH_CLASSES, read_manifest
 from cvfast.data.read import read_png
-from cvfast.data.sample import PATCH_MANIFEST
+from cvfast.data.sample import PATCH_MANIFEST, check_patch_set
 from cvfast.errors import CvfastError
 
 log = logging.getLogger(__name__)
@@ -166,6 +166,7 @@ def patch_dataloaders(patches: str | Path, bs: int = 32, augment: bool = True, b
     csv = path / PATCH_MANIFEST if path.is_dir() else path
     if not csv.is_file():
         raise CvfastError(f"{csv}: no patch manifest; run `cvfast patches DATA` first")
+    check_patch_set(csv.parent)
     df = pd.read_csv(csv, dtype={"image_id": str, "patient_id": str})
     df["path"] = [str(csv.parent / p) for p in df["path"]]
     df = _with_valid(df, str(csv))

@@ -7,7 +7,8 @@ import logging
 import multiprocessing as mp
 import os
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
@@ -76,13 +77,22 @@ def _circle_mask(roi: RoiSpec, shape: tuple[int, int]) -> np.ndarray:
     return (xs - x) ** 2 + (ys - y) ** 2 <= r * r
 
 
+def job_key(job: ImageJob, size: tuple[int, int]) -> str:
+    """What a finished record must match to be reused: size, ROI specs and the source files' size and mtime."""
+    files = [job.source, *(f for roi in job.rois for f in roi.candidates)]
+    stats = [(f, os.stat(f).st_size, os.stat(f).st_mtime_ns) if os.path.exists(f) else (f, None, None) for f in files]
+    return json.dumps([list(size), [asdict(r) for r in job.rois], stats])
+
+
 def convert_one(job: ImageJob, data_dir: str, size: tuple[int, int]) -> dict:
     """Convert one image and its ROI masks into the cache; return its record (with per-ROI rejects)."""
     data_dir = Path(data_dir)
     record_path = data_dir / RECORDS_DIR / f"{job.image_id}.json"
+    key = job_key(job, size)
     if record_path.is_file():
         record = json.loads(record_path.read_text())
-        if record.get("size") == list(size) and record.get("source") == job.source:
+        outputs = [record["path"], *record["masks"].values()]
+        if record.get("key") == key and all((data_dir / p).is_file() for p in outputs):
             return record
     mammo = read_mammogram(job.source)
     rel = f"images/{job.image_id}.png"
@@ -98,7 +108,7 @@ def convert_one(job: ImageJob, data_dir: str, size: tuple[int, int]) -> dict:
             masks[str(roi.abnormality_id)] = mrel
         except CvfastError as e:
             rejects.append({"source": job.source, "row": f"{job.image_id} abnormality {roi.abnormality_id}", "reason": str(e)})
-    record = {"image_id": job.image_id, "size": list(size), "path": rel, "source": job.source, "orig_height": int(mammo.pixels.shape[0]),
+    record = {"image_id": job.image_id, "key": key, "path": rel, "source": job.source, "orig_height": int(mammo.pixels.shape[0]),
               "orig_width": int(mammo.pixels.shape[1]), "laterality": mammo.laterality, "view": mammo.view,
               "patient_id": mammo.patient_id, "masks": masks, "rejects": rejects}
     atomic_write_bytes(record_path, json.dumps(record).encode())
@@ -132,6 +142,9 @@ def parallel_map(fn: Callable, items: list, workers: int, description: str, chun
             for r in results:
                 progress.advance(task)
                 yield r
+        except BrokenProcessPool:
+            raise CvfastError(f"a worker process died while {description} (out of memory? try fewer --workers); "
+                              "finished work is kept: re-run the same command to resume") from None
         finally:
             if pool is not None:
                 pool.shutdown(cancel_futures=True)
@@ -146,7 +159,7 @@ def convert_all(jobs: list[ImageJob], data_dir: str | Path, size: tuple[int, int
             tmp.unlink(missing_ok=True)
     done = sum((data_dir / RECORDS_DIR / f"{j.image_id}.json").is_file() for j in jobs)
     if done:
-        log.info("resuming: %d of %d images already converted", done, len(jobs))
+        log.info("resuming: %d of %d images already converted (re-done where their sources or ROIs changed)", done, len(jobs))
     records, rejects = {}, []
     sources = {j.image_id: j.source for j in jobs}
     items = [(j, str(data_dir), tuple(size)) for j in jobs]

@@ -9,6 +9,7 @@ lesion has no usable ROI -- such lesions count for the image label but yield no 
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
@@ -54,6 +55,11 @@ def write_manifest(df: pd.DataFrame, data_dir: str | Path) -> Path:
     return path
 
 
+def manifest_digest(data_dir: str | Path) -> str:
+    """SHA-256 of DATA/manifest.csv: what derived sets (patches) record to detect a re-split DATA folder."""
+    return hashlib.sha256((Path(data_dir) / MANIFEST_NAME).read_bytes()).hexdigest()
+
+
 def read_manifest(data: str | Path) -> pd.DataFrame:
     """Read a manifest (a DATA folder or the CSV itself), with image and mask paths made absolute."""
     path = Path(data)
@@ -88,32 +94,39 @@ def patient_split(patients: pd.DataFrame, frac: float, seed: int, name: str) -> 
     if n >= len(patients):
         raise CvfastError(f"{name} fraction {frac} leaves no patients for training ({len(patients)} patients)")
     counts = patients["label"].value_counts()
-    stratify = patients["label"] if len(counts) > 1 and counts.min() >= 2 and n >= len(counts) else None
-    if stratify is None:
+    # sklearn needs every class on both sides: at least 2 per class and as many picks (and leftovers) as classes
+    can_stratify = len(counts) > 1 and counts.min() >= 2 and min(n, len(patients) - n) >= len(counts)
+    if not can_stratify:
         log.warning("%s split: too few patients per class to stratify by malignancy; drawing at random", name)
-    _, picked = train_test_split(patients["patient_id"].to_numpy(), test_size=n, random_state=seed, stratify=stratify)
+    _, picked = train_test_split(patients["patient_id"].to_numpy(), test_size=n, random_state=seed,
+                                 stratify=patients["label"] if can_stratify else None)
     return set(picked.tolist())
 
 
+HELD_OUT_ORDER = {"train": 0, "valid": 1, "test": 2}
+
+
 def assign_splits(df: pd.DataFrame, seed: int, valid_frac: float, test_frac: float) -> pd.Series:
-    """Patient-level splits: keep an existing 'test' split, draw test (if none) then valid from the rest."""
-    split = df["split"].copy() if "split" in df.columns else pd.Series("train", index=df.index)
+    """Patient-level splits: keep given (official) splits, draw test where none is given, then valid from train.
+
+    A patient whose images carry different given splits goes wholly to the most held-out one (test > valid >
+    train), so no patient ever spans two splits.
+    """
+    split = df["split"] if "split" in df.columns else pd.Series("train", index=df.index)
     split = split.where(split.isin(SPLITS), "train")
-    # A patient with any official-test image goes wholly to test, so no patient spans train and test.
-    test_pat = set(df.loc[split == "test", "patient_id"])
-    moved = df["patient_id"].isin(test_pat) & (split != "test")
-    if moved.any():
-        log.warning("%d images of %d patients that also have official-test images moved to test",
-                    int(moved.sum()), df.loc[moved, "patient_id"].nunique())
-    split[df["patient_id"].isin(test_pat)] = "test"
-    patients = df[split != "test"].groupby("patient_id")["label"].max().reset_index()
-    if not test_pat and test_frac > 0:
-        picked = patient_split(patients, test_frac, seed, "test")
-        split[df["patient_id"].isin(picked)] = "test"
-        patients = patients[~patients["patient_id"].isin(picked)]
+    rank = split.map(HELD_OUT_ORDER).groupby(df["patient_id"]).transform("max")
+    widened = rank != split.map(HELD_OUT_ORDER)
+    if widened.any():
+        log.warning("%d images of %d patients moved to the held-out split of their patient's other images",
+                    int(widened.sum()), df.loc[widened, "patient_id"].nunique())
+    split = rank.map({v: k for k, v in HELD_OUT_ORDER.items()})
+    if test_frac > 0 and not (split == "test").any():
+        patients = df[split == "train"].groupby("patient_id")["label"].max().reset_index()
+        split[df["patient_id"].isin(patient_split(patients, test_frac, seed, "test"))] = "test"
+        valid_frac = valid_frac / (1 - test_frac)  # valid_frac stays a fraction of all patients
     if valid_frac > 0 and not (split == "valid").any():
-        picked = patient_split(patients, valid_frac / max(1e-9, 1 - (test_frac if not test_pat else 0)), seed + 1, "validation")
-        split[df["patient_id"].isin(picked) & (split != "test")] = "valid"
+        patients = df[split == "train"].groupby("patient_id")["label"].max().reset_index()
+        split[df["patient_id"].isin(patient_split(patients, valid_frac, seed + 1, "validation"))] = "valid"
     return split
 
 

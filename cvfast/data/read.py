@@ -54,8 +54,9 @@ def _output_range(ds: pydicom.Dataset, voi_applied: bool) -> tuple[float, float]
     if ds.get("ModalityLUTSequence"):
         return 0.0, float(2 ** int(ds.ModalityLUTSequence[0].LUTDescriptor[2]) - 1)
     lo, hi = (0.0, 2.0**bits - 1) if ds.get("PixelRepresentation", 0) == 0 else (-(2.0 ** (bits - 1)), 2.0 ** (bits - 1) - 1)
-    slope, intercept = float(ds.get("RescaleSlope", 1) or 1), float(ds.get("RescaleIntercept", 0) or 0)
-    lo, hi = sorted((lo * slope + intercept, hi * slope + intercept))
+    if ds.get("RescaleSlope") is not None and ds.get("RescaleIntercept") is not None:  # pydicom rescales only with both
+        slope, intercept = float(ds.RescaleSlope), float(ds.RescaleIntercept)
+        lo, hi = sorted((lo * slope + intercept, hi * slope + intercept))
     return lo, hi
 
 
@@ -86,8 +87,10 @@ def read_dicom(path: str | os.PathLike) -> Mammogram:
         raise CvfastError(f"{path}: expected one grey-level frame, got pixel array of shape {raw.shape}")
     has_voi = bool(ds.get("VOILUTSequence") or ds.get("WindowCenter") is not None)
     arr = apply_modality_lut(raw, ds)
-    if has_voi:
-        arr = apply_voi_lut(arr, ds, prefer_lut=True)
+    if ds.get("VOILUTSequence"):
+        arr = _voi_lut_lookup(arr, ds.VOILUTSequence[0])
+    elif has_voi:
+        arr = apply_voi_lut(arr, ds)
     lo, hi = _output_range(ds, has_voi)  # a window maps onto the same range the modality LUT produces
     pixels = _to_uint16(arr, lo, hi)
     if ds.get("PhotometricInterpretation", "MONOCHROME2") == "MONOCHROME1":
@@ -101,6 +104,20 @@ def read_dicom(path: str | os.PathLike) -> Mammogram:
         pixel_spacing=(float(spacing[0]), float(spacing[1])) if spacing else None,
         patient_id=str(ds.get("PatientID")) if ds.get("PatientID") else None,
     )
+
+
+def _voi_lut_lookup(arr: np.ndarray, item: pydicom.Dataset) -> np.ndarray:
+    """Apply the first VOI LUT of a VOILUTSequence (PS3.3 C.11.2.1.1).
+
+    Written here because pydicom 3.0.2's apply_voi builds its index array in the LUT's output dtype, so an
+    8-bit LUT with more than 256 entries wraps its inputs modulo 256.
+    """
+    n, first, _ = (int(v) for v in item.LUTDescriptor)
+    data = item.LUTData
+    lut = (np.frombuffer(data, dtype="<u2") if isinstance(data, bytes) else np.asarray(data)).astype(np.float32)
+    n = n or 65536  # a descriptor of 0 entries means 2^16
+    idx = np.clip(np.asarray(arr, dtype=np.int64) - first, 0, min(n, len(lut)) - 1)
+    return lut[idx]
 
 
 def _to_uint16(arr: np.ndarray, lo: float, hi: float) -> np.ndarray:
@@ -125,7 +142,7 @@ def read_raster(path: str | os.PathLike) -> Mammogram:
         with Image.open(path) as im:
             im.load()
             mode = im.mode
-            if mode in ("RGB", "RGBA", "P", "LA", "CMYK"):
+            if mode in ("RGB", "RGBA", "P", "LA", "CMYK", "1"):
                 im = im.convert("L")
                 mode = "L"
             arr = np.array(im)
@@ -133,12 +150,14 @@ def read_raster(path: str | os.PathLike) -> Mammogram:
         raise CvfastError(f"{path}: not an image file PIL can identify") from None
     except (OSError, SyntaxError, ValueError) as e:
         raise CvfastError(f"{path}: unreadable image ({e})") from None
-    if mode in ("L", "1"):
+    if mode == "L":
         pixels = arr.astype(np.uint16) * 257
     elif arr.dtype == np.uint16:
         pixels = arr
     elif mode in ("I", "I;16", "I;16B", "I;16L"):
-        pixels = np.clip(arr, 0, 65535).astype(np.uint16)
+        if arr.min() < 0 or arr.max() > 65535:
+            raise CvfastError(f"{path}: 32-bit integer values {arr.min()}..{arr.max()} do not fit 16 bits; convert it to 16-bit first")
+        pixels = arr.astype(np.uint16)
     elif mode == "F":
         lo, hi = float(arr.min()), float(arr.max())
         pixels = _to_uint16(arr, lo, hi)

@@ -23,7 +23,7 @@ from skimage.filters import threshold_otsu
 from skimage.measure import label as label_components
 
 from cvfast.data.convert import default_workers, parallel_map
-from cvfast.data.manifest import PATCH_CLASSES, read_manifest, rejects_frame, write_csv
+from cvfast.data.manifest import MANIFEST_NAME, PATCH_CLASSES, manifest_digest, read_manifest, rejects_frame, write_csv
 from cvfast.data.read import atomic_write_bytes, read_png, write_png
 from cvfast.errors import CvfastError
 
@@ -178,8 +178,24 @@ def patches_for_image(args: tuple[dict, str, PatchSetSpec]) -> tuple[list[dict],
     return rows, rejects
 
 
+def check_patch_set(folder: str | Path) -> dict:
+    """Read patchset.json and refuse a patch set whose DATA manifest changed since (its splits may be stale)."""
+    folder = Path(folder)
+    info_path = folder / "patchset.json"
+    if not info_path.is_file():
+        raise CvfastError(f"{folder}: no patchset.json; run `cvfast patches DATA` first")
+    info = json.loads(info_path.read_text())
+    source = Path(info["source"])
+    if (source / MANIFEST_NAME).is_file() and manifest_digest(source) != info["manifest_sha256"]:
+        raise CvfastError(f"{folder}: {source / MANIFEST_NAME} changed since these patches were cut (splits may differ, "
+                          f"leaking patients across splits); re-run `cvfast patches {source}`")
+    return info
+
+
 def make_patches(data: str | Path, spec: PatchSetSpec, out: str | Path | None = None, workers: int | None = None) -> pd.DataFrame:
     """Cut a patch set from a prepared DATA folder into OUT (default DATA/patches_<set>); return its manifest."""
+    if spec.size < 8:
+        raise CvfastError(f"patch size {spec.size}: patches must be at least 8 pixels")
     df = read_manifest(data)
     data_dir = Path(data) if Path(data).is_dir() else Path(data).parent
     out = Path(out) if out else data_dir / f"patches_{spec.name}"
@@ -198,6 +214,7 @@ def make_patches(data: str | Path, spec: PatchSetSpec, out: str | Path | None = 
     patches = pd.DataFrame(rows, columns=["patch_id", "path", "label", "class_idx", "image_id", "patient_id", "split", "cy", "cx"])
     write_csv(rejects_frame(rejects), out / "rejects.csv")
     write_csv(patches, out / PATCH_MANIFEST)
-    atomic_write_bytes(out / "patchset.json", json.dumps({"classes": PATCH_CLASSES, "spec": asdict(spec), "source": str(data_dir)}, indent=1).encode())
+    info = {"classes": PATCH_CLASSES, "spec": asdict(spec), "source": str(data_dir), "manifest_sha256": manifest_digest(data_dir)}
+    atomic_write_bytes(out / "patchset.json", json.dumps(info, indent=1).encode())
     log.info("%d patches (%s) in %s", len(patches), ", ".join(f"{k}: {v}" for k, v in patches["label"].value_counts().items()), out)
     return patches

@@ -43,7 +43,10 @@ def finish(dataset: str, images: dict[str, dict], jobs: list[ImageJob], rejects:
     `images` maps image_id -> patient_id, side, view, label, abnormalities (without masks), optional split
     and extra columns; side/view may be None and are then taken from the DICOM header.
     """
-    opts.out.mkdir(parents=True, exist_ok=True)
+    try:
+        opts.out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CvfastError(f"{opts.out}: cannot create the output folder ({e.strerror or e})") from None
     records, conv_rejects = convert_all(jobs, opts.out, opts.size, opts.workers)
     rejects = rejects + conv_rejects
     rows = []

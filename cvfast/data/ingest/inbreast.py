@@ -73,6 +73,9 @@ def prepare_inbreast(source: str | Path, opts: PrepareOptions, positive: tuple[s
         if len(parts) < 2 or not parts[0].isdigit():
             rejects.append({"source": str(f), "row": "", "reason": "file name does not follow <File Name>_<hash>_MG_<side>_<view>_ANON.dcm"})
             continue
+        if parts[0] in files:
+            rejects.append({"source": str(f), "row": "", "reason": f"File Name {parts[0]} also names {files[parts[0]]}; kept that one"})
+            continue
         files[parts[0]] = f
     images, jobs, used = {}, [], set()
     for i, row in sheet.iterrows():
@@ -84,6 +87,9 @@ def prepare_inbreast(source: str | Path, opts: PrepareOptions, positive: tuple[s
         f = files.get(name)
         if f is None:
             rejects.append({"source": str(sheet_path), "row": where, "reason": f"File Name {name} resolves to nothing: no {name}_*.dcm under {source}"})
+            continue
+        if name in used:
+            rejects.append({"source": str(sheet_path), "row": where, "reason": f"File Name {name} listed again; the first row is used"})
             continue
         used.add(name)
         if birads in positive:
