@@ -139,10 +139,18 @@ def _with_valid(df: pd.DataFrame, where: str) -> pd.DataFrame:
 
 
 def _dataloaders(df: pd.DataFrame, classes: list[str], label_col: str, bs: int, augment: bool, balance: bool,
-                 size: tuple[int, int], num_workers: int, seed: int | None, **kwargs) -> DataLoaders:
-    """Build the DataBlock over a DataFrame with absolute 'path' and label columns; attach DataInfo as dls.info."""
+                 file_size: tuple[int, int], size: tuple[int, int] | None, num_workers: int, seed: int | None, **kwargs) -> DataLoaders:
+    """Build the DataBlock over a DataFrame with absolute 'path' and label columns; attach DataInfo as dls.info.
+
+    `size` other than the files' size resizes on the fly (a batch transform, train and valid alike).
+    """
     mean = mean_grey(df.loc[~df["is_valid"], "path"].tolist(), seed=seed or 0)
-    batch_tfms = (paper_augmentation() if augment else []) + [Normalize.from_stats([mean], [1.0])]
+    resize_to = tuple(size) if size is not None and tuple(size) != tuple(file_size) else None
+    if augment:
+        geometry = paper_augmentation(size=resize_to)
+    else:
+        geometry = [AffineCoordTfm(size=resize_to)] if resize_to else []
+    batch_tfms = geometry + [Normalize.from_stats([mean], [1.0])]
     block = DataBlock(blocks=(Mammo16Block(), CategoryBlock(vocab=classes, sort=False)), get_x=ColReader("path"),
                       get_y=ColReader(label_col), splitter=ColSplitter("is_valid"), batch_tfms=batch_tfms)
     if seed is not None:
@@ -155,11 +163,11 @@ def _dataloaders(df: pd.DataFrame, classes: list[str], label_col: str, bs: int, 
         dls = block.weighted_dataloaders(df, wgts=wgts, bs=bs, num_workers=num_workers, **kwargs)
     else:
         dls = block.dataloaders(df, bs=bs, num_workers=num_workers, **kwargs)
-    dls.info = DataInfo(classes=list(classes), mean_grey=mean, size=tuple(size), kind="patch" if classes == PATCH_CLASSES else "whole")
+    dls.info = DataInfo(classes=list(classes), mean_grey=mean, size=tuple(resize_to or file_size), kind="patch" if classes == PATCH_CLASSES else "whole")
     return dls
 
 
-def patch_dataloaders(patches: str | Path, bs: int = 32, augment: bool = True, balance: bool = True,
+def patch_dataloaders(patches: str | Path, bs: int = 32, augment: bool = True, balance: bool = True, size: int | None = None,
                       num_workers: int = 0, seed: int | None = 0, **kwargs) -> DataLoaders:
     """DataLoaders for a patch set (folder from `cvfast patches` or its patches.csv): 5 classes, class-balanced."""
     path = Path(patches)
@@ -170,17 +178,18 @@ def patch_dataloaders(patches: str | Path, bs: int = 32, augment: bool = True, b
     df = pd.read_csv(csv, dtype={"image_id": str, "patient_id": str})
     df["path"] = [str(csv.parent / p) for p in df["path"]]
     df = _with_valid(df, str(csv))
-    size = read_png(df["path"].iloc[0]).shape
-    return _dataloaders(df, PATCH_CLASSES, "label", bs, augment, balance, size, num_workers, seed, **kwargs)
+    file_size = read_png(df["path"].iloc[0]).shape
+    return _dataloaders(df, PATCH_CLASSES, "label", bs, augment, balance, file_size, (size, size) if size else None,
+                        num_workers, seed, **kwargs)
 
 
 def whole_image_dataloaders(data: str | Path, bs: int = 2, augment: bool = True, balance: bool = False,
-                            num_workers: int = 0, seed: int | None = 0, **kwargs) -> DataLoaders:
+                            size: tuple[int, int] | None = None, num_workers: int = 0, seed: int | None = 0, **kwargs) -> DataLoaders:
     """DataLoaders for whole images of a prepared DATA folder: label cancer / no_cancer."""
     df = read_manifest(data)
     df = _with_valid(df, str(data)).assign(target=lambda d: [WHOLE_IMAGE_CLASSES[v] for v in d["label"]])
-    size = read_png(df["path"].iloc[0]).shape
-    return _dataloaders(df, WHOLE_IMAGE_CLASSES, "target", bs, augment, balance, size, num_workers, seed, **kwargs)
+    file_size = read_png(df["path"].iloc[0]).shape
+    return _dataloaders(df, WHOLE_IMAGE_CLASSES, "target", bs, augment, balance, file_size, size, num_workers, seed, **kwargs)
 
 
 def save_batch_grid(dls: DataLoaders, path: str | Path, max_n: int = 16) -> Path:

@@ -6,6 +6,7 @@ import json
 import logging
 import multiprocessing as mp
 import os
+import sys
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field
@@ -135,8 +136,10 @@ def parallel_map(fn: Callable, items: list, workers: int, description: str, chun
             results: Iterable = map(fn, items)
             pool = None
         else:
-            # spawn, not fork: the parent may hold torch/OpenMP threads, which fork would copy in a broken state
-            pool = ProcessPoolExecutor(max_workers=min(workers, len(items)), mp_context=mp.get_context("spawn"))
+            # fork is fast and works from unguarded scripts, but a parent that imported torch holds OpenMP threads
+            # that fork would copy in a broken state: then spawn (which needs the usual __main__ guard in scripts)
+            method = "spawn" if "torch" in sys.modules else "fork"
+            pool = ProcessPoolExecutor(max_workers=min(workers, len(items)), mp_context=mp.get_context(method))
             results = pool.map(fn, items, chunksize=chunksize)
         try:
             for r in results:

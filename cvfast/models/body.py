@@ -1,0 +1,85 @@
+"""Convolutional bodies from timm (1-channel input), and where their paper-style "top layers" start."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import timm
+import torch
+from torch import nn
+
+from cvfast.errors import CvfastError
+
+log = logging.getLogger(__name__)
+
+
+class Body(nn.Module):
+    """A timm feature extractor returning its last feature map (features_only drops VGG's 119M-parameter MLP)."""
+
+    def __init__(self, net: nn.Module, arch: str):
+        super().__init__()
+        self.net, self.arch = net, arch
+        self.out_channels = int(net.feature_info.channels()[-1])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Last feature map."""
+        return self.net(x)[-1]
+
+
+def create_body(arch: str, weights: str | Path | None = None, pretrained: bool = False, in_chans: int = 1) -> Body:
+    """A timm body: random init, hub weights (`pretrained=True`) or a local weights file (`weights=PATH`).
+
+    With in_chans=1 timm sums the first convolution's RGB filters, so ImageNet weights work on grey images.
+    """
+    kwargs = dict(features_only=True, out_indices=(-1,), in_chans=in_chans)
+    if weights is not None:
+        path = Path(weights)
+        if not path.is_file():
+            raise CvfastError(f"--weights {path}: no such file")
+        kwargs |= dict(pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
+    elif pretrained:
+        kwargs |= dict(pretrained=True)
+    try:
+        net = timm.create_model(arch, **kwargs)
+    except RuntimeError as e:
+        if "Unknown model" in str(e) or "Invalid pretrained" in str(e):
+            raise CvfastError(f"--arch {arch}: {e}") from None
+        raise CvfastError(f"{arch}: cannot load weights {weights or '(hub)'}: {e}") from None
+    except (OSError, ValueError) as e:  # hub unreachable, bad file
+        raise CvfastError(f"{arch}: cannot load weights {weights or '(hub)'}: {e}") from None
+    return Body(net, arch)
+
+
+def _resolve(net: nn.Module, name: str) -> tuple[str, nn.Module]:
+    """A feature-stage module and its attribute path: timm flattens 'features.30' to 'features_30' in FeatureListNet."""
+    flat = name.replace(".", "_")
+    if flat in dict(net.named_children()):
+        return flat, getattr(net, flat)
+    return name, net.get_submodule(name)
+
+
+def top_start(body: Body) -> str:
+    """Name (within body.net) of the first module of the paper's "top layers"; everything from there on is top.
+
+    VGG: conv blocks 4 and 5, i.e. from the first layer after the third max-pool. Any other timm net (ResNet
+    and other staged nets): from the last unit of the penultimate feature stage -- for ResNet50 exactly the
+    last block of conv4_x plus all of conv5_x, as in the paper.
+    """
+    net = body.net
+    if body.arch.startswith("vgg"):
+        children = list(net.named_children())
+        pools = [i for i, (_, m) in enumerate(children) if isinstance(m, nn.MaxPool2d)]
+        return children[pools[2] + 1][0]
+    stages = [d["module"] for d in net.feature_info.info]
+    if len(stages) < 2:
+        raise CvfastError(f"{body.arch}: fewer than two feature stages; cannot split into bottom and top layers")
+    try:
+        name, module = _resolve(net, stages[-2])
+    except AttributeError:
+        raise CvfastError(f"{body.arch}: not a staged convolutional net (the all-convolutional method needs one)") from None
+    if isinstance(module, nn.Sequential) and len(module):
+        return f"{name}.{len(module) - 1}"
+    # a stage that is a single layer: the top starts with the module after it
+    names = [n for n, _ in net.named_modules()]
+    return next(n for n in names[names.index(name) + 1 :] if not n.startswith(name + "."))

@@ -1,0 +1,1 @@
+"""Training: splitters, schedules (as data), recipes, learner factories, export and resume."""

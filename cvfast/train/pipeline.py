@@ -1,0 +1,193 @@
+"""The three training commands as library functions: patch, whole-image, fine-tune (the CLI is a shell on these)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from fastai.callback.tracker import EarlyStoppingCallback, SaveModelCallback
+from fastai.callback.training import GradientAccumulation
+from fastai.learner import Learner
+from sklearn.metrics import accuracy_score, roc_auc_score
+
+from cvfast.data.blocks import WHOLE_IMAGE_CLASSES, patch_dataloaders, whole_image_dataloaders
+from cvfast.data.manifest import PATCH_CLASSES, read_manifest
+from cvfast.data.read import atomic_write_bytes
+from cvfast.errors import CvfastError
+from cvfast.train.callbacks import EpochCheckpoint, HoldBodyBatchNorm, read_progress
+from cvfast.train.export import build_model, export_model, load_model
+from cvfast.train.learners import learner_for, patch_learner, whole_image_learner
+from cvfast.train.recipes import fingerprint
+from cvfast.train.schedule import Stage, begin_stage, describe, fit_stage, random_init_schedule, stages_from
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    """What a training command produced."""
+
+    learn: Learner
+    out: Path
+    metrics: dict
+
+
+def train_schedule(learn: Learner, stages: list[Stage], out: Path, recipe: dict, cbs: list | None = None, resume: bool = True) -> None:
+    """Run the stages with an epoch checkpoint; continue an interrupted run of the same recipe from its last epoch."""
+    fp = fingerprint(recipe)
+    progress = read_progress(out, fp) if resume else None
+    for i, stage in enumerate(stages):
+        if progress and i < progress[0]:
+            continue
+        begin_stage(learn, stage)
+        start = 0
+        if progress and i == progress[0]:
+            learn.load((out / "checkpoints" / "last").resolve(), with_opt=True)  # after begin_stage: same param groups
+            start, progress = progress[1], None
+            log.info("resuming at stage %d (%s), epoch %d of %d", i + 1, stage.name, start + 1, stage.epochs)
+        if start >= stage.epochs:
+            continue
+        log.info("stage %d (%s): %d epochs, lr %s, wd %s, training %s", i + 1, stage.name, stage.epochs, stage.lr, stage.wd, stage.train)
+        fit_stage(learn, stage, start, [EpochCheckpoint(out, i, fp), *(cbs or [])])
+        losses = [v for v in learn.recorder.log[1:3] if v is not None]
+        if not all(math.isfinite(float(v)) for v in losses):
+            raise CvfastError(f"training diverged (loss {losses}) in stage {i + 1}; the last good checkpoint is "
+                              f"{out / 'checkpoints' / 'last.pth'}; lower the learning rate and re-run to resume")
+
+
+def _finish(learn: Learner, out: Path, recipe: dict, extra: dict) -> TrainResult:
+    """Validate, export (pkl + safetensors + JSON) and save the resolved recipe beside the model."""
+    values = learn.validate()
+    metrics = {"valid_loss": float(values[0]), **{m.name: float(v) for m, v in zip(learn.metrics, values[1:])}, **extra}
+    export_model(learn, out, recipe, metrics)
+    atomic_write_bytes(out / "recipe.json", json.dumps(recipe, indent=1, default=str).encode())
+    for name in ("progress.json", "last.pth", "best.pth"):  # the run is complete: nothing left to resume
+        (out / "checkpoints" / name).unlink(missing_ok=True)
+    return TrainResult(learn, out, metrics)
+
+
+def _schedule(recipe: dict, random_init: bool) -> list[Stage]:
+    """The recipe's stages, or the random-init schedule for untrained weights."""
+    stages = stages_from(recipe["stages"])
+    return random_init_schedule(stages, recipe.get("train", {}).get("random_init_lr", 1e-3)) if random_init else stages
+
+
+def train_patch(recipe: dict, patches: str | Path, out: str | Path, weights: str | Path | None = None, resume: bool = True) -> TrainResult:
+    """Step 1: the patch classifier on a patch set (S1/S10); returns the trained learner and its metrics."""
+    out = Path(out)
+    m, d = recipe["model"], recipe["data"]
+    torch.manual_seed(recipe.get("train", {}).get("seed", 0))
+    dls = patch_dataloaders(patches, bs=d.get("bs", 32), size=d.get("size"), augment=d.get("augment", True), seed=recipe.get("train", {}).get("seed", 0))
+    pretrained = bool(m.get("pretrained", False)) and weights is None
+    try:
+        learn = patch_learner(dls, m["arch"], weights=weights, pretrained=pretrained, head=m.get("head", "paper"), dropout=m.get("dropout", 0.0), path=out)
+        init = "file" if weights else "hub" if pretrained else "random"
+    except CvfastError as e:
+        if not pretrained:
+            raise
+        log.warning("%s; training from random init instead, with the paper's random-init schedule. "
+                    "Use --weights PATH for a local weights file.", e)
+        learn = patch_learner(dls, m["arch"], head=m.get("head", "paper"), dropout=m.get("dropout", 0.0), path=out)
+        init = "random"
+    stages = _schedule(recipe, init == "random")
+    recipe = {**recipe, "init": init, "resolved_stages": describe(stages)}
+    train_schedule(learn, stages, out, recipe, resume=resume)
+    return _finish(learn, out, recipe, {"init": init, **heldout_patch_metrics(learn, patches)})
+
+
+def _whole_cbs(recipe: dict) -> list:
+    """Callbacks of the whole-image recipes: BatchNorm policy, gradient accumulation, early stopping on AUC."""
+    t, d = recipe.get("train", {}), recipe["data"]
+    cbs = []
+    if t.get("bn_policy", "hold_body_stats") == "hold_body_stats":
+        cbs.append(HoldBodyBatchNorm())
+    if d.get("grad_acc", 1) > 1:
+        cbs.append(GradientAccumulation(n_acc=d.get("bs", 2) * d["grad_acc"]))  # fastai counts samples
+    if t.get("early_stopping_patience"):
+        cbs += [SaveModelCallback(monitor="roc_auc_score", comp=np.greater, fname="best"),
+                EarlyStoppingCallback(monitor="roc_auc_score", comp=np.greater, patience=t["early_stopping_patience"])]
+    return cbs
+
+
+def _whole_dls(recipe: dict, data: str | Path):
+    """Whole-image DataLoaders per the recipe's data section."""
+    d = recipe["data"]
+    return whole_image_dataloaders(data, bs=d.get("bs", 2), size=tuple(d["size"]) if d.get("size") else None,
+                                   augment=d.get("augment", True), seed=recipe.get("train", {}).get("seed", 0))
+
+
+def train_whole(recipe: dict, data: str | Path, patch: str | Path, out: str | Path, resume: bool = True) -> TrainResult:
+    """Step 2: convert a trained patch classifier into the whole-image classifier and train it end to end."""
+    out = Path(out)
+    torch.manual_seed(recipe.get("train", {}).get("seed", 0))
+    patch_model, sidecar = load_model(patch)
+    if sidecar["kind"] != "patch":
+        raise CvfastError(f"{patch}: is a {sidecar['kind']} model; `cvfast whole` needs a patch classifier")
+    m = recipe["model"]
+    learn = whole_image_learner(_whole_dls(recipe, data), patch_model, top=m.get("top", "resnet"), heatmap=m.get("heatmap", False),
+                                widths=tuple(m.get("widths", (512, 512, 1024))), stages=m.get("stages", 2), units=m.get("units", 2),
+                                vgg_width=m.get("vgg_width", 512), vgg_convs=m.get("vgg_convs", 3), dropout=m.get("dropout", 0.5), path=out)
+    stages = _schedule(recipe, False)
+    train_schedule(learn, stages, out, {**recipe, "patch_model": str(patch)}, cbs=_whole_cbs(recipe), resume=resume)
+    return _finish(learn, out, {**recipe, "patch_model": str(patch)}, heldout_whole_metrics(learn, data))
+
+
+def finetune(recipe: dict, data: str | Path, source: str | Path, out: str | Path, scratch: bool = False, resume: bool = True) -> TrainResult:
+    """Transfer: fine-tune a whole-image model on a dataset with image-level labels only.
+
+    scratch=True trains the same architecture from random init with the same budget (the paper's control).
+    """
+    out = Path(out)
+    torch.manual_seed(recipe.get("train", {}).get("seed", 0))
+    model, sidecar = load_model(source)
+    if sidecar["kind"] != "whole":
+        raise CvfastError(f"{source}: is a {sidecar['kind']} model; fine-tuning needs a whole-image model (`cvfast whole`)")
+    if scratch:
+        model = build_model(sidecar["spec"])
+    learn = learner_for(_whole_dls(recipe, data), model, path=out)
+    stages = _schedule(recipe, scratch)
+    resolved = {**recipe, "source_model": str(source), "scratch": scratch, "resolved_stages": describe(stages)}
+    train_schedule(learn, stages, out, resolved, cbs=_whole_cbs(recipe), resume=resume)
+    return _finish(learn, out, resolved, heldout_whole_metrics(learn, data))
+
+
+def predict_frame(learn: Learner, df: pd.DataFrame) -> np.ndarray:
+    """Class probabilities for the rows of a frame with a 'path' column, through the learner's own pipeline."""
+    dl = learn.dls.test_dl(df.reset_index(drop=True))
+    probs, _ = learn.get_preds(dl=dl)
+    return probs.numpy()
+
+
+def heldout_whole_metrics(learn: Learner, data: str | Path, split: str = "test") -> dict:
+    """Image-level ROC AUC and accuracy on a held-out split of a prepared DATA folder."""
+    df = read_manifest(data)
+    df = df[df["split"] == split]
+    if df.empty or df["label"].nunique() < 2:
+        log.warning("no %s split with both classes in %s: held-out AUC not computed", split, data)
+        return {}
+    p = predict_frame(learn, df)[:, WHOLE_IMAGE_CLASSES.index("cancer")]
+    return {f"{split}_auc": float(roc_auc_score(df["label"], p)), f"{split}_accuracy": float(accuracy_score(df["label"], p > 0.5)),
+            f"{split}_images": int(len(df))}
+
+
+def heldout_patch_metrics(learn: Learner, patches: str | Path, split: str = "test") -> dict:
+    """Patch accuracy (5 classes) and one-vs-rest macro AUC on a held-out split of a patch set."""
+    csv = Path(patches) / "patches.csv" if Path(patches).is_dir() else Path(patches)
+    df = pd.read_csv(csv)
+    df = df[df["split"] == split].assign(path=lambda d: [str(csv.parent / p) for p in d["path"]])
+    if df.empty:
+        return {}
+    probs = predict_frame(learn, df)
+    y = df["class_idx"].to_numpy()
+    out = {f"{split}_accuracy": float(accuracy_score(y, probs.argmax(1))), f"{split}_patches": int(len(df))}
+    present = sorted(set(y))
+    if len(present) > 1:
+        out[f"{split}_macro_auc"] = float(np.mean([roc_auc_score(y == c, probs[:, c]) for c in present]))
+    out["classes"] = PATCH_CLASSES
+    return out
