@@ -182,20 +182,184 @@ def patches(data: Annotated[Path, typer.Argument(help="A prepared DATA folder (w
     Console().print(table)
 
 
+recipes_app = typer.Typer(help="The paper's configurations as TOML recipes (recipes/).", no_args_is_help=True)
+app.add_typer(recipes_app, name="recipes")
+
+RECIPE = Annotated[Optional[str], typer.Option(help="Recipe name (cvfast recipes list) or TOML path.")]
+BS = Annotated[Optional[int], typer.Option(help="Batch size (overrides the recipe).")]
+EPOCHS_SCALE = Annotated[Optional[float], typer.Option(help="Multiply every stage's epochs by this.")]
+QUICK = Annotated[bool, typer.Option(help="Smoke run on a CPU: 1/10 of the epochs, 1/4 of the image size.")]
+RESUME = Annotated[bool, typer.Option(help="Continue an interrupted run in --out from its last epoch.")]
+MODEL_OUT = Annotated[Path, typer.Option("--out", "-o", help="Model folder: model.pkl, model.safetensors, model.json, recipe.json.")]
+
+
+def _resolve(default: str, recipe: str | None, overrides: dict, epochs_scale: float | None, quick: bool) -> dict:
+    """Load the recipe (given or default) and apply CLI overrides."""
+    from cvfast.train.recipes import load_recipe, resolve
+
+    return resolve(load_recipe(recipe or default), overrides, epochs_scale=epochs_scale, quick=quick)
+
+
+def _print_metrics(result, title: str) -> None:
+    table = Table(title=title)
+    table.add_column("metric")
+    table.add_column("value")
+    for k, v in result.metrics.items():
+        if k != "classes":
+            table.add_row(k, f"{v:.4f}" if isinstance(v, float) else str(v))
+    Console().print(table)
+    console.print(f"model written to {result.out} (model.pkl, model.safetensors + model.json)")
+
+
+@app.command()
+@handles_errors
+def patch(data: Annotated[Path, typer.Option("--data", help="Patch set folder from `cvfast patches`.")],
+          out: MODEL_OUT = Path("models/patch"),
+          arch: Annotated[Optional[str], typer.Option(help="resnet50, vgg16, vgg16_bn or any timm name.")] = None,
+          weights: Annotated[Optional[Path], typer.Option(help="Local pretrained weights file for --arch.")] = None,
+          pretrained: Annotated[Optional[bool], typer.Option(help="ImageNet weights from the hub (random init if unreachable).")] = None,
+          head: Annotated[Optional[str], typer.Option(help="paper (GAP + FC) or fastai.")] = None,
+          recipe: RECIPE = None, bs: BS = None,
+          size: Annotated[Optional[int], typer.Option(help="Resize patches to this side on the fly.")] = None,
+          epochs_scale: EPOCHS_SCALE = None, quick: QUICK = False, resume: RESUME = True) -> None:
+    """Step 1: train the patch classifier (5 classes) with the paper's 3-stage schedule."""
+    from cvfast.data.sample import check_patch_set
+    from cvfast.train.pipeline import train_patch
+    from cvfast.train.recipes import recipe_paths
+
+    patch_set = check_patch_set(data)["spec"]["name"]
+    default = f"patch-{patch_set}-{arch}" if f"patch-{patch_set}-{arch}" in recipe_paths() else f"patch-{patch_set}-resnet50"
+    r = _resolve(default, recipe, {"model": {"arch": arch, "pretrained": pretrained, "head": head}, "data": {"bs": bs, "size": size}}, epochs_scale, quick)
+    _print_metrics(train_patch(r, data, out, weights=weights, resume=resume), "patch classifier")
+
+
+class Top(str, Enum):
+    """Top blocks of the whole-image model."""
+
+    resnet = "resnet"
+    vgg = "vgg"
+
+
+@app.command()
+@handles_errors
+def whole(patch: Annotated[Path, typer.Option("--patch", help="Patch model: folder, model.json or model.pkl.")],
+          data: Annotated[Path, typer.Option("--data", help="Prepared DATA folder (whole images).")],
+          out: MODEL_OUT = Path("models/whole"),
+          top: Annotated[Top, typer.Option(help="New top blocks.")] = Top.resnet,
+          heatmap: Annotated[bool, typer.Option(help="Keep the patch head as a 1x1-conv heatmap before the top.")] = False,
+          recipe: RECIPE = None, bs: BS = None,
+          size: Annotated[Optional[str], typer.Option(help="Train at HxW (default: the recipe's, else the cache's).")] = None,
+          grad_acc: Annotated[Optional[int], typer.Option(help="Accumulate gradients over this many batches.")] = None,
+          epochs_scale: EPOCHS_SCALE = None, quick: QUICK = False, resume: RESUME = True) -> None:
+    """Step 2: convert the patch classifier into the all-convolutional whole-image classifier and train it."""
+    from cvfast.train.pipeline import train_whole
+
+    default = f"whole-{top.value}{'-heatmap' if heatmap else ''}"
+    r = _resolve(default, recipe, {"model": {"top": top.value, "heatmap": heatmap},
+                                   "data": {"bs": bs, "size": list(_size(size)) if size else None, "grad_acc": grad_acc}}, epochs_scale, quick)
+    _print_metrics(train_whole(r, data, patch, out, resume=resume), "whole-image classifier")
+
+
+class TransferDataset(str, Enum):
+    """Datasets a whole-image model is transferred to (image-level labels only)."""
+
+    inbreast = "inbreast"
+    mias = "mias"
+    csv = "csv"
+
+
+@app.command()
+@handles_errors
+def finetune(source: Annotated[Path, typer.Option("--from", help="Whole-image model: folder, model.json or model.pkl.")],
+             data: Annotated[Path, typer.Option("--data", help="Prepared DATA folder of the target dataset.")],
+             dataset: Annotated[TransferDataset, typer.Option(help="What DATA holds (recorded with the model).")] = TransferDataset.inbreast,
+             out: MODEL_OUT = Path("models/finetune"),
+             scratch: Annotated[bool, typer.Option(help="Control: same architecture from random init, same budget.")] = False,
+             recipe: RECIPE = None, bs: BS = None,
+             size: Annotated[Optional[str], typer.Option(help="Train at HxW (default: the recipe's, else the cache's).")] = None,
+             epochs_scale: EPOCHS_SCALE = None, quick: QUICK = False, resume: RESUME = True) -> None:
+    """Transfer: fine-tune a whole-image model on a dataset with image-level labels only (early stopping on AUC)."""
+    from cvfast.train.pipeline import finetune as run_finetune
+
+    r = _resolve("finetune-inbreast", recipe, {"data": {"bs": bs, "size": list(_size(size)) if size else None, "dataset": dataset.value}},
+                 epochs_scale, quick)
+    _print_metrics(run_finetune(r, data, source, out, scratch=scratch, resume=resume), f"fine-tuned on {dataset.value}")
+
+
+@app.command("lr-find")
+@handles_errors
+def lr_find(recipe: Annotated[str, typer.Option(help="Recipe name or path (its kind says which learner).")],
+            data: Annotated[Path, typer.Option("--data", help="Patch set (patch recipes) or DATA folder (whole/finetune).")],
+            model: Annotated[Optional[Path], typer.Option(help="Patch model (whole recipes) or whole model (finetune recipes).")] = None,
+            stage: Annotated[int, typer.Option(help="Use this stage's freeze state and groups (1-based).")] = 1,
+            num_it: Annotated[int, typer.Option(help="Iterations (at least 50).")] = 100,
+            out: Annotated[Path, typer.Option("--out", "-o", help="PNG of the loss vs learning-rate curve.")] = Path("lr_find.png")) -> None:
+    """Run fastai's lr_find on the learner a recipe builds; save the plot and print the suggestions."""
+    import tempfile
+
+    from cvfast.train.lr import find_lr
+    from cvfast.train.pipeline import finetune_learner_from_recipe, patch_learner_from_recipe, whole_learner_from_recipe
+    from cvfast.train.recipes import load_recipe
+    from cvfast.train.schedule import stages_from
+
+    r = load_recipe(recipe)
+    stages = stages_from(r["stages"])
+    if not 1 <= stage <= len(stages):
+        raise CvfastError(f"--stage {stage}: the recipe has {len(stages)} stages")
+    if r["kind"] != "patch" and model is None:
+        raise CvfastError(f"--model is required for a {r['kind']} recipe")
+    with tempfile.TemporaryDirectory() as tmp:
+        if r["kind"] == "patch":
+            learn = patch_learner_from_recipe(r, data, tmp)[0]
+        elif r["kind"] == "whole":
+            learn = whole_learner_from_recipe(r, data, model, tmp)
+        else:
+            learn = finetune_learner_from_recipe(r, data, model, tmp)
+        suggestions = find_lr(learn, stages[stage - 1], num_it=num_it, plot=out)
+    for name, value in suggestions.items():
+        Console().print(f"{name}: {value:.2e}")
+    console.print(f"plot written to {out}")
+
+
+@recipes_app.command("list")
+def recipes_list() -> None:
+    """List the recipes with their kind and description."""
+    from cvfast.train.recipes import load_recipe, recipe_paths
+
+    table = Table(title="recipes")
+    for col in ("name", "kind", "epochs", "description"):
+        table.add_column(col)
+    for name in recipe_paths():
+        r = load_recipe(name)
+        table.add_row(name, r["kind"], "+".join(str(s["epochs"]) for s in r["stages"]), r.get("description", ""))
+    Console().print(table)
+
+
+@recipes_app.command("show")
+@handles_errors
+def recipes_show(name: Annotated[str, typer.Argument(help="Recipe name or path.")]) -> None:
+    """Print a recipe's TOML."""
+    from cvfast.train.recipes import load_recipe, recipe_paths
+
+    load_recipe(name)  # validates, and gives the clear error for unknown names
+    path = recipe_paths().get(name, Path(name))
+    Console().print(path.read_text(), highlight=False, markup=False)
+
+
 @app.command()
 @handles_errors
 def demo(out: Annotated[Path, typer.Option(help="Folder for everything the demo makes.")] = Path("demo-out"),
-         patients: Annotated[int, typer.Option(help="Synthetic patients per dataset.")] = 32,
-         synth_size: Annotated[str, typer.Option(help="Synthetic image size preset or HxW.")] = "small",
-         size: SIZE = "1152x896",
-         patch_size: Annotated[int, typer.Option(help="Patch side.")] = 224,
-         seed: Annotated[int, typer.Option(help="Seed for data, splits and sampling.")] = 0) -> None:
-    """End-to-end demo on built-in synthetic data: synth -> prepare -> patches -> batch grids."""
+         patients: Annotated[int, typer.Option(help="Synthetic patients per dataset.")] = 80,
+         synth_size: Annotated[str, typer.Option(help="Synthetic image size preset or HxW.")] = "tiny",
+         size: SIZE = "256x192",
+         patch_size: Annotated[int, typer.Option(help="Patch side.")] = 48,
+         seed: Annotated[int, typer.Option(help="Seed for data, splits, sampling and training.")] = 0,
+         train: Annotated[bool, typer.Option(help="Train the models (--no-train: data stages only).")] = True) -> None:
+    """End-to-end demo on built-in synthetic data: data stages, patch -> whole -> transfer, held-out AUCs."""
     from cvfast.demo import run_demo
 
-    report = run_demo(out, patients=patients, synth_size=synth_size, size=_size(size), patch_size=patch_size, seed=seed)
-    for k, v in report.items():
-        console.print(f"{k}: {v}")
+    run_demo(out, patients=patients, synth_size=synth_size, size=_size(size), patch_size=patch_size, seed=seed, train=train)
+    Console().print((out / "report.md").read_text())
 
 
 if __name__ == "__main__":

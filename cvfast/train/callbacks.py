@@ -51,6 +51,8 @@ class EpochCheckpoint(Callback):
         os.replace(tmp, self.dir / "last.pth")
         history = read_history(self.dir)
         history.append({"stage": self.stage_index, "epoch": self.epoch, **{k: _num(v) for k, v in values.items()}})
+        log.info("stage %d epoch %d/%d: %s", self.stage_index + 1, self.epoch + 1, self.n_epoch,
+                 ", ".join(f"{k} {_num(v):.4f}" if isinstance(_num(v), float) else f"{k} {v}" for k, v in values.items()))
         atomic_write_bytes(self.dir / "history.json", json.dumps(history, indent=1).encode())
         atomic_write_bytes(self.dir / "progress.json", json.dumps(
             {"fingerprint": self.fingerprint, "stage": self.stage_index, "epochs_done": self.epoch + 1}).encode())

@@ -11,9 +11,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+import fastai.callback.progress  # noqa: F401  (Learner.no_bar)
 from fastai.callback.tracker import EarlyStoppingCallback, SaveModelCallback
 from fastai.callback.training import GradientAccumulation
 from fastai.learner import Learner
+from fastai.torch_core import set_seed
 from sklearn.metrics import accuracy_score, roc_auc_score
 
 from cvfast.data.blocks import WHOLE_IMAGE_CLASSES, patch_dataloaders, whole_image_dataloaders
@@ -78,29 +80,6 @@ def _schedule(recipe: dict, random_init: bool) -> list[Stage]:
     return random_init_schedule(stages, recipe.get("train", {}).get("random_init_lr", 1e-3)) if random_init else stages
 
 
-def train_patch(recipe: dict, patches: str | Path, out: str | Path, weights: str | Path | None = None, resume: bool = True) -> TrainResult:
-    """Step 1: the patch classifier on a patch set (S1/S10); returns the trained learner and its metrics."""
-    out = Path(out)
-    m, d = recipe["model"], recipe["data"]
-    torch.manual_seed(recipe.get("train", {}).get("seed", 0))
-    dls = patch_dataloaders(patches, bs=d.get("bs", 32), size=d.get("size"), augment=d.get("augment", True), seed=recipe.get("train", {}).get("seed", 0))
-    pretrained = bool(m.get("pretrained", False)) and weights is None
-    try:
-        learn = patch_learner(dls, m["arch"], weights=weights, pretrained=pretrained, head=m.get("head", "paper"), dropout=m.get("dropout", 0.0), path=out)
-        init = "file" if weights else "hub" if pretrained else "random"
-    except CvfastError as e:
-        if not pretrained:
-            raise
-        log.warning("%s; training from random init instead, with the paper's random-init schedule. "
-                    "Use --weights PATH for a local weights file.", e)
-        learn = patch_learner(dls, m["arch"], head=m.get("head", "paper"), dropout=m.get("dropout", 0.0), path=out)
-        init = "random"
-    stages = _schedule(recipe, init == "random")
-    recipe = {**recipe, "init": init, "resolved_stages": describe(stages)}
-    train_schedule(learn, stages, out, recipe, resume=resume)
-    return _finish(learn, out, recipe, {"init": init, **heldout_patch_metrics(learn, patches)})
-
-
 def _whole_cbs(recipe: dict) -> list:
     """Callbacks of the whole-image recipes: BatchNorm policy, gradient accumulation, early stopping on AUC."""
     t, d = recipe.get("train", {}), recipe["data"]
@@ -116,26 +95,70 @@ def _whole_cbs(recipe: dict) -> list:
 
 
 def _whole_dls(recipe: dict, data: str | Path):
-    """Whole-image DataLoaders per the recipe's data section."""
+    """Whole-image DataLoaders per the recipe's data section (no size: the cache's own size)."""
     d = recipe["data"]
     return whole_image_dataloaders(data, bs=d.get("bs", 2), size=tuple(d["size"]) if d.get("size") else None,
                                    augment=d.get("augment", True), seed=recipe.get("train", {}).get("seed", 0))
 
 
+def patch_learner_from_recipe(recipe: dict, patches: str | Path, out: str | Path, weights: str | Path | None = None) -> tuple[Learner, str]:
+    """The recipe's patch learner on a patch set; returns it and how it was initialised (file | hub | random)."""
+    m, d = recipe["model"], recipe["data"]
+    seed = recipe.get("train", {}).get("seed", 0)
+    set_seed(seed)
+    dls = patch_dataloaders(patches, bs=d.get("bs", 32), size=d.get("size"), augment=d.get("augment", True), seed=seed)
+    pretrained = bool(m.get("pretrained", False)) and weights is None
+    kwargs = dict(head=m.get("head", "paper"), dropout=m.get("dropout", 0.0), path=Path(out))
+    try:
+        return patch_learner(dls, m["arch"], weights=weights, pretrained=pretrained, **kwargs), "file" if weights else "hub" if pretrained else "random"
+    except CvfastError as e:
+        if not pretrained:
+            raise
+        log.warning("%s; training from random init instead, with the paper's random-init schedule. "
+                    "Use --weights PATH for a local weights file.", e)
+        return patch_learner(dls, m["arch"], **kwargs), "random"
+
+
+def whole_learner_from_recipe(recipe: dict, data: str | Path, patch: str | Path, out: str | Path) -> Learner:
+    """The recipe's whole-image learner, converted from a trained patch classifier."""
+    set_seed(recipe.get("train", {}).get("seed", 0))
+    patch_model, sidecar = load_model(patch)
+    if sidecar["kind"] != "patch":
+        raise CvfastError(f"{patch}: is a {sidecar['kind']} model; the whole-image step needs a patch classifier")
+    m = recipe["model"]
+    return whole_image_learner(_whole_dls(recipe, data), patch_model, top=m.get("top", "resnet"), heatmap=m.get("heatmap", False),
+                               widths=tuple(m.get("widths", (512, 512, 1024))), stages=m.get("stages", 2), units=m.get("units", 2),
+                               vgg_width=m.get("vgg_width", 512), vgg_convs=m.get("vgg_convs", 3), dropout=m.get("dropout", 0.5), path=Path(out))
+
+
+def finetune_learner_from_recipe(recipe: dict, data: str | Path, source: str | Path, out: str | Path, scratch: bool = False) -> Learner:
+    """A learner for transfer: the source whole-image model (or, scratch=True, the same architecture untrained)."""
+    set_seed(recipe.get("train", {}).get("seed", 0))
+    model, sidecar = load_model(source)
+    if sidecar["kind"] != "whole":
+        raise CvfastError(f"{source}: is a {sidecar['kind']} model; fine-tuning needs a whole-image model (`cvfast whole`)")
+    return learner_for(_whole_dls(recipe, data), build_model(sidecar["spec"]) if scratch else model, path=Path(out))
+
+
+def train_patch(recipe: dict, patches: str | Path, out: str | Path, weights: str | Path | None = None, resume: bool = True) -> TrainResult:
+    """Step 1: the patch classifier on a patch set (S1/S10); returns the trained learner and its metrics."""
+    out = Path(out)
+    learn, init = patch_learner_from_recipe(recipe, patches, out, weights)
+    stages = _schedule(recipe, init == "random")
+    recipe = {**recipe, "init": init, "resolved_stages": describe(stages)}
+    with learn.no_bar():  # epochs are logged instead: readable in terminals and log files
+        train_schedule(learn, stages, out, recipe, resume=resume)
+        return _finish(learn, out, recipe, {"init": init, **heldout_patch_metrics(learn, patches)})
+
+
 def train_whole(recipe: dict, data: str | Path, patch: str | Path, out: str | Path, resume: bool = True) -> TrainResult:
     """Step 2: convert a trained patch classifier into the whole-image classifier and train it end to end."""
     out = Path(out)
-    torch.manual_seed(recipe.get("train", {}).get("seed", 0))
-    patch_model, sidecar = load_model(patch)
-    if sidecar["kind"] != "patch":
-        raise CvfastError(f"{patch}: is a {sidecar['kind']} model; `cvfast whole` needs a patch classifier")
-    m = recipe["model"]
-    learn = whole_image_learner(_whole_dls(recipe, data), patch_model, top=m.get("top", "resnet"), heatmap=m.get("heatmap", False),
-                                widths=tuple(m.get("widths", (512, 512, 1024))), stages=m.get("stages", 2), units=m.get("units", 2),
-                                vgg_width=m.get("vgg_width", 512), vgg_convs=m.get("vgg_convs", 3), dropout=m.get("dropout", 0.5), path=out)
-    stages = _schedule(recipe, False)
-    train_schedule(learn, stages, out, {**recipe, "patch_model": str(patch)}, cbs=_whole_cbs(recipe), resume=resume)
-    return _finish(learn, out, {**recipe, "patch_model": str(patch)}, heldout_whole_metrics(learn, data))
+    learn = whole_learner_from_recipe(recipe, data, patch, out)
+    recipe = {**recipe, "patch_model": str(patch), "resolved_stages": describe(_schedule(recipe, False))}
+    with learn.no_bar():
+        train_schedule(learn, _schedule(recipe, False), out, recipe, cbs=_whole_cbs(recipe), resume=resume)
+        return _finish(learn, out, recipe, heldout_whole_metrics(learn, data))
 
 
 def finetune(recipe: dict, data: str | Path, source: str | Path, out: str | Path, scratch: bool = False, resume: bool = True) -> TrainResult:
@@ -144,17 +167,12 @@ def finetune(recipe: dict, data: str | Path, source: str | Path, out: str | Path
     scratch=True trains the same architecture from random init with the same budget (the paper's control).
     """
     out = Path(out)
-    torch.manual_seed(recipe.get("train", {}).get("seed", 0))
-    model, sidecar = load_model(source)
-    if sidecar["kind"] != "whole":
-        raise CvfastError(f"{source}: is a {sidecar['kind']} model; fine-tuning needs a whole-image model (`cvfast whole`)")
-    if scratch:
-        model = build_model(sidecar["spec"])
-    learn = learner_for(_whole_dls(recipe, data), model, path=out)
+    learn = finetune_learner_from_recipe(recipe, data, source, out, scratch)
     stages = _schedule(recipe, scratch)
-    resolved = {**recipe, "source_model": str(source), "scratch": scratch, "resolved_stages": describe(stages)}
-    train_schedule(learn, stages, out, resolved, cbs=_whole_cbs(recipe), resume=resume)
-    return _finish(learn, out, resolved, heldout_whole_metrics(learn, data))
+    recipe = {**recipe, "source_model": str(source), "scratch": scratch, "resolved_stages": describe(stages)}
+    with learn.no_bar():
+        train_schedule(learn, stages, out, recipe, cbs=_whole_cbs(recipe), resume=resume)
+        return _finish(learn, out, recipe, heldout_whole_metrics(learn, data))
 
 
 def predict_frame(learn: Learner, df: pd.DataFrame) -> np.ndarray:
