@@ -38,11 +38,13 @@ class EpochCheckpoint(Callback):
 
     order = 90
 
-    def __init__(self, out_dir: str | Path, stage_index: int, fingerprint: str):
-        self.dir, self.stage_index, self.fingerprint = Path(out_dir) / "checkpoints", stage_index, fingerprint
+    def __init__(self, out_dir: str | Path, stage_index: int, fingerprint: str, start_epoch: int = 0):
+        self.dir, self.stage_index, self.fingerprint, self.start_epoch = Path(out_dir) / "checkpoints", stage_index, fingerprint, start_epoch
 
     def after_epoch(self):
         """Checkpoint, record the epoch; stop with a clear message on a non-finite loss."""
+        if self.epoch < self.start_epoch:
+            return  # fastai still fires after_epoch for the epochs a resumed fit skips
         values = dict(zip(self.recorder.metric_names[1:-1], self.recorder.log[1:-1]))
         if not all(math.isfinite(float(v)) for k, v in values.items() if "loss" in k and v is not None):
             raise CancelFitException()  # handled by the caller; the last good checkpoint stays

@@ -56,7 +56,7 @@ def train_schedule(learn: Learner, stages: list[Stage], out: Path, recipe: dict,
         if start >= stage.epochs:
             continue
         log.info("stage %d (%s): %d epochs, lr %s, wd %s, training %s", i + 1, stage.name, stage.epochs, stage.lr, stage.wd, stage.train)
-        fit_stage(learn, stage, start, [EpochCheckpoint(out, i, fp), *(cbs or [])])
+        fit_stage(learn, stage, start, [EpochCheckpoint(out, i, fp, start), *(cbs or [])])
         losses = [v for v in learn.recorder.log[1:3] if v is not None]
         if not all(math.isfinite(float(v)) for v in losses):
             raise CvfastError(f"training diverged (loss {losses}) in stage {i + 1}; the last good checkpoint is "

@@ -1,0 +1,153 @@
+"""The method end to end on synthetic data: learning, transfer vs scratch, export, resume, lr_find, CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from cvfast.data.manifest import read_manifest
+from cvfast.data.read import read_png
+from cvfast.demo import run_demo
+from cvfast.errors import CvfastError
+from cvfast.train.export import load_model
+
+from conftest import run_cli
+
+
+@pytest.fixture(scope="session")
+def demo(tmp_path_factory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("demo")
+    return out, run_demo(out, patients=60)
+
+
+def test_patch_classifier_beats_chance(demo):
+    m = demo[1]["models"]["patch"]
+    assert m["test_accuracy"] > 0.6 and m["test_macro_auc"] > 0.9  # chance: 0.2 accuracy, 0.5 AUC
+
+
+def test_whole_image_auc_on_held_out_ddsm(demo):
+    assert demo[1]["models"]["whole"]["test_auc"] >= 0.85
+
+
+def test_transfer_with_image_labels_beats_scratch(demo):
+    models = demo[1]["models"]
+    assert models["finetune"]["test_auc"] >= 0.85
+    assert models["finetune"]["test_auc"] > models["scratch"]["test_auc"] + 0.1
+
+
+def test_report_and_exports(demo):
+    out, report = demo
+    md = (out / "report.md").read_text()
+    assert "ROC AUC" in md and f"{report['models']['whole']['test_auc']:.3f}" in md
+    for name in ("patch", "whole", "finetune", "scratch"):
+        folder = out / "models" / name
+        side = json.loads((folder / "model.json").read_text())
+        assert {"classes", "mean_grey", "size", "spec", "recipe", "metrics", "weights_sha256"} <= set(side)
+        assert (folder / "model.pkl").is_file() and (folder / "recipe.json").is_file()
+        assert not (folder / "checkpoints" / "last.pth").exists()  # complete: nothing left to resume
+    assert json.loads((out / "models" / "patch" / "model.json").read_text())["classes"][0] == "background"
+    assert json.loads((out / "models" / "whole" / "model.json").read_text())["classes"] == ["no_cancer", "cancer"]
+
+
+def test_pkl_loads_and_predicts_in_a_fresh_process(demo):
+    out, _ = demo
+    data = out / "data" / "inbreast"
+    test = read_manifest(data).query("split == 'test'").head(6)
+    script = (
+        "import sys, json, pandas as pd\n"
+        "from fastai.learner import load_learner\n"
+        f"learn = load_learner({str(out / 'models' / 'finetune' / 'model.pkl')!r})\n"
+        f"df = pd.DataFrame({{'path': {list(test['path'])!r}}})\n"
+        "probs, _ = learn.get_preds(dl=learn.dls.test_dl(df))\n"
+        "print(json.dumps(probs[:, 1].tolist()))\n")
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd="/")
+    assert r.returncode == 0, r.stderr
+    from_pickle = np.array(json.loads(r.stdout.strip().splitlines()[-1]))
+    # the same model rebuilt from safetensors + JSON, no unpickling, with the preprocessing the sidecar stores
+    model, side = load_model(out / "models" / "finetune")
+    x = torch.stack([torch.from_numpy(read_png(p).astype(np.float32) / 65535 - side["mean_grey"])[None] for p in test["path"]])
+    with torch.no_grad():
+        from_weights = torch.softmax(model(x), 1)[:, 1].numpy()
+    np.testing.assert_allclose(from_pickle, from_weights, atol=1e-5)
+
+
+def test_tampered_weights_are_refused(demo, tmp_path):
+    folder = Path(shutil.copytree(demo[0] / "models" / "whole", tmp_path / "whole"))
+    raw = bytearray((folder / "model.safetensors").read_bytes())
+    raw[-10] ^= 0xFF
+    (folder / "model.safetensors").write_bytes(bytes(raw))
+    with pytest.raises(CvfastError, match="SHA-256 does not match"):
+        load_model(folder)
+    with pytest.raises(CvfastError, match="not a cvfast model sidecar"):
+        (tmp_path / "x.json").write_text("{}")
+        load_model(tmp_path / "x.json")
+
+
+def test_lr_find_on_every_learner(demo, s10, tmp_path):
+    from cvfast.train.lr import find_lr
+    from cvfast.train.pipeline import finetune_learner_from_recipe, patch_learner_from_recipe, whole_learner_from_recipe
+    from cvfast.train.recipes import load_recipe
+
+    out, _ = demo
+    learners = [patch_learner_from_recipe(load_recipe("demo-patch"), s10, tmp_path)[0],  # a small patch set: few batches
+                whole_learner_from_recipe(load_recipe("demo-whole"), out / "data" / "ddsm", out / "models" / "patch", tmp_path),
+                finetune_learner_from_recipe(load_recipe("demo-finetune"), out / "data" / "inbreast", out / "models" / "whole", tmp_path)]
+    for learn in learners:
+        with learn.no_bar():
+            s = find_lr(learn, num_it=20, plot=tmp_path / "lr.png")  # raised to 50 points: no IndexError
+        assert set(s) >= {"minimum", "steep"} and all(1e-8 < v < 10 for v in s.values())
+        assert (tmp_path / "lr.png").stat().st_size > 5000
+
+
+def test_cli_chain_and_lr_find(demo, s10, tmp_path):
+    out, _ = demo
+    r = run_cli("patch", "--data", str(s10), "--recipe", "demo-patch", "--epochs-scale", "0.25", "--out", str(tmp_path / "p"))
+    assert r.returncode == 0, r.stderr
+    assert "test_accuracy" in r.stdout and (tmp_path / "p" / "model.safetensors").is_file()
+    r = run_cli("whole", "--patch", str(tmp_path / "p"), "--data", str(out / "data" / "ddsm"), "--recipe", "demo-whole",
+                "--epochs-scale", "0.05", "--out", str(tmp_path / "w"))
+    assert r.returncode == 0, r.stderr
+    r = run_cli("finetune", "--from", str(tmp_path / "w" / "model.json"), "--data", str(out / "data" / "inbreast"), "--dataset", "inbreast",
+                "--recipe", "demo-finetune", "--epochs-scale", "0.1", "--out", str(tmp_path / "f"))
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "f" / "recipe.json").read_text())["data"]["dataset"] == "inbreast"
+    r = run_cli("lr-find", "--recipe", "demo-whole", "--data", str(out / "data" / "ddsm"), "--model", str(tmp_path / "p"),
+                "--out", str(tmp_path / "lr.png"))
+    assert r.returncode == 0, r.stderr
+    assert "valley" in r.stdout or "steep" in r.stdout
+    r = run_cli("whole", "--patch", str(tmp_path / "w"), "--data", str(out / "data" / "ddsm"), "--recipe", "demo-whole", "--out", str(tmp_path / "x"))
+    assert r.returncode == 1 and "needs a patch classifier" in r.stderr
+
+
+def test_training_resumes_after_being_killed(s10, tmp_path):
+    out = tmp_path / "m"
+    cmd = [sys.executable, "-m", "cvfast.cli", "patch", "--data", str(s10), "--recipe", "demo-patch", "--epochs-scale", "3", "--out", str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    progress = out / "checkpoints" / "progress.json"
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        if progress.is_file() and json.loads(progress.read_text())["epochs_done"] >= 2:
+            break
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = json.loads(progress.read_text())["epochs_done"]
+    total = 24  # 8 demo epochs x 3, one random-init stage
+    assert 2 <= done < total and not (out / "model.pkl").exists()
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert f"resuming at stage 1 (random-init), epoch {done + 1} of {total}" in " ".join(r.stderr.split())
+    history = json.loads((out / "checkpoints" / "history.json").read_text())
+    assert [h["epoch"] for h in history] == list(range(total))  # every epoch once: none lost, none repeated
+    assert (out / "model.pkl").is_file() and not list(out.rglob("*.tmp*"))
