@@ -14,6 +14,11 @@ import pytest
 
 warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*is deprecated", category=FutureWarning)
 
+if os.environ.get("PYTEST_XDIST_WORKER"):  # two workers on two cores: one thread each, no oversubscription
+    import torch
+
+    torch.set_num_threads(1)
+
 from cvfast.data.ingest import prepare_ddsm, prepare_inbreast  # noqa: E402
 from cvfast.data.ingest.common import PrepareOptions  # noqa: E402
 from cvfast.data.sample import PATCH_SETS, make_patches  # noqa: E402

@@ -39,3 +39,15 @@ def test_demo_data_stages_only(tmp_path):
 def test_help_lists_commands():
     r = run_cli("--help")
     assert r.returncode == 0 and all(c in r.stdout for c in ("synth", "prepare", "patches", "demo"))
+
+
+def test_recipes_list_and_show():
+    r = run_cli("recipes", "list")
+    assert r.returncode == 0
+    for name in ("patch-s1-resnet50", "patch-s1-vgg16", "patch-s10-resnet50", "patch-s10-vgg16", "whole-resnet",
+                 "whole-resnet-heatmap", "whole-vgg", "whole-vgg-heatmap", "finetune-inbreast"):
+        assert name in r.stdout
+    r = run_cli("recipes", "show", "whole-vgg-heatmap")
+    assert r.returncode == 0 and 'top = "vgg"' in r.stdout and "heatmap = true" in r.stdout
+    r = run_cli("recipes", "show", "nope")
+    assert r.returncode == 1 and "not found" in r.stderr

@@ -152,3 +152,46 @@ def test_weights_from_a_local_file(tmp_path):
     with pytest.raises(CvfastError, match="--arch no_such_net"):
         create_body("no_such_net")
     assert np.isfinite(body(torch.zeros(1, 1, 64, 64)).sum().item())
+
+
+def test_fastai_head_option_and_its_groups():
+    model = PatchClassifier(create_body("test_resnet"), head="fastai")
+    assert model(torch.randn(2, 1, 64, 64)).shape == (2, 5)
+    groups = patch_splitter(model)
+    assert _covers_all(model, groups) and len(groups[2]) > 2  # fastai's head: BN + linear layers
+    with pytest.raises(CvfastError, match="needs a patch model with the paper's head"):
+        whole_from_patch(model, heatmap=True)
+
+
+def test_batch_of_two_trains_at_the_papers_size(ddsm_data):
+    """A whole-image training step at 1152x896, batch 2, with the BN policy and gradient accumulation."""
+    from cvfast.data.blocks import whole_image_dataloaders
+    from cvfast.train.callbacks import HoldBodyBatchNorm
+    from cvfast.train.learners import whole_image_learner
+    from fastai.callback.training import GradientAccumulation
+
+    dls = whole_image_dataloaders(ddsm_data, bs=2, size=(1152, 896))
+    xb, _ = dls.one_batch()
+    assert xb.shape == (2, 1, 1152, 896)
+    patch = PatchClassifier(create_body("test_resnet"))
+    patch.spec = {"kind": "patch", "arch": "test_resnet", "head": "paper", "dropout": 0.0, "n_classes": 5}
+    learn = whole_image_learner(dls, patch, widths=(16, 16, 32))
+    body_bn = [m for m in learn.model.body.modules() if isinstance(m, nn.BatchNorm2d)][0]
+    stats = body_bn.running_mean.clone()
+    (stage,) = stages_from([{"epochs": 1, "lr": 1e-4, "wd": 1e-2, "train": "all"}])
+    begin_stage(learn, stage)
+    with learn.no_bar():
+        fit_stage(learn, stage, cbs=[HoldBodyBatchNorm(), GradientAccumulation(n_acc=4)])
+    assert np.isfinite(learn.recorder.losses[-1].item())
+    torch.testing.assert_close(body_bn.running_mean, stats)  # the body's BN statistics were held
+
+
+def test_quick_and_scale_resolve_recipes():
+    from cvfast.train.recipes import resolve
+
+    r = load_recipe("whole-resnet")
+    q = resolve(r, {"data": {"bs": 4, "size": None}}, quick=True)
+    assert [s["epochs"] for s in q["stages"]] == [3, 2] and q["data"]["size"] == [288, 224] and q["data"]["bs"] == 4
+    s = resolve(r, {}, epochs_scale=0.5)
+    assert [st["epochs"] for st in s["stages"]] == [15, 10] and s["data"]["size"] == [1152, 896]
+    assert r["stages"][0]["epochs"] == 30  # the loaded recipe is not modified
