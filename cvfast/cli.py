@@ -190,6 +190,8 @@ BS = Annotated[Optional[int], typer.Option(help="Batch size (overrides the recip
 EPOCHS_SCALE = Annotated[Optional[float], typer.Option(help="Multiply every stage's epochs by this.")]
 QUICK = Annotated[bool, typer.Option(help="Smoke run on a CPU: 1/10 of the epochs, 1/4 of the image size.")]
 RESUME = Annotated[bool, typer.Option(help="Continue an interrupted run in --out from its last epoch.")]
+TRAIN_SIZE = Annotated[Optional[str], typer.Option(help="Train at HxW (default: the recipe's, else the cache's).")]
+GRAD_ACC = Annotated[Optional[int], typer.Option(help="Accumulate gradients over this many batches.")]
 MODEL_OUT = Annotated[Path, typer.Option("--out", "-o", help="Model folder: model.pkl, model.safetensors, model.json, recipe.json.")]
 
 
@@ -248,8 +250,7 @@ def whole(patch: Annotated[Path, typer.Option("--patch", help="Patch model: fold
           top: Annotated[Top, typer.Option(help="New top blocks.")] = Top.resnet,
           heatmap: Annotated[bool, typer.Option(help="Keep the patch head as a 1x1-conv heatmap before the top.")] = False,
           recipe: RECIPE = None, bs: BS = None,
-          size: Annotated[Optional[str], typer.Option(help="Train at HxW (default: the recipe's, else the cache's).")] = None,
-          grad_acc: Annotated[Optional[int], typer.Option(help="Accumulate gradients over this many batches.")] = None,
+          size: TRAIN_SIZE = None, grad_acc: GRAD_ACC = None,
           epochs_scale: EPOCHS_SCALE = None, quick: QUICK = False, resume: RESUME = True) -> None:
     """Step 2: convert the patch classifier into the all-convolutional whole-image classifier and train it."""
     from cvfast.train.pipeline import train_whole
@@ -276,13 +277,13 @@ def finetune(source: Annotated[Path, typer.Option("--from", help="Whole-image mo
              out: MODEL_OUT = Path("models/finetune"),
              scratch: Annotated[bool, typer.Option(help="Control: same architecture from random init, same budget.")] = False,
              recipe: RECIPE = None, bs: BS = None,
-             size: Annotated[Optional[str], typer.Option(help="Train at HxW (default: the recipe's, else the cache's).")] = None,
+             size: TRAIN_SIZE = None, grad_acc: GRAD_ACC = None,
              epochs_scale: EPOCHS_SCALE = None, quick: QUICK = False, resume: RESUME = True) -> None:
     """Transfer: fine-tune a whole-image model on a dataset with image-level labels only (early stopping on AUC)."""
     from cvfast.train.pipeline import finetune as run_finetune
 
-    r = _resolve("finetune-inbreast", recipe, {"data": {"bs": bs, "size": list(_size(size)) if size else None, "dataset": dataset.value}},
-                 epochs_scale, quick)
+    r = _resolve("finetune-inbreast", recipe, {"data": {"bs": bs, "size": list(_size(size)) if size else None, "grad_acc": grad_acc,
+                                                        "dataset": dataset.value}}, epochs_scale, quick)
     _print_metrics(run_finetune(r, data, source, out, scratch=scratch, resume=resume), f"fine-tuned on {dataset.value}")
 
 
