@@ -199,6 +199,10 @@ def _resolve(default: str, recipe: str | None, overrides: dict, epochs_scale: fl
     """Load the recipe (given or default) and apply CLI overrides."""
     from cvfast.train.recipes import load_recipe, resolve
 
+    if overrides.get("data", {}).get("bs") is not None and overrides["data"]["bs"] < 1:
+        raise CvfastError(f"--bs {overrides['data']['bs']}: must be at least 1")
+    if epochs_scale is not None and epochs_scale <= 0:
+        raise CvfastError(f"--epochs-scale {epochs_scale}: must be positive")
     return resolve(load_recipe(recipe or default), overrides, epochs_scale=epochs_scale, quick=quick)
 
 
@@ -247,16 +251,16 @@ class Top(str, Enum):
 def whole(patch: Annotated[Path, typer.Option("--patch", help="Patch model: folder, model.json or model.pkl.")],
           data: Annotated[Path, typer.Option("--data", help="Prepared DATA folder (whole images).")],
           out: MODEL_OUT = Path("models/whole"),
-          top: Annotated[Top, typer.Option(help="New top blocks.")] = Top.resnet,
-          heatmap: Annotated[bool, typer.Option(help="Keep the patch head as a 1x1-conv heatmap before the top.")] = False,
+          top: Annotated[Optional[Top], typer.Option(help="New top blocks (default: the recipe's, else resnet).")] = None,
+          heatmap: Annotated[Optional[bool], typer.Option(help="Keep the patch head as a 1x1-conv heatmap before the top (default: the recipe's).")] = None,
           recipe: RECIPE = None, bs: BS = None,
           size: TRAIN_SIZE = None, grad_acc: GRAD_ACC = None,
           epochs_scale: EPOCHS_SCALE = None, quick: QUICK = False, resume: RESUME = True) -> None:
     """Step 2: convert the patch classifier into the all-convolutional whole-image classifier and train it."""
     from cvfast.train.pipeline import train_whole
 
-    default = f"whole-{top.value}{'-heatmap' if heatmap else ''}"
-    r = _resolve(default, recipe, {"model": {"top": top.value, "heatmap": heatmap},
+    default = f"whole-{top.value if top else 'resnet'}{'-heatmap' if heatmap else ''}"
+    r = _resolve(default, recipe, {"model": {"top": top.value if top else None, "heatmap": heatmap},
                                    "data": {"bs": bs, "size": list(_size(size)) if size else None, "grad_acc": grad_acc}}, epochs_scale, quick)
     _print_metrics(train_whole(r, data, patch, out, resume=resume), "whole-image classifier")
 
@@ -299,7 +303,7 @@ def lr_find(recipe: Annotated[str, typer.Option(help="Recipe name or path (its k
     import tempfile
 
     from cvfast.train.lr import find_lr
-    from cvfast.train.pipeline import finetune_learner_from_recipe, patch_learner_from_recipe, whole_learner_from_recipe
+    from cvfast.train.pipeline import finetune_learner_from_recipe, patch_learner_from_recipe, whole_learner_from_recipe, whole_training_cbs
     from cvfast.train.recipes import load_recipe
     from cvfast.train.schedule import stages_from
 
@@ -316,13 +320,15 @@ def lr_find(recipe: Annotated[str, typer.Option(help="Recipe name or path (its k
             learn = whole_learner_from_recipe(r, data, model, tmp)
         else:
             learn = finetune_learner_from_recipe(r, data, model, tmp)
-        suggestions = find_lr(learn, stages[stage - 1], num_it=num_it, plot=out)
+        cbs = whole_training_cbs(r) if r["kind"] != "patch" else []
+        suggestions = find_lr(learn, stages[stage - 1], num_it=num_it, plot=out, cbs=cbs)
     for name, value in suggestions.items():
         Console().print(f"{name}: {value:.2e}")
     console.print(f"plot written to {out}")
 
 
 @recipes_app.command("list")
+@handles_errors
 def recipes_list() -> None:
     """List the recipes with their kind and description."""
     from cvfast.train.recipes import load_recipe, recipe_paths

@@ -124,3 +124,58 @@ def test_cli_chain_and_lr_find(demo, s10, tmp_path):
     assert "valley" in r.stdout or "steep" in r.stdout
     r = run_cli("whole", "--patch", str(tmp_path / "w"), "--data", str(out / "data" / "ddsm"), "--recipe", "demo-whole", "--out", str(tmp_path / "x"))
     assert r.returncode == 1 and "needs a patch classifier" in r.stderr
+    # a paper recipe's top and heatmap are kept unless a flag says otherwise; --size wins over --quick
+    r = run_cli("whole", "--patch", str(tmp_path / "p"), "--data", str(out / "data" / "ddsm"), "--recipe", "whole-vgg-heatmap",
+                "--size", "256x192", "--bs", "8", "--quick", "--epochs-scale", "0.04", "--out", str(tmp_path / "v"))
+    assert r.returncode == 0, r.stderr
+    resolved = json.loads((tmp_path / "v" / "recipe.json").read_text())
+    assert (resolved["model"]["top"], resolved["model"]["heatmap"], resolved["data"]["size"]) == ("vgg", True, [256, 192])
+
+
+def test_scratch_control_trains_its_batchnorm(demo):
+    from torch import nn
+
+    model, _ = load_model(demo[0] / "models" / "scratch")
+    bns = [m for m in model.body.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert all(int(m.num_batches_tracked) > 0 for m in bns)  # no pretrained statistics to hold: they train
+    transfer, _ = load_model(demo[0] / "models" / "finetune")
+    pretrained, _ = load_model(demo[0] / "models" / "whole")
+    held = [m for m in transfer.body.modules() if isinstance(m, nn.BatchNorm2d)][0]
+    source = [m for m in pretrained.body.modules() if isinstance(m, nn.BatchNorm2d)][0]
+    torch.testing.assert_close(held.running_mean, source.running_mean)  # transfer holds the body's statistics
+
+
+def test_finetune_with_early_stopping_resumes_after_interruption(demo, tmp_path):
+    from fastai.callback.core import Callback
+
+    from cvfast.train.pipeline import _stage_cbs, finetune_learner_from_recipe, train_schedule
+    from cvfast.train.recipes import load_recipe
+    from cvfast.train.schedule import stages_from
+
+    out_dir, _ = demo
+    recipe = load_recipe("demo-finetune")
+    recipe["stages"][0]["epochs"] = 5
+
+    class Interrupt(Callback):
+        order = 95  # after the checkpoint
+
+        def after_epoch(self):
+            if self.epoch == 1:
+                raise KeyboardInterrupt
+
+    def run(extra):
+        learn = finetune_learner_from_recipe(recipe, out_dir / "data" / "inbreast", out_dir / "models" / "whole", tmp_path)
+        with learn.no_bar():
+            train_schedule(learn, stages_from(recipe["stages"]), tmp_path, recipe,
+                           cbs=lambda state: _stage_cbs(recipe)(state) + extra)
+        return learn
+
+    with pytest.raises(KeyboardInterrupt):
+        run([Interrupt()])
+    progress = json.loads((tmp_path / "checkpoints" / "progress.json").read_text())
+    assert progress["epochs_done"] == 2 and set(progress["trackers"]) == {"BestModel", "EarlyStop"}
+    run([])
+    progress = json.loads((tmp_path / "checkpoints" / "progress.json").read_text())
+    epochs = [h["epoch"] for h in progress["history"]]
+    assert epochs == list(range(len(epochs))) and 3 <= len(epochs) <= 5  # resumed at epoch 3; early stop may end it sooner
+    assert (tmp_path / "checkpoints" / "best.pth").is_file()

@@ -62,9 +62,10 @@ def _resolve(net: nn.Module, name: str) -> tuple[str, nn.Module]:
 def top_start(body: Body) -> str:
     """Name (within body.net) of the first module of the paper's "top layers"; everything from there on is top.
 
-    VGG: conv blocks 4 and 5, i.e. from the first layer after the third max-pool. Any other timm net (ResNet
-    and other staged nets): from the last unit of the penultimate feature stage -- for ResNet50 exactly the
-    last block of conv4_x plus all of conv5_x, as in the paper.
+    VGG: conv blocks 4 and 5, i.e. from the first layer after the third max-pool. Other timm nets whose
+    penultimate feature stage is a sequence of units (ResNet, EfficientNet, ...): from that stage's last unit --
+    for ResNet50 exactly the last block of conv4_x plus all of conv5_x, as in the paper. Nets whose stages are
+    single modules (ConvNeXt, RegNet, ...): the whole last stage.
     """
     net = body.net
     if body.arch.startswith("vgg"):
@@ -80,6 +81,8 @@ def top_start(body: Body) -> str:
         raise CvfastError(f"{body.arch}: not a staged convolutional net (the all-convolutional method needs one)") from None
     if isinstance(module, nn.Sequential) and len(module):
         return f"{name}.{len(module) - 1}"
-    # a stage that is a single layer: the top starts with the module after it
-    names = [n for n, _ in net.named_modules()]
-    return next(n for n in names[names.index(name) + 1 :] if not n.startswith(name + "."))
+    # a stage that is a single module: the top starts at the first parameter registered after it
+    params = [n for n, _ in net.named_parameters()]
+    after = [n for n in params if not (n.startswith(name + ".") or n == name)]
+    first = params.index(next(n for n in params if n.startswith(name + "."))) if any(n.startswith(name + ".") for n in params) else -1
+    return next(n for n in params[first + 1 :] if n in after).rsplit(".", 1)[0]

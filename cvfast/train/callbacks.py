@@ -8,7 +8,10 @@ import math
 import os
 from pathlib import Path
 
+import numpy as np
+
 from fastai.callback.core import Callback, CancelFitException
+from fastai.callback.tracker import EarlyStoppingCallback, SaveModelCallback
 from torch import nn
 
 from cvfast.data.read import atomic_write_bytes
@@ -33,31 +36,84 @@ class HoldBodyBatchNorm(Callback):
                 m.eval()
 
 
+class BestModel(SaveModelCallback):
+    """SaveModelCallback on validation ROC AUC whose "best so far" survives a resume, and that only loads a
+    best model that exists (fastai's raises FileNotFoundError when no epoch ever improved, e.g. a NaN AUC)."""
+
+    def __init__(self, best: float | None = None):
+        super().__init__(monitor="roc_auc_score", comp=np.greater, fname="best", reset_on_fit=best is None)
+        if best is not None:
+            self.best = best
+
+    def after_fit(self, **kwargs):
+        """Load the best epoch's weights if one was saved."""
+        if (self.path / self.model_dir / f"{self.fname}.pth").is_file():
+            super().after_fit(**kwargs)
+        else:
+            log.warning("validation ROC AUC never improved (one class in the validation split?); keeping the last epoch")
+
+
+class EarlyStop(EarlyStoppingCallback):
+    """Early stopping on validation ROC AUC, with its patience counter carried across a resume."""
+
+    def __init__(self, patience: int, best: float | None = None, wait: int = 0):
+        super().__init__(monitor="roc_auc_score", comp=np.greater, patience=patience, reset_on_fit=best is None)
+        self.wait = wait
+        if best is not None:
+            self.best = best
+
+    def before_fit(self):
+        """fastai zeroes the patience counter here; a resumed run keeps it."""
+        wait = self.wait
+        super().before_fit()
+        if not self.reset_on_fit:
+            self.wait = wait
+
+
 class EpochCheckpoint(Callback):
-    """After every epoch: weights + optimizer state to checkpoints/last.pth and progress.json, both atomically."""
+    """After every epoch, a two-phase checkpoint: weights + optimizer to a new file, then progress.json (which
+    names that file, the epoch history and the trackers' state) atomically, then the older file is removed. A kill
+    at any point leaves progress.json naming a complete checkpoint."""
 
-    order = 90
+    order = 90  # after the Recorder and the trackers
 
-    def __init__(self, out_dir: str | Path, stage_index: int, fingerprint: str, start_epoch: int = 0):
-        self.dir, self.stage_index, self.fingerprint, self.start_epoch = Path(out_dir) / "checkpoints", stage_index, fingerprint, start_epoch
+    def __init__(self, out_dir: str | Path, stage_index: int, fingerprint: str, epoch_offset: int = 0):
+        self.dir, self.stage_index, self.fingerprint, self.offset = Path(out_dir) / "checkpoints", stage_index, fingerprint, epoch_offset
+        self.diverged, self.recorded = False, -1
 
     def after_epoch(self):
-        """Checkpoint, record the epoch; stop with a clear message on a non-finite loss."""
-        if self.epoch < self.start_epoch:
-            return  # fastai still fires after_epoch for the epochs a resumed fit skips
+        """Checkpoint and record the epoch; stop on a non-finite loss (the caller reports it)."""
         values = dict(zip(self.recorder.metric_names[1:-1], self.recorder.log[1:-1]))
         if not all(math.isfinite(float(v)) for k, v in values.items() if "loss" in k and v is not None):
-            raise CancelFitException()  # handled by the caller; the last good checkpoint stays
+            self.diverged = True
+            raise CancelFitException()
+        self._checkpoint(values, stopped=False)
+
+    def after_cancel_fit(self):
+        """Early stopping cancels the fit before this callback's after_epoch: record that epoch, stage complete."""
+        if not self.diverged and self.recorded != self.epoch:
+            self._checkpoint(dict(zip(self.recorder.metric_names[1:-1], self.recorder.log[1:-1])), stopped=True)
+
+    def _checkpoint(self, values: dict, stopped: bool) -> None:
+        self.recorded = self.epoch
+        epoch = self.offset + self.epoch
         self.dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.learn.save(self.dir.resolve() / "last.tmp", with_opt=True)
-        os.replace(tmp, self.dir / "last.pth")
-        history = read_history(self.dir)
-        history.append({"stage": self.stage_index, "epoch": self.epoch, **{k: _num(v) for k, v in values.items()}})
-        log.info("stage %d epoch %d/%d: %s", self.stage_index + 1, self.epoch + 1, self.n_epoch,
-                 ", ".join(f"{k} {_num(v):.4f}" if isinstance(_num(v), float) else f"{k} {v}" for k, v in values.items()))
-        atomic_write_bytes(self.dir / "history.json", json.dumps(history, indent=1).encode())
-        atomic_write_bytes(self.dir / "progress.json", json.dumps(
-            {"fingerprint": self.fingerprint, "stage": self.stage_index, "epochs_done": self.epoch + 1}).encode())
+        name = f"s{self.stage_index}e{epoch + 1}"
+        tmp = self.learn.save(self.dir.resolve() / f"{name}.tmp", with_opt=True)
+        os.replace(tmp, self.dir / f"{name}.pth")
+        state = read_progress_raw(self.dir)
+        history = state.get("history", []) + [{"stage": self.stage_index, "epoch": epoch, **{k: _num(v) for k, v in values.items()}}]
+        trackers = {type(cb).__name__: {"best": _num(getattr(cb, "best", None)), "wait": getattr(cb, "wait", 0)}
+                    for cb in self.learn.cbs if isinstance(cb, (BestModel, EarlyStop))}
+        atomic_write_bytes(self.dir / "progress.json", json.dumps({
+            "fingerprint": self.fingerprint, "stage": self.stage_index, "checkpoint": f"{name}.pth",
+            "epochs_done": self.n_epoch + self.offset if stopped else epoch + 1, "trackers": trackers, "history": history}, indent=1).encode())
+        for old in self.dir.glob("s*e*.pth"):
+            if old.name != f"{name}.pth":
+                old.unlink(missing_ok=True)
+        log.info("stage %d epoch %d: %s%s", self.stage_index + 1, epoch + 1,
+                 ", ".join(f"{k} {_num(v):.4f}" if isinstance(_num(v), float) else f"{k} {v}" for k, v in values.items()),
+                 " (early stop)" if stopped else "")
 
 
 def _num(v):
@@ -65,22 +121,22 @@ def _num(v):
     try:
         return float(v)
     except (TypeError, ValueError):
-        return str(v)
+        return None if v is None else str(v)
 
 
-def read_history(checkpoint_dir: Path) -> list[dict]:
-    """Epochs recorded so far."""
-    f = Path(checkpoint_dir) / "history.json"
-    return json.loads(f.read_text()) if f.is_file() else []
+def read_progress_raw(checkpoint_dir: Path) -> dict:
+    """progress.json as written, or {}."""
+    f = Path(checkpoint_dir) / "progress.json"
+    return json.loads(f.read_text()) if f.is_file() else {}
 
 
-def read_progress(out_dir: str | Path, fingerprint: str) -> tuple[int, int] | None:
-    """(stage, epochs done in it) of an interrupted run with the same recipe, or None."""
+def read_progress(out_dir: str | Path, fingerprint: str) -> dict | None:
+    """progress.json of an interrupted run with the same recipe (and its checkpoint present), or None."""
     d = Path(out_dir) / "checkpoints"
-    f = d / "progress.json"
-    if not f.is_file() or not (d / "last.pth").is_file():
+    p = read_progress_raw(d)
+    if not p or p.get("done") or not (d / p.get("checkpoint", "")).is_file():
         return None
-    p = json.loads(f.read_text())
     if p.get("fingerprint") != fingerprint:
-        raise CvfastError(f"{d}: holds checkpoints of a different recipe; use another --out or delete the folder")
-    return int(p["stage"]), int(p["epochs_done"])
+        raise CvfastError(f"{d}: holds an unfinished run of a different recipe or data; use another --out, "
+                          "pass --no-resume, or delete the folder")
+    return p

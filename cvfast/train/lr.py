@@ -6,6 +6,7 @@ import logging
 from pathlib import Path
 
 from fastai.callback.schedule import minimum, slide, steep, valley  # noqa: F401  (also patches Learner.lr_find)
+from fastai.callback.training import BnFreeze
 from fastai.learner import Learner
 
 from cvfast.errors import CvfastError
@@ -16,17 +17,23 @@ log = logging.getLogger(__name__)
 MIN_ITERATIONS = 50  # fewer recorded points make fastai's `valley` fail with an IndexError
 
 
-def find_lr(learn: Learner, stage: Stage | None = None, num_it: int = 100, plot: str | Path | None = None) -> dict[str, float]:
-    """Run lr_find (in a stage's freeze state if given); return the suggestions and optionally save the plot."""
+def find_lr(learn: Learner, stage: Stage | None = None, num_it: int = 100, plot: str | Path | None = None,
+            cbs: list | None = None) -> dict[str, float]:
+    """Run lr_find (in a stage's freeze state and BN policy, with the training callbacks `cbs`); return the
+    suggestions and optionally save the plot."""
     if num_it < MIN_ITERATIONS:
         log.warning("lr_find with num_it=%d records too few points; using %d", num_it, MIN_ITERATIONS)
         num_it = MIN_ITERATIONS
+    cbs = list(cbs or [])
     if stage is not None:
         begin_stage(learn, stage)
-    try:
-        result = learn.lr_find(num_it=num_it, show_plot=False, suggest_funcs=(minimum, steep, valley, slide))
-    except IndexError:  # diverged early: too few points for valley/slide; the robust suggestions still work
-        result = learn.lr_find(num_it=num_it, show_plot=False, suggest_funcs=(minimum, steep))
+        if not stage.train_bn:
+            cbs.append(BnFreeze())
+    with learn.added_cbs(cbs):
+        try:
+            result = learn.lr_find(num_it=num_it, show_plot=False, suggest_funcs=(minimum, steep, valley, slide))
+        except IndexError:  # diverged early: too few points for valley/slide; the robust suggestions still work
+            result = learn.lr_find(num_it=num_it, show_plot=False, suggest_funcs=(minimum, steep))
     suggestions = {k: float(v) for k, v in result._asdict().items()}
     if not suggestions:
         raise CvfastError("lr_find recorded no usable points (the loss diverged at once); check the data and model")

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import json
 import logging
-import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pandas as pd
 import torch
 import fastai.callback.progress  # noqa: F401  (Learner.no_bar)
-from fastai.callback.tracker import EarlyStoppingCallback, SaveModelCallback
 from fastai.callback.training import GradientAccumulation
 from fastai.learner import Learner
 from fastai.torch_core import set_seed
@@ -22,7 +21,7 @@ from cvfast.data.blocks import WHOLE_IMAGE_CLASSES, patch_dataloaders, whole_ima
 from cvfast.data.manifest import PATCH_CLASSES, read_manifest
 from cvfast.data.read import atomic_write_bytes
 from cvfast.errors import CvfastError
-from cvfast.train.callbacks import EpochCheckpoint, HoldBodyBatchNorm, read_progress
+from cvfast.train.callbacks import BestModel, EarlyStop, EpochCheckpoint, HoldBodyBatchNorm, read_progress, read_progress_raw
 from cvfast.train.export import build_model, export_model, load_model
 from cvfast.train.learners import learner_for, patch_learner, whole_image_learner
 from cvfast.train.recipes import fingerprint
@@ -40,37 +39,51 @@ class TrainResult:
     metrics: dict
 
 
-def train_schedule(learn: Learner, stages: list[Stage], out: Path, recipe: dict, cbs: list | None = None, resume: bool = True) -> None:
-    """Run the stages with an epoch checkpoint; continue an interrupted run of the same recipe from its last epoch."""
+def train_schedule(learn: Learner, stages: list[Stage], out: Path, recipe: dict, cbs: Callable[[dict], list] | None = None,
+                   resume: bool = True) -> None:
+    """Run the stages with epoch checkpoints; continue an interrupted run of the same recipe and inputs.
+
+    cbs(tracker_state) returns the extra callbacks of a stage; tracker_state carries early stopping's
+    best value and patience counter across a resume.
+    """
     fp = fingerprint(recipe)
+    ckpt = out / "checkpoints"
     progress = read_progress(out, fp) if resume else None
+    if progress is None:  # a fresh run: no checkpoint of an earlier run may leak into this one
+        for old in [*ckpt.glob("s*e*.pth"), ckpt / "progress.json", ckpt / "best.pth", ckpt / "history.json"]:
+            old.unlink(missing_ok=True)
     for i, stage in enumerate(stages):
-        if progress and i < progress[0]:
+        if progress and i < progress["stage"]:
             continue
         begin_stage(learn, stage)
-        start = 0
-        if progress and i == progress[0]:
-            learn.load((out / "checkpoints" / "last").resolve(), with_opt=True)  # after begin_stage: same param groups
-            start, progress = progress[1], None
+        start, trackers = 0, {}
+        if progress and i == progress["stage"]:
+            learn.load((ckpt / progress["checkpoint"]).with_suffix("").resolve(), with_opt=True)  # after begin_stage: same groups
+            start, trackers, progress = progress["epochs_done"], progress.get("trackers", {}), None
             log.info("resuming at stage %d (%s), epoch %d of %d", i + 1, stage.name, start + 1, stage.epochs)
         if start >= stage.epochs:
             continue
         log.info("stage %d (%s): %d epochs, lr %s, wd %s, training %s", i + 1, stage.name, stage.epochs, stage.lr, stage.wd, stage.train)
-        fit_stage(learn, stage, start, [EpochCheckpoint(out, i, fp, start), *(cbs or [])])
-        losses = [v for v in learn.recorder.log[1:3] if v is not None]
-        if not all(math.isfinite(float(v)) for v in losses):
-            raise CvfastError(f"training diverged (loss {losses}) in stage {i + 1}; the last good checkpoint is "
-                              f"{out / 'checkpoints' / 'last.pth'}; lower the learning rate and re-run to resume")
+        checkpoint = EpochCheckpoint(out, i, fp, start)
+        # constant learning rates: resuming is fitting the remaining epochs (no schedule position to restore)
+        fit_stage(learn, replace(stage, epochs=stage.epochs - start), [checkpoint, *(cbs(trackers) if cbs else [])])
+        if checkpoint.diverged:
+            raise CvfastError(f"training diverged (non-finite loss) in stage {i + 1}; the last good checkpoint is kept in {ckpt}; "
+                              "lower the learning rate and re-run the same command to resume from it")
+    if (ckpt / "best.pth").is_file():  # also when a run was killed after its last epoch, before export
+        learn.load((ckpt / "best").resolve(), with_opt=False)
 
 
 def _finish(learn: Learner, out: Path, recipe: dict, extra: dict) -> TrainResult:
-    """Validate, export (pkl + safetensors + JSON) and save the resolved recipe beside the model."""
+    """Validate, export (pkl + safetensors + JSON), save the resolved recipe and the epoch history beside the model."""
     values = learn.validate()
     metrics = {"valid_loss": float(values[0]), **{m.name: float(v) for m, v in zip(learn.metrics, values[1:])}, **extra}
     export_model(learn, out, recipe, metrics)
     atomic_write_bytes(out / "recipe.json", json.dumps(recipe, indent=1, default=str).encode())
-    for name in ("progress.json", "last.pth", "best.pth"):  # the run is complete: nothing left to resume
-        (out / "checkpoints" / name).unlink(missing_ok=True)
+    ckpt = out / "checkpoints"
+    atomic_write_bytes(ckpt / "history.json", json.dumps(read_progress_raw(ckpt).get("history", []), indent=1).encode())
+    for old in [*ckpt.glob("s*e*.pth"), ckpt / "progress.json", ckpt / "best.pth"]:  # complete: nothing to resume
+        old.unlink(missing_ok=True)
     return TrainResult(learn, out, metrics)
 
 
@@ -80,18 +93,33 @@ def _schedule(recipe: dict, random_init: bool) -> list[Stage]:
     return random_init_schedule(stages, recipe.get("train", {}).get("random_init_lr", 1e-3)) if random_init else stages
 
 
-def _whole_cbs(recipe: dict) -> list:
-    """Callbacks of the whole-image recipes: BatchNorm policy, gradient accumulation, early stopping on AUC."""
+BN_POLICIES = ("hold_body_stats", "fastai")
+
+
+def whole_training_cbs(recipe: dict, hold_body_bn: bool = True) -> list:
+    """The whole-image recipes' training callbacks: BatchNorm policy and gradient accumulation."""
     t, d = recipe.get("train", {}), recipe["data"]
-    cbs = []
-    if t.get("bn_policy", "hold_body_stats") == "hold_body_stats":
-        cbs.append(HoldBodyBatchNorm())
+    policy = t.get("bn_policy", "hold_body_stats")
+    if policy not in BN_POLICIES:
+        raise CvfastError(f"recipe {recipe.get('name', '?')}: bn_policy {policy!r}, expected one of {BN_POLICIES}")
+    cbs = [HoldBodyBatchNorm()] if policy == "hold_body_stats" and hold_body_bn else []
     if d.get("grad_acc", 1) > 1:
         cbs.append(GradientAccumulation(n_acc=d.get("bs", 2) * d["grad_acc"]))  # fastai counts samples
-    if t.get("early_stopping_patience"):
-        cbs += [SaveModelCallback(monitor="roc_auc_score", comp=np.greater, fname="best"),
-                EarlyStoppingCallback(monitor="roc_auc_score", comp=np.greater, patience=t["early_stopping_patience"])]
     return cbs
+
+
+def _stage_cbs(recipe: dict, hold_body_bn: bool = True) -> Callable[[dict], list]:
+    """Per-stage callbacks: training ones, plus best-model selection and early stopping on validation AUC."""
+    patience = recipe.get("train", {}).get("early_stopping_patience")
+
+    def make(trackers: dict) -> list:
+        cbs = whole_training_cbs(recipe, hold_body_bn)
+        if patience:
+            best, stop = trackers.get("BestModel", {}), trackers.get("EarlyStop", {})
+            cbs += [BestModel(best.get("best")), EarlyStop(patience, stop.get("best"), stop.get("wait", 0))]
+        return cbs
+
+    return make
 
 
 def _whole_dls(recipe: dict, data: str | Path):
@@ -99,6 +127,11 @@ def _whole_dls(recipe: dict, data: str | Path):
     d = recipe["data"]
     return whole_image_dataloaders(data, bs=d.get("bs", 2), size=tuple(d["size"]) if d.get("size") else None,
                                    augment=d.get("augment", True), seed=recipe.get("train", {}).get("seed", 0))
+
+
+def _inputs(**paths) -> dict:
+    """Absolute input paths, part of the resolved recipe (and so of the resume fingerprint)."""
+    return {k: str(Path(v).resolve()) if v is not None else None for k, v in paths.items()}
 
 
 def patch_learner_from_recipe(recipe: dict, patches: str | Path, out: str | Path, weights: str | Path | None = None) -> tuple[Learner, str]:
@@ -145,7 +178,7 @@ def train_patch(recipe: dict, patches: str | Path, out: str | Path, weights: str
     out = Path(out)
     learn, init = patch_learner_from_recipe(recipe, patches, out, weights)
     stages = _schedule(recipe, init == "random")
-    recipe = {**recipe, "init": init, "resolved_stages": describe(stages)}
+    recipe = {**recipe, "init": init, "inputs": _inputs(patches=patches, weights=weights), "resolved_stages": describe(stages)}
     with learn.no_bar():  # epochs are logged instead: readable in terminals and log files
         train_schedule(learn, stages, out, recipe, resume=resume)
         return _finish(learn, out, recipe, {"init": init, **heldout_patch_metrics(learn, patches)})
@@ -155,9 +188,9 @@ def train_whole(recipe: dict, data: str | Path, patch: str | Path, out: str | Pa
     """Step 2: convert a trained patch classifier into the whole-image classifier and train it end to end."""
     out = Path(out)
     learn = whole_learner_from_recipe(recipe, data, patch, out)
-    recipe = {**recipe, "patch_model": str(patch), "resolved_stages": describe(_schedule(recipe, False))}
+    recipe = {**recipe, "inputs": _inputs(data=data, patch_model=patch), "resolved_stages": describe(_schedule(recipe, False))}
     with learn.no_bar():
-        train_schedule(learn, _schedule(recipe, False), out, recipe, cbs=_whole_cbs(recipe), resume=resume)
+        train_schedule(learn, _schedule(recipe, False), out, recipe, cbs=_stage_cbs(recipe), resume=resume)
         return _finish(learn, out, recipe, heldout_whole_metrics(learn, data))
 
 
@@ -169,9 +202,10 @@ def finetune(recipe: dict, data: str | Path, source: str | Path, out: str | Path
     out = Path(out)
     learn = finetune_learner_from_recipe(recipe, data, source, out, scratch)
     stages = _schedule(recipe, scratch)
-    recipe = {**recipe, "source_model": str(source), "scratch": scratch, "resolved_stages": describe(stages)}
+    recipe = {**recipe, "inputs": _inputs(data=data, source_model=source), "scratch": scratch, "resolved_stages": describe(stages)}
     with learn.no_bar():
-        train_schedule(learn, stages, out, recipe, cbs=_whole_cbs(recipe), resume=resume)
+        # the from-scratch control has no pretrained BatchNorm statistics to hold: its BN layers train normally
+        train_schedule(learn, stages, out, recipe, cbs=_stage_cbs(recipe, hold_body_bn=not scratch), resume=resume)
         return _finish(learn, out, recipe, heldout_whole_metrics(learn, data))
 
 

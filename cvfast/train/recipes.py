@@ -39,8 +39,14 @@ def load_recipe(name_or_path: str | Path) -> dict:
 
 
 def resolve(recipe: dict, overrides: dict[str, dict], epochs_scale: float | None = None, quick: bool = False) -> dict:
-    """Apply CLI overrides ({section: {key: value}}; None = not given), then --quick / --epochs-scale."""
+    """Apply --quick's size reduction, CLI overrides ({section: {key: value}}; None = not given), then the epoch scale."""
     out = copy.deepcopy(recipe)
+    if quick:  # smoke runs on a CPU: a quarter of the recipe's image size (an explicit --size below wins)
+        size = out["data"].get("size")
+        if isinstance(size, list):
+            out["data"]["size"] = [max(32, v // 4) for v in size]
+        elif isinstance(size, int):
+            out["data"]["size"] = max(32, size // 4)
     for section, values in overrides.items():
         for key, value in values.items():
             if value is not None:
@@ -48,12 +54,6 @@ def resolve(recipe: dict, overrides: dict[str, dict], epochs_scale: float | None
     scale = epochs_scale if epochs_scale is not None else (0.1 if quick else None)
     if scale is not None:
         out["stages"] = [dict(s, epochs=st.epochs) for s, st in zip(out["stages"], scale_epochs(stages_from(out["stages"]), scale))]
-    if quick:  # smoke runs on a CPU: a quarter of the image size
-        size = out["data"].get("size")
-        if isinstance(size, list):
-            out["data"]["size"] = [max(32, v // 4) for v in size]
-        elif isinstance(size, int):
-            out["data"]["size"] = max(32, size // 4)
     out["quick"] = quick
     return out
 

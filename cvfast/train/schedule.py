@@ -69,14 +69,14 @@ def begin_stage(learn: Learner, stage: Stage) -> None:
     learn.opt.set_hypers(lr=list(stage.lr) if isinstance(stage.lr, tuple) else stage.lr, wd=stage.wd)
 
 
-def fit_stage(learn: Learner, stage: Stage, start_epoch: int = 0, cbs: list | None = None) -> None:
-    """Run a stage's epochs with a constant lr (the paper's), from start_epoch (resume)."""
+def fit_stage(learn: Learner, stage: Stage, cbs: list | None = None) -> None:
+    """Run a stage's epochs with a constant lr (the paper's); a resumed stage is fitted for its remaining epochs."""
     cbs = list(cbs or [])
     if not stage.train_bn:
         cbs.append(BnFreeze())  # frozen layers' BatchNorm statistics stay put
     lr = list(stage.lr) if isinstance(stage.lr, tuple) else stage.lr
     # fit() re-applies lr and wd to every group on each call: the stage's values are what the optimizer holds
-    learn.fit(stage.epochs, lr=lr, wd=stage.wd, start_epoch=start_epoch, cbs=cbs)
+    learn.fit(stage.epochs, lr=lr, wd=stage.wd, cbs=cbs)
 
 
 def describe(stages: list[Stage]) -> list[dict]:
