@@ -80,7 +80,7 @@ def test_mask_of_wrong_size_is_rejected_image_kept(ddsm_copy, tmp_path):
         if set(np.unique(px)) <= {0, 255} and px.shape[0] > 100:
             make_dicom(f, np.ascontiguousarray(px[: int(px.shape[0] * 0.8), : int(px.shape[1] * 0.8)]), patient_id="x")
             bad = f
-    df = prepare_ddsm(ddsm_copy, _opts(tmp_path))
+    prepare_ddsm(ddsm_copy, _opts(tmp_path))
     rejects = pd.read_csv(tmp_path / "data" / "rejects.csv")
     assert len(rejects) == 1 and str(bad) in rejects.loc[0, "reason"] and "ROI mask is" in rejects.loc[0, "reason"]
     image_id = roi_dir.name.split("_", 1)[1].rsplit("_", 1)[0]

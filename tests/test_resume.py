@@ -8,7 +8,6 @@ import subprocess
 import sys
 import json
 import time
-from pathlib import Path
 
 import pandas as pd
 

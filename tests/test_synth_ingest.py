@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pytest
 
 from cvfast.data.manifest import MANIFEST_COLUMNS, read_manifest
 from cvfast.data.read import read_png

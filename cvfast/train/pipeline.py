@@ -10,7 +10,6 @@ from typing import Callable
 
 import numpy as np
 import pandas as pd
-import torch
 import fastai.callback.progress  # noqa: F401  (Learner.no_bar)
 from fastai.callback.training import GradientAccumulation
 from fastai.learner import Learner
