@@ -83,6 +83,5 @@ def top_start(body: Body) -> str:
         return f"{name}.{len(module) - 1}"
     # a stage that is a single module: the top starts at the first parameter registered after it
     params = [n for n, _ in net.named_parameters()]
-    after = [n for n in params if not (n.startswith(name + ".") or n == name)]
-    first = params.index(next(n for n in params if n.startswith(name + "."))) if any(n.startswith(name + ".") for n in params) else -1
-    return next(n for n in params[first + 1 :] if n in after).rsplit(".", 1)[0]
+    inside = [i for i, n in enumerate(params) if n.startswith(name + ".")]
+    return params[inside[-1] + 1 if inside else 0].rsplit(".", 1)[0]

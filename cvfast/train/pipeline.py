@@ -187,9 +187,10 @@ def train_whole(recipe: dict, data: str | Path, patch: str | Path, out: str | Pa
     """Step 2: convert a trained patch classifier into the whole-image classifier and train it end to end."""
     out = Path(out)
     learn = whole_learner_from_recipe(recipe, data, patch, out)
-    recipe = {**recipe, "inputs": _inputs(data=data, patch_model=patch), "resolved_stages": describe(_schedule(recipe, False))}
+    stages = _schedule(recipe, False)
+    recipe = {**recipe, "inputs": _inputs(data=data, patch_model=patch), "resolved_stages": describe(stages)}
     with learn.no_bar():
-        train_schedule(learn, _schedule(recipe, False), out, recipe, cbs=_stage_cbs(recipe), resume=resume)
+        train_schedule(learn, stages, out, recipe, cbs=_stage_cbs(recipe), resume=resume)
         return _finish(learn, out, recipe, heldout_whole_metrics(learn, data))
 
 
