@@ -353,6 +353,130 @@ def recipes_show(name: Annotated[str, typer.Argument(help="Recipe name or path."
     Console().print(path.read_text(), highlight=False, markup=False)
 
 
+class Level(str, Enum):
+    """Evaluation unit."""
+
+    image = "image"
+    breast = "breast"
+    exam = "exam"
+
+
+class Aggregation(str, Enum):
+    """How a breast's or exam's images are combined."""
+
+    mean = "mean"
+    max = "max"
+
+
+class View(str, Enum):
+    """Result grids of `cvfast show`."""
+
+    batch = "batch"
+    results = "results"
+    top_losses = "top-losses"
+    confusion = "confusion"
+
+
+def _rejects_table(rejects: list[dict], title: str) -> None:
+    table = Table(title=title)
+    table.add_column("input")
+    table.add_column("reason")
+    for r in rejects:
+        table.add_row(str(r["row"] or r["source"]), r["reason"])
+    console.print(table)
+
+
+@app.command()
+@handles_errors
+def predict(model: Annotated[Path, typer.Argument(help="Model: folder, model.json or model.pkl.")],
+            inputs: Annotated[list[Path], typer.Argument(help="Image files (DICOM/PNG/TIFF/PGM), folders, a prepared DATA folder or a CSV with a path column.")],
+            out: Annotated[Path, typer.Option("--out", "-o", help="Predictions CSV (rejected inputs go to OUT.rejects.csv).")] = Path("preds.csv"),
+            ensemble: Annotated[Optional[list[Path]], typer.Option(help="More models to average with MODEL (repeat the option).")] = None,
+            tta: Annotated[bool, typer.Option(help="Test-time augmentation: average over the 4 flips.")] = False,
+            split: Annotated[Optional[str], typer.Option(help="Only this split of a manifest/CSV input (e.g. test).")] = None,
+            bs: Annotated[int, typer.Option(help="Batch size.")] = 8,
+            workers: Annotated[int, typer.Option(help="DataLoader worker processes reading the images.")] = 0,
+            device: Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:1, mps (default: the best available).")] = None) -> None:
+    """Predict the cancer probability (and patch-class probabilities) per image, batched, with the model's own preprocessing."""
+    from cvfast.infer.predict import predict as run_predict, write_predictions
+
+    if bs < 1 or workers < 0:
+        raise CvfastError(f"--bs {bs} / --workers {workers}: batch size at least 1, workers at least 0")
+    result = run_predict([model, *(ensemble or [])], inputs, tta=tta, bs=bs, num_workers=workers, device=device, split=split)
+    if result.rejects:
+        _rejects_table(result.rejects, f"{len(result.rejects)} inputs not predicted")
+    if result.frame.empty:
+        raise CvfastError("nothing could be predicted" + (f"; reasons above and in {out.with_suffix('.rejects.csv')}" if result.rejects else ": no inputs"))
+    write_predictions(result, out)
+    console.print(f"{len(result.frame)} images predicted with {len(result.models)} model(s){' and 4-flip TTA' if tta else ''} -> {out}")
+
+
+@app.command()
+@handles_errors
+def evaluate(preds: Annotated[Path, typer.Argument(help="Predictions CSV from `cvfast predict` (with labels).")],
+             by: Annotated[Level, typer.Option(help="Evaluation unit: image, breast (patient+side) or exam (patient).")] = Level.image,
+             agg: Annotated[Aggregation, typer.Option(help="Combine a breast's/exam's images by mean or max.")] = Aggregation.mean,
+             out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Report folder (default: PREDS name + _eval).")] = None,
+             compare: Annotated[Optional[Path], typer.Option(help="A second model's predictions on the same cases: DeLong + paired bootstrap.")] = None,
+             labels: Annotated[Optional[Path], typer.Option(help="CSV image_id,label when PREDS has no labels.")] = None,
+             split: Annotated[str, typer.Option(help="Rows to evaluate: a split name, 'all', or 'auto' (test when present).")] = "auto",
+             thresholds_from: Annotated[str, typer.Option(help="Operating points chosen on: a split, a predictions CSV, 'auto' (valid when present) or 'self'.")] = "auto",
+             specificity: Annotated[Optional[list[float]], typer.Option(help="Operating points at these specificities (repeat; default 0.8 and 0.9).")] = None,
+             n_boot: Annotated[int, typer.Option(help="Bootstrap resamples of patients.")] = 2000,
+             seed: Annotated[int, typer.Option(help="Bootstrap seed.")] = 0) -> None:
+    """ROC AUC with a patient-bootstrap 95% CI, operating points, calibration, plots; optionally vs a second model."""
+    from cvfast.infer.evaluate import EvalSettings, evaluate_to, report_markdown
+
+    specs = tuple(specificity or (0.8, 0.9))
+    if n_boot < 100 or not all(0 < v < 1 for v in specs):
+        raise CvfastError(f"--n-boot {n_boot} / --specificity {specs}: at least 100 resamples, specificities strictly between 0 and 1")
+    settings = EvalSettings(by=by.value, agg=agg.value, split=None if split == "all" else split,
+                            thresholds_from=None if thresholds_from == "self" else thresholds_from, specificities=specs, n_boot=n_boot, seed=seed)
+    out = out or preds.with_name(f"{preds.stem}_eval")
+    report = evaluate_to(preds, out, settings, compare=compare, labels=labels)
+    typer.echo(report_markdown(report))  # plain: Markdown tables must not be re-wrapped
+    console.print(f"report and plots written to {out}")
+
+
+@app.command()
+@handles_errors
+def heatmap(model: Annotated[Path, typer.Argument(help="Patch model (sliding windows) or whole-image model (class activation map).")],
+            image: Annotated[Path, typer.Argument(help="A mammogram: DICOM, PNG, TIFF or PGM.")],
+            out: Annotated[Path, typer.Option("--out", "-o", help="Overlay PNG (with --map all: OUT_<map>.png per map).")] = Path("overlay.png"),
+            map_: Annotated[Optional[str], typer.Option("--map", help="Map to draw: malignant (default), lesion, a class name, cancer (CAM) or all.")] = None,
+            size: Annotated[str, typer.Option(help="Working size HxW the patch model slides over (the size it was trained at).")] = "1152x896",
+            stride: Annotated[Optional[int], typer.Option(help="Sliding-window stride in pixels (default: patch/4).")] = None,
+            bs: Annotated[int, typer.Option(help="Windows per batch.")] = 64,
+            alpha: Annotated[float, typer.Option(help="Opacity of the heatmap over the image.")] = 0.45,
+            device: Annotated[Optional[str], typer.Option(help="cpu, cuda, ... (default: the best available).")] = None) -> None:
+    """Draw where a model looks, over the mammogram (the overlay keeps the image's aspect)."""
+    from fastai.torch_core import default_device
+
+    from cvfast.infer.heatmap import heatmap as make_heatmap, save_overlay
+
+    if not 0 <= alpha <= 1 or bs < 1:
+        raise CvfastError(f"--alpha {alpha} / --bs {bs}: alpha in [0, 1], batch size at least 1")
+    hm = make_heatmap(model, image, _size(size), stride, bs, device or default_device())
+    paths = save_overlay(hm, out, map_, alpha)
+    console.print(f"{hm.kind} heatmap ({', '.join(hm.maps)}) -> {', '.join(map(str, paths))}")
+
+
+@app.command()
+@handles_errors
+def show(model: Annotated[Path, typer.Argument(help="Model: folder, model.json or model.pkl.")],
+         data: Annotated[Path, typer.Option("--data", help="Patch set (patch models) or prepared DATA folder (whole-image models).")],
+         view: Annotated[View, typer.Option(help="batch, results, top-losses or confusion.")] = View.results,
+         split: Annotated[str, typer.Option(help="valid or test.")] = "valid",
+         n: Annotated[int, typer.Option(help="Images in the grid.")] = 9,
+         out: Annotated[Path, typer.Option("--out", "-o", help="PNG of the grid.")] = Path("show.png")) -> None:
+    """fastai's show_batch / show_results / top losses / confusion matrix of a trained model, as a PNG."""
+    from cvfast.infer.show import show as run_show
+
+    if n < 1:
+        raise CvfastError(f"--n {n}: must be at least 1")
+    console.print(f"written {run_show(model, data, out, view=view.value, split=split, n=n)}")
+
+
 @app.command()
 @handles_errors
 def demo(out: Annotated[Path, typer.Option(help="Folder for everything the demo makes.")] = Path("demo-out"),

@@ -139,12 +139,14 @@ def _with_valid(df: pd.DataFrame, where: str) -> pd.DataFrame:
 
 
 def _dataloaders(df: pd.DataFrame, classes: list[str], label_col: str, bs: int, augment: bool, balance: bool,
-                 file_size: tuple[int, int], size: tuple[int, int] | None, num_workers: int, seed: int | None, **kwargs) -> DataLoaders:
+                 file_size: tuple[int, int], size: tuple[int, int] | None, num_workers: int, seed: int | None,
+                 mean: float | None = None, **kwargs) -> DataLoaders:
     """Build the DataBlock over a DataFrame with absolute 'path' and label columns; attach DataInfo as dls.info.
 
-    `size` other than the files' size resizes on the fly (a batch transform, train and valid alike).
+    `size` other than the files' size resizes on the fly (a batch transform, train and valid alike). `mean` is a
+    trained model's stored mean grey (default: computed on the train split).
     """
-    mean = mean_grey(df.loc[~df["is_valid"], "path"].tolist(), seed=seed or 0)
+    mean = mean if mean is not None else mean_grey(df.loc[~df["is_valid"], "path"].tolist(), seed=seed or 0)
     resize_to = tuple(size) if size is not None and tuple(size) != tuple(file_size) else None
     if augment:
         geometry = paper_augmentation(size=resize_to)
@@ -168,7 +170,7 @@ def _dataloaders(df: pd.DataFrame, classes: list[str], label_col: str, bs: int, 
 
 
 def patch_dataloaders(patches: str | Path, bs: int = 32, augment: bool = True, balance: bool = True, size: int | None = None,
-                      num_workers: int = 0, seed: int | None = 0, **kwargs) -> DataLoaders:
+                      num_workers: int = 0, seed: int | None = 0, mean: float | None = None, **kwargs) -> DataLoaders:
     """DataLoaders for a patch set (folder from `cvfast patches` or its patches.csv): 5 classes, class-balanced."""
     path = Path(patches)
     csv = path / PATCH_MANIFEST if path.is_dir() else path
@@ -180,16 +182,17 @@ def patch_dataloaders(patches: str | Path, bs: int = 32, augment: bool = True, b
     df = _with_valid(df, str(csv))
     file_size = read_png(df["path"].iloc[0]).shape
     return _dataloaders(df, PATCH_CLASSES, "label", bs, augment, balance, file_size, (size, size) if size else None,
-                        num_workers, seed, **kwargs)
+                        num_workers, seed, mean, **kwargs)
 
 
 def whole_image_dataloaders(data: str | Path, bs: int = 2, augment: bool = True, balance: bool = False,
-                            size: tuple[int, int] | None = None, num_workers: int = 0, seed: int | None = 0, **kwargs) -> DataLoaders:
+                            size: tuple[int, int] | None = None, num_workers: int = 0, seed: int | None = 0, mean: float | None = None,
+                            **kwargs) -> DataLoaders:
     """DataLoaders for whole images of a prepared DATA folder: label cancer / no_cancer."""
     df = read_manifest(data)
     df = _with_valid(df, str(data)).assign(target=lambda d: [WHOLE_IMAGE_CLASSES[v] for v in d["label"]])
     file_size = read_png(df["path"].iloc[0]).shape
-    return _dataloaders(df, WHOLE_IMAGE_CLASSES, "target", bs, augment, balance, file_size, size, num_workers, seed, **kwargs)
+    return _dataloaders(df, WHOLE_IMAGE_CLASSES, "target", bs, augment, balance, file_size, size, num_workers, seed, mean, **kwargs)
 
 
 def save_batch_grid(dls: DataLoaders, path: str | Path, max_n: int = 16) -> Path:

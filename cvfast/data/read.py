@@ -99,7 +99,7 @@ def read_dicom(path: str | os.PathLike) -> Mammogram:
     return Mammogram(
         pixels=pixels,
         source=str(path),
-        laterality=_norm_side(ds.get("ImageLaterality") or ds.get("Laterality")),
+        laterality=norm_side(ds.get("ImageLaterality") or ds.get("Laterality")),
         view=(str(ds.get("ViewPosition")) or None) if ds.get("ViewPosition") else None,
         pixel_spacing=(float(spacing[0]), float(spacing[1])) if spacing else None,
         patient_id=str(ds.get("PatientID")) if ds.get("PatientID") else None,
@@ -129,7 +129,7 @@ def _to_uint16(arr: np.ndarray, lo: float, hi: float) -> np.ndarray:
     return np.clip(out + 0.5, 0, 65535).astype(np.uint16)
 
 
-def _norm_side(value) -> str | None:
+def norm_side(value) -> str | None:
     """'L'/'R' from DICOM laterality or a file name token."""
     v = str(value or "").strip().upper()
     return {"L": "L", "LEFT": "L", "R": "R", "RIGHT": "R"}.get(v)

@@ -1,0 +1,276 @@
+"""Honest evaluation of a predictions file: AUC with a patient bootstrap CI, operating points, calibration, comparison."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+import numpy as np
+import pandas as pd
+from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score, roc_curve
+
+from cvfast.data.read import atomic_write_bytes
+from cvfast.errors import CvfastError
+from cvfast.infer.stats import at_threshold, calibration, delong_test, patient_bootstrap_aucs, thresholds_at
+
+log = logging.getLogger(__name__)
+
+LEVELS = ("image", "breast", "exam")
+AGGREGATIONS = ("mean", "max")
+
+
+@dataclass
+class EvalSettings:
+    """How to evaluate: unit (image/breast/exam), how views are combined, which rows, where thresholds come from."""
+
+    by: str = "image"
+    agg: str = "mean"
+    split: str | None = "auto"  # 'auto': the test rows when the file has a split column, else all rows
+    thresholds_from: str | None = "auto"  # a split name, a predictions CSV, or 'auto': valid rows if present
+    specificities: tuple[float, ...] = (0.8, 0.9)
+    n_boot: int = 2000
+    seed: int = 0
+    score: str = "p_cancer"
+
+
+def read_predictions(path: str | Path, labels: str | Path | None = None, score: str = "p_cancer") -> pd.DataFrame:
+    """A predictions CSV (from `cvfast predict`) with checked 0/1 labels; labels may come from a second CSV by image_id."""
+    path = Path(path)
+    if not path.is_file():
+        raise CvfastError(f"{path}: no such predictions file")
+    try:
+        df = pd.read_csv(path, dtype={c: str for c in ("image_id", "patient_id", "side", "view", "exam_id", "split")})
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+        raise CvfastError(f"{path}: not a readable CSV ({e})") from None
+    for col in ("image_id", score):
+        if col not in df.columns:
+            raise CvfastError(f"{path}: no {col!r} column; is this a `cvfast predict` output?")
+    if labels is not None:
+        lab = pd.read_csv(labels, dtype={"image_id": str})
+        if not {"image_id", "label"} <= set(lab.columns):
+            raise CvfastError(f"{labels}: a labels file needs image_id and label columns")
+        df = df.drop(columns=["label"], errors="ignore").merge(lab[["image_id", "label"]], on="image_id", how="left")
+    if "label" not in df.columns:
+        raise CvfastError(f"{path}: no 'label' column, so there is nothing to evaluate against. Predict on a manifest or a CSV "
+                          "with labels, or pass --labels CSV (image_id,label)")
+    missing = df["label"].isna()
+    if missing.any():
+        raise CvfastError(f"{path}: {int(missing.sum())} rows have no label (e.g. image_id {', '.join(df.loc[missing, 'image_id'].head(3))}); "
+                          "evaluate needs every row labelled")
+    bad = ~df["label"].isin([0, 1])
+    if bad.any():
+        row = df.index[bad][0]
+        raise CvfastError(f"{path}: row {row + 2} (image_id {df.at[row, 'image_id']}): label {df.at[row, 'label']!r}, expected 0 or 1")
+    s = pd.to_numeric(df[score], errors="coerce")
+    if s.isna().any() or (s < 0).any() or (s > 1).any():
+        row = df.index[s.isna() | (s < 0) | (s > 1)][0]
+        raise CvfastError(f"{path}: row {row + 2}: {score} {df.at[row, score]!r} is not a probability in [0, 1]")
+    return df.assign(label=df["label"].astype(int), **{score: s})
+
+
+def aggregate(df: pd.DataFrame, by: str = "image", agg: str = "mean", score: str = "p_cancer") -> pd.DataFrame:
+    """Predictions per image, per breast (patient, exam, side) or per exam (patient, exam): score mean|max, label max.
+
+    Without an exam_id column, a patient's images are taken as one exam.
+    """
+    if by not in LEVELS or agg not in AGGREGATIONS:
+        raise CvfastError(f"--by {by} / --agg {agg}: expected one of {LEVELS} / {AGGREGATIONS}")
+    if "patient_id" not in df.columns or df["patient_id"].isna().any():
+        raise CvfastError("predictions lack patient_id for some rows; the patient bootstrap (and breast/exam levels) need it")
+    if by == "image":
+        return df.assign(unit=df["image_id"], n_images=1)
+    df = df.assign(exam=df["exam_id"].fillna(df["patient_id"]) if "exam_id" in df.columns else df["patient_id"])
+    keys = ["patient_id", "exam"] + (["side"] if by == "breast" else [])
+    if by == "breast" and ("side" not in df.columns or df["side"].isna().any()):
+        rows = df["image_id"][df["side"].isna()].head(3).tolist() if "side" in df.columns else "all"
+        raise CvfastError(f"--by breast needs the side (L/R) of every image; missing for {rows}")
+    g = df.groupby(keys, sort=True)
+    out = g.agg(label=("label", "max"), n_images=("image_id", "size"), **{score: (score, agg)}).reset_index()
+    if "split" in df.columns:
+        out["split"] = g["split"].first().to_numpy()
+    out["unit"] = out[keys].astype(str).agg("/".join, axis=1)
+    return out
+
+
+def _units(path: str | Path, st: EvalSettings, labels: str | Path | None = None) -> pd.DataFrame:
+    """A predictions file read, checked and aggregated to the evaluation unit."""
+    return aggregate(read_predictions(path, labels, st.score), st.by, st.agg, st.score)
+
+
+def _select(df: pd.DataFrame, split: str | None) -> tuple[pd.DataFrame, str]:
+    """The rows to evaluate and a description of them."""
+    if split == "auto":
+        split = "test" if "split" in df.columns and (df["split"] == "test").any() else None
+    if split is None:
+        return df, "all rows"
+    if "split" not in df.columns:
+        raise CvfastError(f"--split {split}: the predictions have no split column")
+    sel = df[df["split"] == split]
+    if sel.empty:
+        raise CvfastError(f"--split {split}: no rows of that split (splits present: {sorted(df['split'].dropna().unique())})")
+    return sel, f"split {split}"
+
+
+def _threshold_rows(df: pd.DataFrame, evaluated: pd.DataFrame, source: str | None, settings: EvalSettings) -> tuple[pd.DataFrame, str]:
+    """Rows the operating points are chosen on: never the evaluated rows unless nothing else exists (then flagged)."""
+    if source == "auto":
+        source = "valid" if "split" in df.columns and (df["split"] == "valid").any() and not evaluated["split"].eq("valid").all() else None
+    if source is None:
+        return evaluated, "the evaluated rows themselves (optimistic: no separate validation predictions)"
+    if Path(source).suffix == ".csv":
+        return _units(source, settings), f"predictions in {source}"
+    rows = df[df["split"] == source] if "split" in df.columns else df.iloc[:0]
+    if rows.empty:
+        raise CvfastError(f"--thresholds-from {source}: no rows of split {source!r} and not a .csv file")
+    return rows, f"split {source}"
+
+
+def evaluate(preds: str | Path, settings: EvalSettings | None = None, compare: str | Path | None = None,
+             labels: str | Path | None = None) -> dict:
+    """The evaluation report (a dict) of a predictions CSV, optionally compared with a second model's predictions."""
+    st = settings or EvalSettings()
+    units = _units(preds, st, labels)
+    rows, rows_desc = _select(units, st.split)
+    y, s = rows["label"].to_numpy(), rows[st.score].to_numpy(dtype=np.float64)
+    if y.min() == y.max():
+        raise CvfastError(f"{preds}: the evaluated rows ({rows_desc}, {len(rows)} {st.by}s) are all label {y[0]}; ROC AUC needs both classes")
+    ref, ref_desc = _threshold_rows(units, rows, st.thresholds_from, st)
+    yr, sr = ref["label"].to_numpy(), ref[st.score].to_numpy(dtype=np.float64)
+    if yr.min() == yr.max():
+        raise CvfastError(f"operating points: {ref_desc} hold only label {yr[0]}; both classes are needed")
+    auc = float(roc_auc_score(y, s))
+    boot = patient_bootstrap_aucs(y, [s], rows["patient_id"].to_numpy(), st.n_boot, st.seed)[:, 0]
+    report = {
+        "predictions": str(preds), "level": st.by, "aggregation": st.agg if st.by != "image" else None, "rows": rows_desc,
+        "n": int(len(rows)), "n_positive": int(y.sum()), "n_patients": int(rows["patient_id"].nunique()),
+        "auc": auc, "auc_ci95": [float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))],
+        "ci_method": f"percentile bootstrap over patients, {len(boot)} valid resamples of {st.n_boot}, seed {st.seed}",
+        "average_precision": float(average_precision_score(y, s)),
+        "thresholds_chosen_on": ref_desc,
+        "operating_points": {name: at_threshold(y, s, t) for name, t in thresholds_at(yr, sr, st.specificities).items()},
+        "calibration": calibration(y, s),
+    }
+    if compare is not None:
+        report["comparison"] = _compare(rows, compare, st)
+    return report
+
+
+def _compare(rows: pd.DataFrame, other_path: str | Path, st: EvalSettings) -> dict:
+    """DeLong's test and a paired patient bootstrap of the AUC difference on the cases both files predict."""
+    other = _units(other_path, st)
+    both = rows.merge(other[["unit", st.score, "label"]], on="unit", suffixes=("", "_b"))
+    if len(both) < len(rows):
+        log.warning("comparison: %d of %d %ss are not in %s and are left out of the comparison", len(rows) - len(both), len(rows), st.by, other_path)
+    if both.empty:
+        raise CvfastError(f"{other_path}: shares no {st.by}s with the evaluated predictions")
+    if (both["label"] != both["label_b"]).any():
+        raise CvfastError(f"{other_path}: labels differ from the evaluated file's on the same {st.by}s")
+    y, a, b = both["label"].to_numpy(), both[st.score].to_numpy(float), both[f"{st.score}_b"].to_numpy(float)
+    boot = patient_bootstrap_aucs(y, [a, b], both["patient_id"].to_numpy(), st.n_boot, st.seed)
+    diff = boot[:, 0] - boot[:, 1]
+    p_boot = float(min(1.0, 2 * min((diff <= 0).mean(), (diff >= 0).mean())))
+    return {"other": str(other_path), "n_common": int(len(both)), "n_left_out": int(len(rows) - len(both)),
+            "delong": delong_test(y, a, b),
+            "paired_bootstrap": {"difference": float(roc_auc_score(y, a) - roc_auc_score(y, b)),
+                                 "difference_ci95": [float(np.percentile(diff, 2.5)), float(np.percentile(diff, 97.5))],
+                                 "p_value": p_boot, "resamples": int(len(diff))}}
+
+
+def write_report(report: dict, preds: str | Path, out: str | Path, settings: EvalSettings | None = None,
+                 compare: str | Path | None = None, labels: str | Path | None = None) -> dict[str, Path]:
+    """report.json, report.md, roc.png, pr.png and calibration.png in OUT (each written atomically)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    st = settings or EvalSettings()
+    out = Path(out)
+    units = _units(preds, st, labels)
+    rows, _ = _select(units, st.split)
+    y, s = rows["label"].to_numpy(), rows[st.score].to_numpy(float)
+    curves = [("this model", y, s, report)]
+    if compare is not None:
+        other = _units(compare, st)
+        both = rows[["unit"]].merge(other, on="unit")
+        curves.append((Path(compare).name, both["label"].to_numpy(), both[st.score].to_numpy(float), None))
+    paths = {}
+
+    def save(fig, name: str) -> None:
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+        plt.close(fig)
+        atomic_write_bytes(out / name, buf.getvalue())
+        paths[name] = out / name
+
+    fig, ax = plt.subplots(figsize=(5, 5))
+    for name, yy, ss, rep in curves:
+        fpr, tpr, _ = roc_curve(yy, ss)
+        extra = f" [{rep['auc_ci95'][0]:.3f}, {rep['auc_ci95'][1]:.3f}]" if rep else ""
+        ax.plot(fpr, tpr, label=f"{name}: AUC {roc_auc_score(yy, ss):.3f}{extra}")
+    for name, op in report["operating_points"].items():
+        if op["specificity"] is not None and op["sensitivity"] is not None:
+            ax.plot(1 - op["specificity"], op["sensitivity"], "o", label=f"{name} (t={op['threshold']:.3g})")
+    ax.plot([0, 1], [0, 1], ":", color="grey")
+    ax.set(xlabel="1 - specificity", ylabel="sensitivity", title=f"ROC per {st.by} ({report['rows']})")
+    ax.legend(fontsize=7, loc="lower right")
+    save(fig, "roc.png")
+    fig, ax = plt.subplots(figsize=(5, 5))
+    for name, yy, ss, _ in curves:
+        prec, rec, _ = precision_recall_curve(yy, ss)
+        ax.plot(rec, prec, label=f"{name}: AP {average_precision_score(yy, ss):.3f}")
+    ax.axhline(y.mean(), ls=":", color="grey", label=f"prevalence {y.mean():.3f}")
+    ax.set(xlabel="recall (sensitivity)", ylabel="precision (PPV)", title=f"precision-recall per {st.by}")
+    ax.legend(fontsize=7)
+    save(fig, "pr.png")
+    fig, ax = plt.subplots(figsize=(5, 5))
+    bins = report["calibration"]["bins"]
+    ax.plot([b["mean_predicted"] for b in bins], [b["fraction_positive"] for b in bins], "o-", label=f"ECE {report['calibration']['ece']:.3f}")
+    ax.plot([0, 1], [0, 1], ":", color="grey")
+    ax.set(xlabel="mean predicted probability", ylabel="fraction with cancer", title="calibration", xlim=(0, 1), ylim=(0, 1))
+    ax.legend(fontsize=7)
+    save(fig, "calibration.png")
+    atomic_write_bytes(out / "report.json", json.dumps(report, indent=1).encode())
+    atomic_write_bytes(out / "report.md", report_markdown(report).encode())
+    paths.update({"report.json": out / "report.json", "report.md": out / "report.md"})
+    return paths
+
+
+def report_markdown(report: dict) -> str:
+    """The report as Markdown tables."""
+    def f(v) -> str:
+        return "n/a" if v is None else f"{v:.3f}"
+
+    lo, hi = report["auc_ci95"]
+    lines = [f"# Evaluation of {report['predictions']}", "",
+             f"Per **{report['level']}**" + (f" ({report['aggregation']} over its images)" if report["aggregation"] else "") +
+             f", {report['rows']}: {report['n']} cases ({report['n_positive']} with cancer) from {report['n_patients']} patients.", "",
+             f"- ROC AUC **{report['auc']:.3f}** (95% CI {lo:.3f}-{hi:.3f}; {report['ci_method']})",
+             f"- average precision {report['average_precision']:.3f}",
+             f"- calibration: ECE {report['calibration']['ece']:.3f}, Brier {report['calibration']['brier']:.3f}", "",
+             f"Operating points (thresholds chosen on {report['thresholds_chosen_on']}):", "",
+             "| operating point | threshold | sensitivity | specificity | PPV | NPV | TP | FP | TN | FN |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for name, op in report["operating_points"].items():
+        c = op["confusion"]
+        lines.append(f"| {name} | {op['threshold']:.4g} | {f(op['sensitivity'])} | {f(op['specificity'])} | {f(op['ppv'])} | {f(op['npv'])} "
+                     f"| {c['tp']} | {c['fp']} | {c['tn']} | {c['fn']} |")
+    if "comparison" in report:
+        c = report["comparison"]
+        d, b = c["delong"], c["paired_bootstrap"]
+        lines += ["", f"## Comparison with {c['other']} ({c['n_common']} common cases, {c['n_left_out']} left out)", "",
+                  "| test | AUC difference (this - other) | 95% CI | p |", "|---|---|---|---|",
+                  f"| DeLong (cases independent) | {d['difference']:+.3f} | {d['difference'] - 1.96 * d['se']:+.3f} to {d['difference'] + 1.96 * d['se']:+.3f} | {d['p_value']:.3g} |",
+                  f"| paired bootstrap over patients | {b['difference']:+.3f} | {b['difference_ci95'][0]:+.3f} to {b['difference_ci95'][1]:+.3f} | {b['p_value']:.3g} |"]
+    lines += ["", "Plots: roc.png, pr.png, calibration.png."]
+    return "\n".join(lines) + "\n"
+
+
+def evaluate_to(preds: str | Path, out: str | Path, settings: EvalSettings | None = None, compare: str | Path | None = None,
+                labels: str | Path | None = None) -> dict:
+    """evaluate() and write its report and plots to OUT; returns the report."""
+    report = evaluate(preds, settings, compare, labels)
+    write_report(report, preds, out, settings, compare, labels)
+    return report
+

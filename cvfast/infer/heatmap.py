@@ -1,0 +1,152 @@
+"""Where a model looks: sliding-window class heatmaps of a patch classifier, class activation maps of a whole-image model."""
+
+from __future__ import annotations
+
+import io
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cvfast.data.read import WORKING_SIZE, atomic_write_bytes, read_mammogram, resize
+from cvfast.errors import CvfastError
+from cvfast.infer.predict import MALIGNANT_PATCH_CLASSES
+from cvfast.models.whole import WholeImageClassifier
+from cvfast.train.export import load_model
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Heatmap:
+    """Score maps over a mammogram, each (height, width) at the working size, values in [0, 1]."""
+
+    image: np.ndarray  # the working-size image, floats in [0, 1]
+    maps: dict[str, np.ndarray]
+    kind: str  # 'sliding-window' or 'cam'
+    orig_shape: tuple[int, int]  # the source image's (height, width): the overlay's aspect
+    info: dict = field(default_factory=dict)
+
+
+def _image(source: str | Path | np.ndarray, size: tuple[int, int]) -> tuple[np.ndarray, tuple[int, int]]:
+    """A file or uint16 array as the working-size [0, 1] float image (prepare's resize) and its original shape."""
+    pixels = source if isinstance(source, np.ndarray) else read_mammogram(source).pixels
+    if pixels.dtype != np.uint16:
+        raise CvfastError(f"heatmap input array must be uint16 (got {pixels.dtype}); read files with cvfast.data.read.read_mammogram")
+    return resize(pixels, size).astype(np.float32) / 65535, tuple(pixels.shape)
+
+
+def _starts(length: int, window: int, stride: int) -> list[int]:
+    """Window offsets covering [0, length): every `stride`, plus one flush with the end."""
+    starts = list(range(0, length - window + 1, stride))
+    if starts[-1] != length - window:
+        starts.append(length - window)
+    return starts
+
+
+@torch.no_grad()
+def sliding_window_heatmap(model: nn.Module, sidecar: dict, source: str | Path | np.ndarray, image_size: tuple[int, int] = WORKING_SIZE,
+                           stride: int | None = None, bs: int = 64, device: str | torch.device = "cpu") -> Heatmap:
+    """A patch classifier's class probabilities for every window of the working-size image (batched).
+
+    Each pixel gets the mean probability of the windows covering it. Maps: one per class, plus 'malignant'
+    (calc_malignant + mass_malignant) and 'lesion' (1 - background).
+    """
+    if stride is not None and stride < 1:
+        raise CvfastError(f"--stride {stride}: must be at least 1")
+    p = int(sidecar["size"][0])
+    stride = stride or max(1, p // 4)
+    image, orig = _image(source, image_size)
+    h, w = image.shape
+    if h < p or w < p:
+        raise CvfastError(f"image size {h}x{w} is smaller than the model's {p}-pixel patches")
+    x = torch.from_numpy(image - float(sidecar["mean_grey"]))[None, None].to(device)
+    ys, xs = _starts(h, p, stride), _starts(w, p, stride)
+    corners = [(y, x0) for y in ys for x0 in xs]
+    model = model.to(device).eval()
+    probs = []
+    for i in range(0, len(corners), bs):
+        batch = torch.cat([x[..., y:y + p, x0:x0 + p] for y, x0 in corners[i:i + bs]])
+        probs.append(torch.softmax(model(batch), dim=1).cpu())
+    probs = torch.cat(probs).numpy()
+    classes = sidecar["classes"]
+    total, count = np.zeros((len(classes), h, w), np.float32), np.zeros((h, w), np.float32)
+    for (y, x0), pr in zip(corners, probs):
+        total[:, y:y + p, x0:x0 + p] += pr[:, None, None]
+        count[y:y + p, x0:x0 + p] += 1
+    maps = {c: total[i] / count for i, c in enumerate(classes)}
+    if all(c in maps for c in MALIGNANT_PATCH_CLASSES):
+        maps["malignant"] = sum(maps[c] for c in MALIGNANT_PATCH_CLASSES)
+    if "background" in maps:
+        maps["lesion"] = 1 - maps["background"]
+    return Heatmap(image, maps, "sliding-window", orig, {"patch": p, "stride": stride, "windows": len(corners)})
+
+
+@torch.no_grad()
+def class_activation_map(model: WholeImageClassifier, sidecar: dict, source: str | Path | np.ndarray, device: str | torch.device = "cpu") -> Heatmap:
+    """A whole-image model's class activation map from its last convolutional block (Zhou et al. 2016).
+
+    The top's features weighted by the FC layer's cancer-minus-no-cancer weights give a per-position logit whose
+    spatial mean plus the bias is the model's logit; the map is its sigmoid, a local cancer probability.
+    """
+    image, orig = _image(source, tuple(sidecar["size"]))
+    x = torch.from_numpy(image - float(sidecar["mean_grey"]))[None, None].to(device)
+    model = model.to(device).eval()
+    f = model.body(x)
+    if model.heatmap is not None:
+        f = torch.relu(model.heatmap(f))
+    f = model.top(f)
+    fc = model.head[-1]
+    cancer, normal = sidecar["classes"].index("cancer"), sidecar["classes"].index("no_cancer")
+    weight = fc.weight[cancer] - fc.weight[normal]
+    cam = torch.einsum("c,bchw->bhw", weight, f) + (fc.bias[cancer] - fc.bias[normal])
+    cam = F.interpolate(cam[:, None], size=image.shape, mode="bilinear", align_corners=False)[0, 0]
+    return Heatmap(image, {"cancer": torch.sigmoid(cam).cpu().numpy()}, "cam", orig,
+                   {"feature_map": list(f.shape[-2:]), "p_cancer": float(torch.sigmoid(cam.mean()))})
+
+
+def heatmap(model_path: str | Path, source: str | Path | np.ndarray, image_size: tuple[int, int] | None = None, stride: int | None = None,
+            bs: int = 64, device: str | torch.device = "cpu") -> Heatmap:
+    """The heatmap suited to the model: sliding windows for a patch classifier, a CAM for a whole-image model."""
+    model, sidecar = load_model(model_path)
+    if sidecar["kind"] == "patch":
+        return sliding_window_heatmap(model, sidecar, source, image_size or WORKING_SIZE, stride, bs, device)
+    if image_size is not None and tuple(image_size) != tuple(sidecar["size"]):
+        log.warning("a whole-image model sees images at its own size %s; --size ignored", sidecar["size"])
+    return class_activation_map(model, sidecar, source, device)
+
+
+def overlay(hm: Heatmap, name: str, alpha: float = 0.45, height: int | None = None) -> np.ndarray:
+    """The map blended over the mammogram as an RGB uint8 array with the source image's aspect (inferno colours, 0..1)."""
+    import matplotlib
+
+    if name not in hm.maps:
+        raise CvfastError(f"no map {name!r}; this heatmap has {', '.join(hm.maps)}")
+    oh, ow = hm.orig_shape
+    height = height or hm.image.shape[0]
+    size = (height, max(1, round(height * ow / oh)))
+    grey = resize(hm.image, size)  # back to the source's aspect (the working size ignores it, as in the paper)
+    heat = resize(hm.maps[name].astype(np.float32), size)
+    colours = matplotlib.colormaps["inferno"](np.clip(heat, 0, 1))[..., :3]
+    rgb = (1 - alpha) * np.clip(grey, 0, 1)[..., None] + alpha * colours
+    return (rgb * 255 + 0.5).astype(np.uint8)
+
+
+def save_overlay(hm: Heatmap, out: str | Path, name: str | None = None, alpha: float = 0.45) -> list[Path]:
+    """Write the overlay PNG(s): one map, or with name='all' every map as OUT_<map>.png."""
+    from PIL import Image
+
+    out = Path(out)
+    names = list(hm.maps) if name == "all" else [name or ("malignant" if "malignant" in hm.maps else next(iter(hm.maps)))]
+    written = []
+    for n in names:
+        path = out.with_name(f"{out.stem}_{n}{out.suffix}") if name == "all" else out
+        buf = io.BytesIO()
+        Image.fromarray(overlay(hm, n, alpha)).save(buf, format="PNG")
+        atomic_write_bytes(path, buf.getvalue())
+        written.append(path)
+    return written

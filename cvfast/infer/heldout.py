@@ -1,0 +1,52 @@
+"""Held-out metrics of a freshly trained learner, through the learner's own data pipeline."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from fastai.learner import Learner
+from sklearn.metrics import accuracy_score, roc_auc_score
+
+from cvfast.data.blocks import WHOLE_IMAGE_CLASSES
+from cvfast.data.manifest import PATCH_CLASSES, read_manifest
+
+log = logging.getLogger(__name__)
+
+
+def predict_frame(learn: Learner, df: pd.DataFrame) -> np.ndarray:
+    """Class probabilities for the rows of a frame with a 'path' column, through the learner's own pipeline."""
+    dl = learn.dls.test_dl(df.reset_index(drop=True))
+    probs, _ = learn.get_preds(dl=dl)
+    return probs.numpy()
+
+
+def heldout_whole_metrics(learn: Learner, data: str | Path, split: str = "test") -> dict:
+    """Image-level ROC AUC and accuracy on a held-out split of a prepared DATA folder."""
+    df = read_manifest(data)
+    df = df[df["split"] == split]
+    if df.empty or df["label"].nunique() < 2:
+        log.warning("no %s split with both classes in %s: held-out AUC not computed", split, data)
+        return {}
+    p = predict_frame(learn, df)[:, WHOLE_IMAGE_CLASSES.index("cancer")]
+    return {f"{split}_auc": float(roc_auc_score(df["label"], p)), f"{split}_accuracy": float(accuracy_score(df["label"], p > 0.5)),
+            f"{split}_images": int(len(df))}
+
+
+def heldout_patch_metrics(learn: Learner, patches: str | Path, split: str = "test") -> dict:
+    """Patch accuracy (5 classes) and one-vs-rest macro AUC on a held-out split of a patch set."""
+    csv = Path(patches) / "patches.csv" if Path(patches).is_dir() else Path(patches)
+    df = pd.read_csv(csv)
+    df = df[df["split"] == split].assign(path=lambda d: [str(csv.parent / p) for p in d["path"]])
+    if df.empty:
+        return {}
+    probs = predict_frame(learn, df)
+    y = df["class_idx"].to_numpy()
+    out = {f"{split}_accuracy": float(accuracy_score(y, probs.argmax(1))), f"{split}_patches": int(len(df))}
+    present = sorted(set(y))
+    if len(present) > 1:
+        out[f"{split}_macro_auc"] = float(np.mean([roc_auc_score(y == c, probs[:, c]) for c in present]))
+    out["classes"] = PATCH_CLASSES
+    return out

@@ -1,0 +1,197 @@
+"""Batched prediction with a trained model (or an ensemble), with the preprocessing stored beside it."""
+
+from __future__ import annotations
+
+import io
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+import fastai.callback.progress  # noqa: F401  (Learner.no_bar)
+import torch
+from fastai.callback.core import Callback
+from fastai.data.core import DataLoaders
+from fastai.data.load import DataLoader
+from fastai.learner import Learner
+from fastai.losses import CrossEntropyLossFlat
+from fastai.torch_core import default_device
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from torch import nn
+
+from cvfast.data.manifest import REJECT_COLUMNS
+from cvfast.data.read import atomic_write_bytes, read_mammogram, resize
+from cvfast.errors import CvfastError
+from cvfast.infer.inputs import collect_inputs
+from cvfast.train.export import load_model
+
+log = logging.getLogger(__name__)
+
+# the 4 flips of test-time augmentation, as tensor dims to flip (none, horizontal, vertical, both)
+TTA_FLIPS: tuple[tuple[int, ...], ...] = ((), (-1,), (-2,), (-2, -1))
+MALIGNANT_PATCH_CLASSES = ("calc_malignant", "mass_malignant")
+
+
+class MammogramFiles(torch.utils.data.Dataset):
+    """Images read and resized exactly as `prepare` caches them, as floats in [0, 1] (the training scale).
+
+    Items are (image, failed): an unreadable file gives a zero image and failed=1, so one bad file cannot stop
+    a batch; its reason is looked up afterwards.
+    """
+
+    def __init__(self, paths: Sequence[str], size: tuple[int, int]):
+        self.paths, self.size = list(paths), tuple(size)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        try:
+            pixels = resize(read_mammogram(self.paths[i]).pixels, self.size)
+        except CvfastError:
+            return torch.zeros(1, *self.size), torch.tensor(1)
+        # same arithmetic as training's IntToFloatTensor(div=65535): float32 values / 65535
+        return torch.from_numpy(pixels.astype(np.float32) / 65535)[None], torch.tensor(0)
+
+
+class AveragedProbabilities(nn.Module):
+    """Mean class probabilities of one or more models over test-time flips; input: [0, 1] images.
+
+    Each member subtracts its own training mean grey, so models trained on different data can be averaged.
+    """
+
+    def __init__(self, models: Sequence[nn.Module], means: Sequence[float], flips: Sequence[tuple[int, ...]] = ((),)):
+        super().__init__()
+        self.members = nn.ModuleList(models)
+        self.means = [float(m) for m in means]
+        self.flips = [tuple(f) for f in flips]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Averaged softmax probabilities, (batch, classes)."""
+        total = 0.0
+        for model, mean in zip(self.members, self.means):
+            z = x - mean
+            for dims in self.flips:
+                total = total + torch.softmax(model(z.flip(dims) if dims else z), dim=1)
+        return total / (len(self.members) * len(self.flips))
+
+
+class RichProgress(Callback):
+    """A rich progress bar over the batches of get_preds (fastai's own bar is for notebooks and training)."""
+
+    order = 60
+
+    def __init__(self, description: str = "predicting"):
+        self.description = description
+
+    def before_validate(self):
+        """Start the bar."""
+        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+        self.bar = Progress(*columns, transient=True)
+        self.bar.start()
+        self.task = self.bar.add_task(self.description, total=len(self.dl.dataset))
+
+    def after_batch(self):
+        """Advance by the batch's images."""
+        self.bar.advance(self.task, len(self.xb[0]))
+
+    def after_validate(self):
+        """Close the bar."""
+        self.bar.stop()
+
+
+@dataclass
+class Predictions:
+    """One row per predicted image (identity columns, p_<class>, p_cancer), the rejected inputs, and the models used."""
+
+    frame: pd.DataFrame
+    rejects: list[dict] = field(default_factory=list)
+    models: list[dict] = field(default_factory=list)
+
+
+def load_members(models: Sequence[str | Path]) -> list[tuple[nn.Module, dict]]:
+    """Load the models of an ensemble and check they predict the same classes."""
+    if not models:
+        raise CvfastError("no model given")
+    members = [load_model(m) for m in models]
+    classes = members[0][1]["classes"]
+    for path, (_, sidecar) in zip(models, members):
+        if sidecar["classes"] != classes:
+            raise CvfastError(f"{path}: predicts {sidecar['classes']}, but {models[0]} predicts {classes}; an ensemble needs one class order")
+    return members
+
+
+def inference_learner(model: nn.Module, dl: DataLoader) -> Learner:
+    """A fastai Learner around a model, only for get_preds on `dl`."""
+    return Learner(DataLoaders(dl, dl), model, loss_func=CrossEntropyLossFlat())
+
+
+def predict_probabilities(members: Sequence[tuple[nn.Module, dict]], paths: Sequence[str], tta: bool = False, bs: int = 8,
+                          num_workers: int = 0, device: str | torch.device | None = None, progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Averaged class probabilities (n, classes) for image files, and a mask of the files that could not be read.
+
+    Members trained at different sizes are run in one pass per size; files are read by `num_workers` processes.
+    """
+    device = torch.device(device) if device is not None else default_device()
+    flips = TTA_FLIPS if tta else ((),)
+    by_size: dict[tuple[int, int], list[tuple[nn.Module, dict]]] = {}
+    for model, sidecar in members:
+        by_size.setdefault(tuple(sidecar["size"]), []).append((model, sidecar))
+    total, failed = None, np.zeros(len(paths), dtype=bool)
+    for size, group in by_size.items():
+        dl = DataLoader(MammogramFiles(paths, size), bs=bs, shuffle=False, drop_last=False, num_workers=num_workers, device=device)
+        model = AveragedProbabilities([m for m, _ in group], [s["mean_grey"] for _, s in group], flips).to(device).eval()
+        learn = inference_learner(model, dl)
+        cbs = [RichProgress(f"predicting at {size[0]}x{size[1]}")] if progress else []
+        with learn.no_bar(), learn.no_logging():
+            probs, flags = learn.get_preds(dl=dl, act=lambda p: p, cbs=cbs)  # the model already returns probabilities
+        weighted = probs.numpy().astype(np.float64) * len(group)
+        total = weighted if total is None else total + weighted
+        failed |= flags.numpy().astype(bool)
+    return (total / len(members)).astype(np.float32), failed
+
+
+def predict(models: Sequence[str | Path], inputs: Sequence[str | Path], tta: bool = False, bs: int = 8, num_workers: int = 0,
+            device: str | None = None, split: str | None = None, progress: bool = True) -> Predictions:
+    """Predict images with one model or an averaged ensemble; returns per-image probabilities and rejects."""
+    members = load_members(models)
+    df, rejects = collect_inputs(inputs, split=split)
+    classes = members[0][1]["classes"]
+    if df.empty:
+        return Predictions(pd.DataFrame(columns=[*df.columns, *(f"p_{c}" for c in classes), "p_cancer"]), rejects, _describe(models, members))
+    probs, failed = predict_probabilities(members, df["path"].tolist(), tta=tta, bs=bs, num_workers=num_workers, device=device, progress=progress)
+    for path, image_id in zip(df.loc[failed, "path"], df.loc[failed, "image_id"]):
+        try:  # read again in this process for the reason (the worker that failed cannot return text)
+            read_mammogram(path)
+            reason = f"{path}: could not be read"
+        except CvfastError as e:
+            reason = str(e)
+        rejects.append({"source": path, "row": image_id, "reason": reason})
+    out = df.copy()
+    for i, c in enumerate(classes):
+        out[f"p_{c}"] = probs[:, i]
+    out["p_cancer"] = out[[f"p_{c}" for c in MALIGNANT_PATCH_CLASSES]].sum(axis=1) if "cancer" not in classes else out["p_cancer"]
+    return Predictions(out[~failed].reset_index(drop=True), rejects, _describe(models, members))
+
+
+def _describe(models: Sequence[str | Path], members: Sequence[tuple[nn.Module, dict]]) -> list[dict]:
+    """What was used to predict: each model's file, kind, size and weights hash."""
+    return [{"model": str(p), "kind": s["kind"], "size": list(s["size"]), "weights_sha256": s.get("weights_sha256")} for p, (_, s) in zip(models, members)]
+
+
+def write_predictions(result: Predictions, out: str | Path) -> Path:
+    """Write the predictions CSV (and, when inputs were rejected, OUT.rejects.csv beside it) atomically."""
+    out = Path(out)
+    buf = io.StringIO()
+    result.frame.to_csv(buf, index=False, float_format="%.6g")
+    atomic_write_bytes(out, buf.getvalue().encode())
+    rejects_path = out.with_suffix(".rejects.csv")
+    if result.rejects:
+        buf = io.StringIO()
+        pd.DataFrame(result.rejects, columns=REJECT_COLUMNS).to_csv(buf, index=False)
+        atomic_write_bytes(rejects_path, buf.getvalue().encode())
+    else:
+        rejects_path.unlink(missing_ok=True)
+    return out
