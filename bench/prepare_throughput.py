@@ -27,11 +27,11 @@ import pydicom
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench._results import write_section  # noqa: E402
 from cvfast.data.convert import ImageJob, convert_all, default_workers, parallel_map  # noqa: E402
 from cvfast.data.read import WORKING_SIZE  # noqa: E402
 from cvfast.data.synth import LesionSpec, _rng, make_dicom, parse_size, render_image, to_ddsm_pixels  # noqa: E402
 
-BEGIN, END = "<!-- bench:prepare_throughput:begin -->", "<!-- bench:prepare_throughput:end -->"
 
 
 def make_files(folder: Path, n: int, unique: int, size: tuple[int, int]) -> list[Path]:
@@ -128,7 +128,6 @@ def main() -> None:
         (f"cvfast prepare, {args.workers} processes", rates["cvfast"], args.workers),
     ]
     lines = [
-        BEGIN,
         f"### prepare throughput ({datetime.date.today()}, {os.cpu_count()} cores, {platform.processor() or platform.machine()}, Python {platform.python_version()})",
         "",
         f"{n} synthetic 16-bit DICOMs of {size[0]}x{size[1]} ({n // 2} RLE Lossless, {n // 2} uncompressed, {args.unique} distinct images, "
@@ -143,14 +142,11 @@ def main() -> None:
     for name, rate, _ in rows:
         lines.append(f"| {name} | {rate:.2f} | {rate / rates['naive']:.1f}x | {rates['floor'] / rate:.2f}x |")
     lines += ["", f"Targets: >= 3x the naive loop (measured {rates['cvfast'] / rates['naive']:.1f}x); within 1.5x of the decode "
-              f"floor on the same cores (measured {rates['floor'] / rates['cvfast']:.2f}x).", END]
+              f"floor on the same cores (measured {rates['floor'] / rates['cvfast']:.2f}x)."]
     text = "\n".join(lines)
     print(text)
     if not args.no_write:
-        path = ROOT / "BENCHMARKS.md"
-        old = path.read_text() if path.is_file() else "# Benchmarks\n\nEvery figure is a ratio against a baseline measured in the same run.\n\n"
-        new = old[: old.index(BEGIN)] + text + old[old.index(END) + len(END) :] if BEGIN in old else old.rstrip() + "\n\n" + text + "\n"
-        path.write_text(new)
+        write_section("prepare_throughput", text)
 
 
 if __name__ == "__main__":

@@ -20,8 +20,12 @@ DEMO_SIZE = (256, 192)  # a CPU-sized working size; the paper's is 1152x896
 
 
 def run_demo(out: str | Path, patients: int = 80, synth_size: str = "tiny", size: tuple[int, int] = DEMO_SIZE,
-             patch_size: int = 48, seed: int = 0, train: bool = True) -> dict:
-    """synth -> prepare -> S10 patches -> patch model -> whole-image model -> transfer (vs scratch) -> report."""
+             patch_size: int = 48, seed: int = 0, train: bool = True, transfer: bool = True, epochs_scale: float | None = None) -> dict:
+    """synth -> prepare -> S10 patches -> patch model -> whole-image model -> transfer (vs scratch) -> report.
+
+    transfer=False stops after the whole-image model; epochs_scale multiplies every recipe's epochs (notebooks
+    use it for quicker runs).
+    """
     from cvfast.data.blocks import patch_dataloaders, save_batch_grid, whole_image_dataloaders
 
     out = Path(out)
@@ -48,29 +52,32 @@ def run_demo(out: str | Path, patients: int = 80, synth_size: str = "tiny", size
                              str(save_batch_grid(whole_image_dataloaders(ddsm_dir, bs=4, seed=seed), out / "whole_batch.png", max_n=4))]
     lap("batch_grids")
     if train:
-        report["models"] = train_chain(out, ddsm_dir, inbreast_dir, lap)
+        report["models"] = train_chain(out, ddsm_dir, inbreast_dir, lap, transfer, epochs_scale)
     report["timings_s"] = timings
     report["total_s"] = round(sum(timings.values()), 1)
     write_report(report, out)
     return report
 
 
-def train_chain(out: Path, ddsm_dir: Path, inbreast_dir: Path, lap) -> dict:
+def train_chain(out: Path, ddsm_dir: Path, inbreast_dir: Path, lap, transfer: bool = True, epochs_scale: float | None = None) -> dict:
     """Patch model, whole-image model, transfer and its from-scratch control, with the demo recipes."""
     from cvfast.train.pipeline import finetune, train_patch, train_whole
-    from cvfast.train.recipes import load_recipe
+    from cvfast.train.recipes import load_recipe, resolve
+
+    def recipe(name: str) -> dict:
+        return resolve(load_recipe(name), {}, epochs_scale=epochs_scale)
 
     models = out / "models"
-    patch = train_patch(load_recipe("demo-patch"), ddsm_dir / "patches_s10", models / "patch")
+    results = {"patch": train_patch(recipe("demo-patch"), ddsm_dir / "patches_s10", models / "patch")}
     lap("train_patch")
-    whole = train_whole(load_recipe("demo-whole"), ddsm_dir, models / "patch", models / "whole")
+    results["whole"] = train_whole(recipe("demo-whole"), ddsm_dir, models / "patch", models / "whole")
     lap("train_whole")
-    transfer = finetune(load_recipe("demo-finetune"), inbreast_dir, models / "whole", models / "finetune")
-    lap("finetune")
-    scratch = finetune(load_recipe("demo-finetune"), inbreast_dir, models / "whole", models / "scratch", scratch=True)
-    lap("scratch")
-    return {name: {"path": str(r.out), **{k: v for k, v in r.metrics.items() if k != "classes"}}
-            for name, r in [("patch", patch), ("whole", whole), ("finetune", transfer), ("scratch", scratch)]}
+    if transfer:
+        results["finetune"] = finetune(recipe("demo-finetune"), inbreast_dir, models / "whole", models / "finetune")
+        lap("finetune")
+        results["scratch"] = finetune(recipe("demo-finetune"), inbreast_dir, models / "whole", models / "scratch", scratch=True)
+        lap("scratch")
+    return {name: {"path": str(r.out), **{k: v for k, v in r.metrics.items() if k != "classes"}} for name, r in results.items()}
 
 
 def write_report(report: dict, out: Path) -> None:
@@ -86,6 +93,7 @@ def write_report(report: dict, out: Path) -> None:
         for name, label in [("whole", "whole-image classifier | DDSM-like test images"),
                             ("finetune", "transfer (image labels only) | INbreast-like test images"),
                             ("scratch", "same architecture from scratch, same budget | INbreast-like test images")]:
-            lines.append(f"| {label} | ROC AUC | {models[name].get('test_auc', float('nan')):.3f} |")
+            if name in models:
+                lines.append(f"| {label} | ROC AUC | {models[name].get('test_auc', float('nan')):.3f} |")
     lines += ["", f"Timings (s): {report['timings_s']}; total {report['total_s']} s."]
     atomic_write_bytes(out / "report.md", ("\n".join(lines) + "\n").encode())

@@ -179,3 +179,36 @@ def test_finetune_with_early_stopping_resumes_after_interruption(demo, tmp_path)
     epochs = [h["epoch"] for h in progress["history"]]
     assert epochs == list(range(len(epochs))) and 3 <= len(epochs) <= 5  # resumed at epoch 3; early stop may end it sooner
     assert (tmp_path / "checkpoints" / "best.pth").is_file()
+
+
+def test_heatmaps_of_trained_models_find_the_known_lesions(demo):
+    from cvfast.infer.heatmap import heatmap
+
+    out, _ = demo
+    manifest = read_manifest(out / "data" / "ddsm")
+    windows, cams = [], []
+    for _, row in manifest[manifest["split"] == "test"].iterrows():
+        masks = [read_png(a["mask"]) > 0 for a in row["abnormalities"] if a["mask"]]
+        if not masks:
+            continue
+        roi = np.any(masks, axis=0)
+        hm = heatmap(out / "models" / "patch", row["source"], image_size=roi.shape, stride=12)  # from the DICOM, as a user would
+        rest = (hm.image > 0.1) & ~roi  # breast tissue outside the ROIs
+        windows.append((hm.maps["lesion"][roi].mean(), hm.maps["lesion"][rest].mean()))
+        if row["label"] == 1:
+            cam = heatmap(out / "models" / "whole", row["source"]).maps["cancer"]
+            cams.append((cam[roi].mean(), cam[rest].mean()))
+    windows, cams = np.array(windows), np.array(cams)
+    assert len(windows) >= 10 and (windows[:, 0] > windows[:, 1]).mean() >= 0.9  # the sliding window finds the lesion
+    assert cams[:, 0].mean() > cams[:, 1].mean()  # the coarse CAM (a few cells at 256x192) leans towards it
+
+
+def test_predict_then_evaluate_reproduces_the_held_out_auc(demo, tmp_path):
+    out, report = demo
+    r = run_cli("predict", str(out / "models" / "whole"), str(out / "data" / "ddsm"), "--split", "test", "--out", str(tmp_path / "p.csv"))
+    assert r.returncode == 0, r.stderr
+    r = run_cli("evaluate", str(tmp_path / "p.csv"), "--n-boot", "300", "--out", str(tmp_path / "ev"))
+    assert r.returncode == 0, r.stderr
+    ev = json.loads((tmp_path / "ev" / "report.json").read_text())
+    assert ev["auc"] == pytest.approx(report["models"]["whole"]["test_auc"], abs=1e-6)  # same model, same images, same number
+    assert ev["auc_ci95"][0] <= ev["auc"] <= ev["auc_ci95"][1]

@@ -197,10 +197,7 @@ def whole_image_dataloaders(data: str | Path, bs: int = 2, augment: bool = True,
 
 def save_batch_grid(dls: DataLoaders, path: str | Path, max_n: int = 16) -> Path:
     """Save `show_batch` of a training batch (augmentation included) as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # the current backend: Agg when headless, inline in notebooks
 
     dls.show_batch(max_n=max_n, figsize=(12, 12))
     path = Path(path)

@@ -181,10 +181,7 @@ def _compare(rows: pd.DataFrame, other_path: str | Path, st: EvalSettings) -> di
 def write_report(report: dict, preds: str | Path, out: str | Path, settings: EvalSettings | None = None,
                  compare: str | Path | None = None, labels: str | Path | None = None) -> dict[str, Path]:
     """report.json, report.md, roc.png, pr.png and calibration.png in OUT (each written atomically)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: no backend switch in notebooks, no global figure state
 
     st = settings or EvalSettings()
     out = Path(out)
@@ -201,11 +198,11 @@ def write_report(report: dict, preds: str | Path, out: str | Path, settings: Eva
     def save(fig, name: str) -> None:
         buf = io.BytesIO()
         fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
-        plt.close(fig)
         atomic_write_bytes(out / name, buf.getvalue())
         paths[name] = out / name
 
-    fig, ax = plt.subplots(figsize=(5, 5))
+    fig = Figure(figsize=(5, 5))
+    ax = fig.subplots()
     for name, yy, ss, rep in curves:
         fpr, tpr, _ = roc_curve(yy, ss)
         extra = f" [{rep['auc_ci95'][0]:.3f}, {rep['auc_ci95'][1]:.3f}]" if rep else ""
@@ -217,7 +214,8 @@ def write_report(report: dict, preds: str | Path, out: str | Path, settings: Eva
     ax.set(xlabel="1 - specificity", ylabel="sensitivity", title=f"ROC per {st.by} ({report['rows']})")
     ax.legend(fontsize=7, loc="lower right")
     save(fig, "roc.png")
-    fig, ax = plt.subplots(figsize=(5, 5))
+    fig = Figure(figsize=(5, 5))
+    ax = fig.subplots()
     for name, yy, ss, _ in curves:
         prec, rec, _ = precision_recall_curve(yy, ss)
         ax.plot(rec, prec, label=f"{name}: AP {average_precision_score(yy, ss):.3f}")
@@ -225,7 +223,8 @@ def write_report(report: dict, preds: str | Path, out: str | Path, settings: Eva
     ax.set(xlabel="recall (sensitivity)", ylabel="precision (PPV)", title=f"precision-recall per {st.by}")
     ax.legend(fontsize=7)
     save(fig, "pr.png")
-    fig, ax = plt.subplots(figsize=(5, 5))
+    fig = Figure(figsize=(5, 5))
+    ax = fig.subplots()
     bins = report["calibration"]["bins"]
     ax.plot([b["mean_predicted"] for b in bins], [b["fraction_positive"] for b in bins], "o-", label=f"ECE {report['calibration']['ece']:.3f}")
     ax.plot([0, 1], [0, 1], ":", color="grey")

@@ -55,10 +55,7 @@ def _labelled_rows(learn: Learner, data: str | Path, split: str) -> pd.DataFrame
 def show(model_path: str | Path, data: str | Path, out: str | Path, view: str = "results", split: str = "valid", n: int = 9,
          bs: int = 8) -> Path:
     """Save a grid PNG: 'batch' (augmented training batch), 'results', 'top-losses' or 'confusion' on a split."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # the current backend: Agg when headless, inline in notebooks
 
     if view not in VIEWS:
         raise CvfastError(f"--view {view}: expected one of {', '.join(VIEWS)}")

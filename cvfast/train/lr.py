@@ -38,10 +38,7 @@ def find_lr(learn: Learner, stage: Stage | None = None, num_it: int = 100, plot:
     if not suggestions:
         raise CvfastError("lr_find recorded no usable points (the loss diverged at once); check the data and model")
     if plot is not None:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        import matplotlib.pyplot as plt  # the current backend: Agg when headless, inline in notebooks
 
         learn.recorder.plot_lr_find()
         fig = plt.gcf()

@@ -1,0 +1,22 @@
+"""Writing a benchmark's section into BENCHMARKS.md between its markers (shared by the bench scripts)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "BENCHMARKS.md"
+HEADER = "# Benchmarks\n\nEvery figure is a ratio against a baseline measured in the same run.\n\n"
+
+
+def markers(name: str) -> tuple[str, str]:
+    """The begin/end markers of a benchmark's section."""
+    return f"<!-- bench:{name}:begin -->", f"<!-- bench:{name}:end -->"
+
+
+def write_section(name: str, body: str) -> None:
+    """Replace (or append) the section of benchmark `name` in BENCHMARKS.md with body."""
+    begin, end = markers(name)
+    text = f"{begin}\n{body.strip()}\n{end}"
+    old = BENCHMARKS.read_text() if BENCHMARKS.is_file() else HEADER
+    new = old[: old.index(begin)] + text + old[old.index(end) + len(end):] if begin in old else old.rstrip() + "\n\n" + text + "\n"
+    BENCHMARKS.write_text(new)
