@@ -444,7 +444,7 @@ def heatmap(model: Annotated[Path, typer.Argument(help="Patch model (sliding win
             image: Annotated[Path, typer.Argument(help="A mammogram: DICOM, PNG, TIFF or PGM.")],
             out: Annotated[Path, typer.Option("--out", "-o", help="Overlay PNG (with --map all: OUT_<map>.png per map).")] = Path("overlay.png"),
             map_: Annotated[Optional[str], typer.Option("--map", help="Map to draw: malignant (default), lesion, a class name, cancer (CAM) or all.")] = None,
-            size: Annotated[str, typer.Option(help="Working size HxW the patch model slides over (the size it was trained at).")] = "1152x896",
+            size: Annotated[Optional[str], typer.Option(help="Patch models: working size HxW of the images their patches were cut from (default 1152x896).")] = None,
             stride: Annotated[Optional[int], typer.Option(help="Sliding-window stride in pixels (default: patch/4).")] = None,
             bs: Annotated[int, typer.Option(help="Windows per batch.")] = 64,
             alpha: Annotated[float, typer.Option(help="Opacity of the heatmap over the image.")] = 0.45,
@@ -456,7 +456,7 @@ def heatmap(model: Annotated[Path, typer.Argument(help="Patch model (sliding win
 
     if not 0 <= alpha <= 1 or bs < 1:
         raise CvfastError(f"--alpha {alpha} / --bs {bs}: alpha in [0, 1], batch size at least 1")
-    hm = make_heatmap(model, image, _size(size), stride, bs, device or default_device())
+    hm = make_heatmap(model, image, _size(size) if size else None, stride, bs, device or default_device())
     paths = save_overlay(hm, out, map_, alpha)
     console.print(f"{hm.kind} heatmap ({', '.join(hm.maps)}) -> {', '.join(map(str, paths))}")
 

@@ -11,7 +11,8 @@ from cvfast.data.read import read_png
 
 from conftest import MIAS, run_cli
 
-pytestmark = pytest.mark.skipif(not (MIAS / "Info.txt").is_file(), reason=f"mini-MIAS not available at {MIAS}")
+pytestmark = [pytest.mark.skipif(not (MIAS / "Info.txt").is_file(), reason=f"mini-MIAS not available at {MIAS}"),
+              pytest.mark.xdist_group("mias")]  # the prepared set is built once, on one worker
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,8 @@ NBS = Path(__file__).resolve().parents[1] / "nbs"
 
 
 @pytest.mark.parametrize("name", sorted(p.name for p in NBS.glob("*.ipynb")))
-def test_notebook_runs(name, tmp_path):
+def test_notebook_runs(name, tmp_path, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the kernel is a separate process: one thread, like the xdist workers
     nb = nbformat.read(NBS / name, as_version=4)
     assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code"), "commit notebooks without outputs"
     NotebookClient(nb, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()

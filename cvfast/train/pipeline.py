@@ -175,7 +175,7 @@ def train_patch(recipe: dict, patches: str | Path, out: str | Path, weights: str
     learn, init = patch_learner_from_recipe(recipe, patches, out, weights)
     stages = _schedule(recipe, init == "random")
     recipe = {**recipe, "init": init, "inputs": _inputs(patches=patches, weights=weights), "resolved_stages": describe(stages)}
-    with learn.no_bar():  # epochs are logged instead: readable in terminals and log files
+    with learn.no_bar(), learn.no_logging():  # epochs are logged by EpochCheckpoint instead: readable in terminals, logs, notebooks
         train_schedule(learn, stages, out, recipe, resume=resume)
         return _finish(learn, out, recipe, {"init": init, **heldout_patch_metrics(learn, patches)})
 
@@ -186,7 +186,7 @@ def train_whole(recipe: dict, data: str | Path, patch: str | Path, out: str | Pa
     learn = whole_learner_from_recipe(recipe, data, patch, out)
     stages = _schedule(recipe, False)
     recipe = {**recipe, "inputs": _inputs(data=data, patch_model=patch), "resolved_stages": describe(stages)}
-    with learn.no_bar():
+    with learn.no_bar(), learn.no_logging():
         train_schedule(learn, stages, out, recipe, cbs=_stage_cbs(recipe), resume=resume)
         return _finish(learn, out, recipe, heldout_whole_metrics(learn, data))
 
@@ -200,7 +200,7 @@ def finetune(recipe: dict, data: str | Path, source: str | Path, out: str | Path
     learn = finetune_learner_from_recipe(recipe, data, source, out, scratch)
     stages = _schedule(recipe, scratch)
     recipe = {**recipe, "inputs": _inputs(data=data, source_model=source), "scratch": scratch, "resolved_stages": describe(stages)}
-    with learn.no_bar():
+    with learn.no_bar(), learn.no_logging():
         # the from-scratch control has no pretrained BatchNorm statistics to hold: its BN layers train normally
         train_schedule(learn, stages, out, recipe, cbs=_stage_cbs(recipe, hold_body_bn=not scratch), resume=resume)
         return _finish(learn, out, recipe, heldout_whole_metrics(learn, data))
