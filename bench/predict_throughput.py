@@ -16,6 +16,7 @@ import argparse
 import datetime
 import os
 import platform
+import statistics
 import sys
 import time
 import warnings
@@ -56,18 +57,32 @@ def build(work: Path, arch: str, size: tuple[int, int], images: int) -> tuple[Pa
     return work / "model", [r for _, r in rows.iterrows()]
 
 
-def rate(fn, n: int) -> float:
-    """Images per second of fn() over n images (after fn ran once to warm up)."""
-    t = time.perf_counter()
-    fn()
-    return n / (time.perf_counter() - t)
+def rate(fn, n: int, repeats: int = 1) -> float:
+    """Images per second of fn() over n images: the median of `repeats` timed runs."""
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return n / statistics.median(times)
 
 
 def measure(args: argparse.Namespace, size: tuple[int, int]) -> list[str]:
     """The three ways at one image size; returns the Markdown lines of its table."""
     work = ROOT / "bench" / "out" / f"predict_{args.arch}_{size[0]}x{size[1]}"
     model_dir, rows = build(work, args.arch, size, args.images)
+    # small images: enough of them (hard links to the files, under other names) that per-call costs such as
+    # loading the model amortise; predict drops repeated paths, so each copy needs its own name
+    repeat = 1 if size[0] >= 1024 else max(1, args.small_images // len(rows))
     paths = [r["path"] for r in rows]
+    if repeat > 1:
+        links = work / "links"
+        links.mkdir(exist_ok=True)
+        copies = [links / f"{k}_{Path(p).name}" for k in range(1, repeat) for p in paths]
+        for k, dst in enumerate(copies):
+            if not dst.exists():
+                os.link(paths[k % len(paths)], dst)
+        paths += [str(c) for c in copies]
     n = len(paths)
     model, sidecar = load_model(model_dir)
     mean = sidecar["mean_grey"]
@@ -86,7 +101,7 @@ def measure(args: argparse.Namespace, size: tuple[int, int]) -> list[str]:
     from fastai.learner import load_learner
 
     learn = load_learner(model_dir / "model.pkl")
-    loop_rows = rows[: args.loop_images]
+    loop_rows = (rows * repeat)[: args.loop_images * (1 if repeat == 1 else 8)]
 
     def learn_predict_loop() -> None:
         with learn.no_bar():
@@ -97,27 +112,29 @@ def measure(args: argparse.Namespace, size: tuple[int, int]) -> list[str]:
         model(x[:1])
     predict([model_dir], paths[:2], bs=2, progress=False)
     learn.predict(rows[0])
+    repeats = 1 if size[0] >= 1024 else 3  # small images: short runs, so the median of 3
     table, overheads = [], []
     for bs in args.bs:
-        ceiling = rate(bare(bs), n)
+        ceiling = rate(bare(bs), n, repeats)
         table.append((f"bare forward pass, batch {bs}, on preprocessed in-memory tensors (ceiling)", ceiling, n, ceiling))
         for workers in (0, 1):
-            r = rate(cvfast_predict(bs, workers), n)
+            r = rate(cvfast_predict(bs, workers), n, repeats)
             where = "files read in the main process" if workers == 0 else "1 DataLoader worker reading files"
             table.append((f"cvfast predict, batch {bs}, {where}", r, n, ceiling))
             overheads.append((ceiling / r - 1, bs, workers, r))
-    loop = rate(learn_predict_loop, len(loop_rows))
+    loop = rate(learn_predict_loop, len(loop_rows), repeats)
     table.append(("fastai learn.predict() loop, one image at a time", loop, len(loop_rows), None))
     worst = max(overheads)
     best = max(o[3] for o in overheads)
     lines = [f"Whole-image model: {args.arch} body + ResNet top [512-512-1024] at {size[0]}x{size[1]}; {n} working-size 16-bit PNGs "
-             f"(the prepared cache); one timed run of each after a warm-up.", "",
+             f"(the prepared cache{f', {len(rows)} files repeated' if repeat > 1 else ''}); {'median of 3 timed runs' if repeats > 1 else 'one timed run'} of each after a warm-up, model loading included.", "",
              "| method | images | images/s | ceiling at that batch size / this |", "|---|---:|---:|---:|"]
     lines += [f"| {name} | {k} | {r:.3f} | {f'{c / r:.2f}x' if c else '--'} |" for name, r, k, c in table]
+    cpu_note = (" On a CPU, batches of 1152x896 images gain little: the convolutions are already compute-bound at batch 1; "
+                "batching pays off on a GPU." if size[0] >= 1024 else "")
     lines += ["", f"Target: cvfast predict within 15% of the bare forward pass at the same batch size (largest measured overhead "
-              f"{100 * worst[0]:.1f}%, batch {worst[1]}, {worst[2]} workers); best cvfast predict {best / loop:.2f}x the learn.predict() loop. "
-              "On a CPU, batches of 1152x896 images gain little: the convolutions are already compute-bound at batch 1, "
-              "so batching pays off on a GPU." if size[0] >= 1024 else ""]
+              f"{100 * worst[0]:.1f}%, batch {worst[1]}, {worst[2]} workers); best cvfast predict {best / loop:.2f}x the learn.predict() loop."
+              + cpu_note]
     return lines
 
 
@@ -128,6 +145,7 @@ def main() -> None:
     ap.add_argument("--bs", type=int, nargs="+", default=[1, 4], help="batch sizes to measure")
     ap.add_argument("--arch", default="resnet50")
     ap.add_argument("--sizes", nargs="+", default=["1152x896", "288x224"], help="working sizes (the paper's and a small one)")
+    ap.add_argument("--small-images", type=int, default=256, help="images per run below 1024 px")
     ap.add_argument("--loop-images", type=int, default=8, help="images for the (slow) learn.predict loop")
     ap.add_argument("--no-write", action="store_true", help="do not update BENCHMARKS.md")
     args = ap.parse_args()

@@ -102,6 +102,9 @@ def collect_inputs(sources: Sequence[str | Path], split: str | None = None) -> t
         if "split" not in df.columns:
             raise CvfastError(f"--split {split}: the inputs have no split column (only manifests and CSVs with one do)")
         df = df[df["split"] == split]
+    repeated = int(df["path"].duplicated().sum())
+    if repeated:
+        log.warning("%d inputs name a file already given; each file is predicted once", repeated)
     df = df.drop_duplicates("path").reset_index(drop=True)
     dup = df["image_id"].duplicated(keep=False)
     if dup.any():  # e.g. CBIS-DDSM names every full image 1-1.dcm: ids must stay unique for evaluate's joins
