@@ -28,8 +28,6 @@ from cvfast.train.learners import learner_for, patch_learner, whole_image_learne
 
 from conftest import PATCH, run_cli
 
-pytestmark = pytest.mark.xdist_group("infer")  # one worker builds the module's trained models once
-
 
 @pytest.fixture(scope="module")
 def models(s10, ddsm_data, tmp_path_factory) -> dict[str, Path]:

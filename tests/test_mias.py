@@ -11,8 +11,7 @@ from cvfast.data.read import read_png
 
 from conftest import MIAS, run_cli
 
-pytestmark = [pytest.mark.skipif(not (MIAS / "Info.txt").is_file(), reason=f"mini-MIAS not available at {MIAS}"),
-              pytest.mark.xdist_group("mias")]  # the prepared set is built once, on one worker
+pytestmark = pytest.mark.skipif(not (MIAS / "Info.txt").is_file(), reason=f"mini-MIAS not available at {MIAS}")
 
 
 @pytest.fixture(scope="module")

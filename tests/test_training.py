@@ -20,8 +20,6 @@ from cvfast.train.export import load_model
 
 from conftest import run_cli
 
-pytestmark = pytest.mark.xdist_group("demo")  # one worker builds the module's trained models once
-
 
 @pytest.fixture(scope="session")
 def demo(tmp_path_factory) -> tuple[Path, dict]:
