@@ -398,7 +398,7 @@ def predict(model: Annotated[Path, typer.Argument(help="Model: folder, model.jso
             workers: Annotated[int, typer.Option(help="DataLoader worker processes reading the images.")] = 0,
             device: Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:1, mps (default: the best available).")] = None) -> None:
     """Predict the cancer probability (and patch-class probabilities) per image, batched, with the model's own preprocessing."""
-    from cvfast.infer.predict import predict as run_predict, write_predictions
+    from cvfast.infer.predict import predict as run_predict, write_predictions, write_rejects
 
     if bs < 1 or workers < 0:
         raise CvfastError(f"--bs {bs} / --workers {workers}: batch size at least 1, workers at least 0")
@@ -406,7 +406,7 @@ def predict(model: Annotated[Path, typer.Argument(help="Model: folder, model.jso
     if result.rejects:
         _rejects_table(result.rejects, f"{len(result.rejects)} inputs not predicted")
     if result.frame.empty:
-        raise CvfastError("nothing could be predicted" + (f"; reasons above and in {out.with_suffix('.rejects.csv')}" if result.rejects else ": no inputs"))
+        raise CvfastError("nothing could be predicted" + (f"; reasons above and in {write_rejects(result, out)}" if result.rejects else ": no inputs"))
     write_predictions(result, out)
     console.print(f"{len(result.frame)} images predicted with {len(result.models)} model(s){' and 4-flip TTA' if tta else ''} -> {out}")
 
@@ -444,7 +444,7 @@ def heatmap(model: Annotated[Path, typer.Argument(help="Patch model (sliding win
             image: Annotated[Path, typer.Argument(help="A mammogram: DICOM, PNG, TIFF or PGM.")],
             out: Annotated[Path, typer.Option("--out", "-o", help="Overlay PNG (with --map all: OUT_<map>.png per map).")] = Path("overlay.png"),
             map_: Annotated[Optional[str], typer.Option("--map", help="Map to draw: malignant (default), lesion, a class name, cancer (CAM) or all.")] = None,
-            size: Annotated[Optional[str], typer.Option(help="Patch models: working size HxW of the images their patches were cut from (default 1152x896).")] = None,
+            size: Annotated[Optional[str], typer.Option(help="Patch models: working size HxW to slide over (default: the one its patches were cut from).")] = None,
             stride: Annotated[Optional[int], typer.Option(help="Sliding-window stride in pixels (default: patch/4).")] = None,
             bs: Annotated[int, typer.Option(help="Windows per batch.")] = 64,
             alpha: Annotated[float, typer.Option(help="Opacity of the heatmap over the image.")] = 0.45,

@@ -127,10 +127,19 @@ def test_unreadable_inputs_are_listed_and_skipped(models, ddsm_data, tmp_path):
     assert res.returncode == 0, res.stderr
     assert len(pd.read_csv(tmp_path / "p.csv")) == 1
     rejects = pd.read_csv(tmp_path / "p.rejects.csv")
-    assert len(rejects) == 3 and rejects["reason"].str.contains("notes.dcm|broken.png|missing.dcm").all()
+    for name in ("notes.dcm", "broken.png", "missing.dcm"):  # each listed once, with its own reason
+        assert rejects["reason"].str.contains(name).sum() == 1
     assert "3 inputs not predicted" in res.stderr and "Traceback" not in res.stderr
     nothing = run_cli("predict", str(models["whole"]), str(tmp_path / "notes.dcm"), "--out", str(tmp_path / "q.csv"))
     assert nothing.returncode == 1 and "nothing could be predicted" in nothing.stderr and not (tmp_path / "q.csv").exists()
+    assert "notes.dcm" in (tmp_path / "q.rejects.csv").read_text()
+
+
+def test_one_file_spelled_two_ways_is_predicted_once(models, ddsm_data, monkeypatch):
+    monkeypatch.chdir(ddsm_data)
+    one = read_manifest(ddsm_data)["path"].iloc[0]
+    frame = predict([models["whole"]], [ddsm_data, Path("images") / Path(one).name], progress=False).frame
+    assert len(frame) == len(read_manifest(ddsm_data)) and frame["image_id"].is_unique
 
 
 def test_a_file_that_is_not_a_model_is_refused(ddsm_data, tmp_path):
@@ -165,6 +174,24 @@ def test_evaluate_auc_is_sklearns_and_its_patient_ci_covers_it(tmp_path):
     lo, hi = report["auc_ci95"]
     assert lo < report["auc"] < hi and hi - lo < 0.3
     assert report["n"] == len(df) and report["n_patients"] == 60 and "optimistic" in report["thresholds_chosen_on"]
+
+
+def test_no_test_rows_and_overlapping_threshold_rows_are_not_passed_off_as_held_out(tmp_path):
+    df = _crafted(seed=4).assign(split=lambda d: np.where(d["patient_id"].str[1:].astype(int) < 30, "train", "valid"))
+    df.to_csv(tmp_path / "p.csv", index=False)
+    with pytest.raises(CvfastError, match="no test rows"):
+        evaluate(tmp_path / "p.csv", EvalSettings(n_boot=100))
+    report = evaluate(tmp_path / "p.csv", EvalSettings(split=None, n_boot=100))  # --split all: valid rows are evaluated too
+    assert report["rows"] == "all rows" and "optimistic: 30 of its patients are also evaluated" in report["thresholds_chosen_on"]
+
+
+def test_saturated_scores_keep_the_specificity_target():
+    from cvfast.infer.stats import at_threshold, thresholds_at
+
+    y = np.array([0] * 10 + [1] * 10)
+    s = np.array([0.1] * 8 + [1.0, 1.0] + [1.0] * 10)  # 2 negatives as confident as the positives
+    t = thresholds_at(y, s, (0.9,))["specificity_0.9"]
+    assert at_threshold(y, s, t)["specificity"] >= 0.9
 
 
 def test_bootstrap_resamples_patients_not_images():
@@ -242,6 +269,8 @@ def test_heatmaps_keep_the_image_aspect(models, tmp_path):
     assert len(paths) == len(windows.maps)
     w, h = Image.open(tmp_path / "hm_malignant.png").size
     assert w / h == pytest.approx(2.0, rel=0.02)
+    cam = heatmap(models["whole"], tmp_path / "wide.png")  # GAP then FC: the CAM's mean is the model's own logit
+    assert cam.info["p_cancer"] == pytest.approx(predict([models["whole"]], [tmp_path / "wide.png"], progress=False).frame["p_cancer"][0], abs=1e-5)
     res = run_cli("heatmap", str(models["whole"]), str(tmp_path / "wide.png"), "--out", str(tmp_path / "cam.png"))
     assert res.returncode == 0, res.stderr
     w, h = Image.open(tmp_path / "cam.png").size

@@ -126,6 +126,8 @@ class DataInfo:
     mean_grey: float
     size: tuple[int, int]
     kind: str  # 'patch' or 'whole'
+    source_size: tuple[int, int] | None = None  # patch models: working size of the images the patches were cut from
+    crop: int | None = None  # patch models: side of the cut patches (before any on-the-fly resize to `size`)
 
 
 def _with_valid(df: pd.DataFrame, where: str) -> pd.DataFrame:
@@ -176,13 +178,16 @@ def patch_dataloaders(patches: str | Path, bs: int = 32, augment: bool = True, b
     csv = path / PATCH_MANIFEST if path.is_dir() else path
     if not csv.is_file():
         raise CvfastError(f"{csv}: no patch manifest; run `cvfast patches DATA` first")
-    check_patch_set(csv.parent)
+    info = check_patch_set(csv.parent)
     df = pd.read_csv(csv, dtype={"image_id": str, "patient_id": str})
     df["path"] = [str(csv.parent / p) for p in df["path"]]
     df = _with_valid(df, str(csv))
     file_size = read_png(df["path"].iloc[0]).shape
-    return _dataloaders(df, PATCH_CLASSES, "label", bs, augment, balance, file_size, (size, size) if size else None,
-                        num_workers, seed, mean, **kwargs)
+    dls = _dataloaders(df, PATCH_CLASSES, "label", bs, augment, balance, file_size, (size, size) if size else None,
+                       num_workers, seed, mean, **kwargs)
+    dls.info.source_size = tuple(info["image_size"]) if info.get("image_size") else None
+    dls.info.crop = int(file_size[0])
+    return dls
 
 
 def whole_image_dataloaders(data: str | Path, bs: int = 2, augment: bool = True, balance: bool = False,

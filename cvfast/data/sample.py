@@ -214,7 +214,8 @@ def make_patches(data: str | Path, spec: PatchSetSpec, out: str | Path | None = 
     patches = pd.DataFrame(rows, columns=["patch_id", "path", "label", "class_idx", "image_id", "patient_id", "split", "cy", "cx"])
     write_csv(rejects_frame(rejects), out / "rejects.csv")
     write_csv(patches, out / PATCH_MANIFEST)
-    info = {"classes": PATCH_CLASSES, "spec": asdict(spec), "source": str(data_dir), "manifest_sha256": manifest_digest(data_dir)}
+    info = {"classes": PATCH_CLASSES, "spec": asdict(spec), "source": str(data_dir), "manifest_sha256": manifest_digest(data_dir),
+            "image_size": list(shape)}  # the working size the patches were cut from: where a heatmap slides
     atomic_write_bytes(out / "patchset.json", json.dumps(info, indent=1).encode())
     log.info("%d patches (%s) in %s", len(patches), ", ".join(f"{k}: {v}" for k, v in patches["label"].value_counts().items()), out)
     return patches

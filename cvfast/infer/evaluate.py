@@ -101,9 +101,12 @@ def _units(path: str | Path, st: EvalSettings, labels: str | Path | None = None)
 
 def _select(df: pd.DataFrame, split: str | None) -> tuple[pd.DataFrame, str]:
     """The rows to evaluate and a description of them."""
-    if split == "auto":
-        split = "test" if "split" in df.columns and (df["split"] == "test").any() else None
-    if split is None:
+    if split == "auto" and "split" in df.columns:
+        if not (df["split"] == "test").any():
+            raise CvfastError(f"the predictions have a split column but no test rows (splits: {sorted(df['split'].dropna().unique())}); "
+                              "choose the rows with --split NAME, or --split all")
+        split = "test"
+    if split in (None, "auto"):
         return df, "all rows"
     if "split" not in df.columns:
         raise CvfastError(f"--split {split}: the predictions have no split column")
@@ -113,18 +116,26 @@ def _select(df: pd.DataFrame, split: str | None) -> tuple[pd.DataFrame, str]:
     return sel, f"split {split}"
 
 
-def _threshold_rows(df: pd.DataFrame, evaluated: pd.DataFrame, source: str | None, settings: EvalSettings) -> tuple[pd.DataFrame, str]:
-    """Rows the operating points are chosen on: never the evaluated rows unless nothing else exists (then flagged)."""
+def _threshold_rows(df: pd.DataFrame, evaluated: pd.DataFrame, source: str | None, settings: EvalSettings,
+                    labels: str | Path | None) -> tuple[pd.DataFrame, str]:
+    """Rows the operating points are chosen on, and how; flagged as optimistic when they share patients with the evaluated rows."""
     if source == "auto":
-        source = "valid" if "split" in df.columns and (df["split"] == "valid").any() and not evaluated["split"].eq("valid").all() else None
+        source = "valid" if "split" in df.columns and (df["split"] == "valid").any() else None
     if source is None:
         return evaluated, "the evaluated rows themselves (optimistic: no separate validation predictions)"
     if Path(source).suffix == ".csv":
-        return _units(source, settings), f"predictions in {source}"
-    rows = df[df["split"] == source] if "split" in df.columns else df.iloc[:0]
-    if rows.empty:
-        raise CvfastError(f"--thresholds-from {source}: no rows of split {source!r} and not a .csv file")
-    return rows, f"split {source}"
+        rows, desc = _units(source, settings, labels), f"predictions in {source}"
+        if "split" in rows.columns and (rows["split"] == "valid").any():
+            rows, desc = rows[rows["split"] == "valid"], f"the valid rows of {source}"
+    else:
+        rows = df[df["split"] == source] if "split" in df.columns else df.iloc[:0]
+        if rows.empty:
+            raise CvfastError(f"--thresholds-from {source}: no rows of split {source!r} and not a .csv file")
+        desc = f"split {source}"
+    shared = set(rows["patient_id"]) & set(evaluated["patient_id"])
+    if shared:
+        desc += f" (optimistic: {len(shared)} of its patients are also evaluated)"
+    return rows, desc
 
 
 def evaluate(preds: str | Path, settings: EvalSettings | None = None, compare: str | Path | None = None,
@@ -136,7 +147,7 @@ def evaluate(preds: str | Path, settings: EvalSettings | None = None, compare: s
     y, s = rows["label"].to_numpy(), rows[st.score].to_numpy(dtype=np.float64)
     if y.min() == y.max():
         raise CvfastError(f"{preds}: the evaluated rows ({rows_desc}, {len(rows)} {st.by}s) are all label {y[0]}; ROC AUC needs both classes")
-    ref, ref_desc = _threshold_rows(units, rows, st.thresholds_from, st)
+    ref, ref_desc = _threshold_rows(units, rows, st.thresholds_from, st, labels)
     yr, sr = ref["label"].to_numpy(), ref[st.score].to_numpy(dtype=np.float64)
     if yr.min() == yr.max():
         raise CvfastError(f"operating points: {ref_desc} hold only label {yr[0]}; both classes are needed")
@@ -153,13 +164,13 @@ def evaluate(preds: str | Path, settings: EvalSettings | None = None, compare: s
         "calibration": calibration(y, s),
     }
     if compare is not None:
-        report["comparison"] = _compare(rows, compare, st)
+        report["comparison"] = _compare(rows, compare, st, labels)
     return report
 
 
-def _compare(rows: pd.DataFrame, other_path: str | Path, st: EvalSettings) -> dict:
+def _compare(rows: pd.DataFrame, other_path: str | Path, st: EvalSettings, labels: str | Path | None = None) -> dict:
     """DeLong's test and a paired patient bootstrap of the AUC difference on the cases both files predict."""
-    other = _units(other_path, st)
+    other = _units(other_path, st, labels)
     both = rows.merge(other[["unit", st.score, "label"]], on="unit", suffixes=("", "_b"))
     if len(both) < len(rows):
         log.warning("comparison: %d of %d %ss are not in %s and are left out of the comparison", len(rows) - len(both), len(rows), st.by, other_path)
@@ -171,8 +182,12 @@ def _compare(rows: pd.DataFrame, other_path: str | Path, st: EvalSettings) -> di
     boot = patient_bootstrap_aucs(y, [a, b], both["patient_id"].to_numpy(), st.n_boot, st.seed)
     diff = boot[:, 0] - boot[:, 1]
     p_boot = float(min(1.0, 2 * min((diff <= 0).mean(), (diff >= 0).mean())))
+    try:
+        delong = delong_test(y, a, b)
+    except CvfastError as e:  # too few cases of a class: the bootstrap still reports
+        delong = {"error": str(e)}
     return {"other": str(other_path), "n_common": int(len(both)), "n_left_out": int(len(rows) - len(both)),
-            "delong": delong_test(y, a, b),
+            "delong": delong,
             "paired_bootstrap": {"difference": float(roc_auc_score(y, a) - roc_auc_score(y, b)),
                                  "difference_ci95": [float(np.percentile(diff, 2.5)), float(np.percentile(diff, 97.5))],
                                  "p_value": p_boot, "resamples": int(len(diff))}}
@@ -190,7 +205,7 @@ def write_report(report: dict, preds: str | Path, out: str | Path, settings: Eva
     y, s = rows["label"].to_numpy(), rows[st.score].to_numpy(float)
     curves = [("this model", y, s, report)]
     if compare is not None:
-        other = _units(compare, st)
+        other = _units(compare, st, labels)
         both = rows[["unit"]].merge(other, on="unit")
         curves.append((Path(compare).name, both["label"].to_numpy(), both[st.score].to_numpy(float), None))
     paths = {}
@@ -258,9 +273,10 @@ def report_markdown(report: dict) -> str:
     if "comparison" in report:
         c = report["comparison"]
         d, b = c["delong"], c["paired_bootstrap"]
+        delong_row = (f"| DeLong (cases independent) | {d['difference']:+.3f} | {d['difference'] - 1.96 * d['se']:+.3f} to "
+                      f"{d['difference'] + 1.96 * d['se']:+.3f} | {d['p_value']:.3g} |" if "error" not in d else f"| DeLong | {d['error']} | | |")
         lines += ["", f"## Comparison with {c['other']} ({c['n_common']} common cases, {c['n_left_out']} left out)", "",
-                  "| test | AUC difference (this - other) | 95% CI | p |", "|---|---|---|---|",
-                  f"| DeLong (cases independent) | {d['difference']:+.3f} | {d['difference'] - 1.96 * d['se']:+.3f} to {d['difference'] + 1.96 * d['se']:+.3f} | {d['p_value']:.3g} |",
+                  "| test | AUC difference (this - other) | 95% CI | p |", "|---|---|---|---|", delong_row,
                   f"| paired bootstrap over patients | {b['difference']:+.3f} | {b['difference_ci95'][0]:+.3f} to {b['difference_ci95'][1]:+.3f} | {b['p_value']:.3g} |"]
     lines += ["", "Plots: roc.png, pr.png, calibration.png."]
     return "\n".join(lines) + "\n"

@@ -58,7 +58,7 @@ def sliding_window_heatmap(model: nn.Module, sidecar: dict, source: str | Path |
     """
     if stride is not None and stride < 1:
         raise CvfastError(f"--stride {stride}: must be at least 1")
-    p = int(sidecar["size"][0])
+    p, fed = int(sidecar.get("crop") or sidecar["size"][0]), int(sidecar["size"][0])  # window in image px; model input side
     stride = stride or max(1, p // 4)
     image, orig = _image(source, image_size)
     h, w = image.shape
@@ -71,6 +71,8 @@ def sliding_window_heatmap(model: nn.Module, sidecar: dict, source: str | Path |
     probs = []
     for i in range(0, len(corners), bs):
         batch = torch.cat([x[..., y:y + p, x0:x0 + p] for y, x0 in corners[i:i + bs]])
+        if fed != p:  # the model was trained on patches resized on the fly
+            batch = F.interpolate(batch, size=(fed, fed), mode="bilinear", align_corners=False)
         probs.append(torch.softmax(model(batch), dim=1).cpu())
     probs = torch.cat(probs).numpy()
     classes = sidecar["classes"]
@@ -104,17 +106,22 @@ def class_activation_map(model: WholeImageClassifier, sidecar: dict, source: str
     cancer, normal = sidecar["classes"].index("cancer"), sidecar["classes"].index("no_cancer")
     weight = fc.weight[cancer] - fc.weight[normal]
     cam = torch.einsum("c,bchw->bhw", weight, f) + (fc.bias[cancer] - fc.bias[normal])
+    p_cancer = float(torch.sigmoid(cam.mean()))  # = the model's own probability (GAP and FC commute)
     cam = F.interpolate(cam[:, None], size=image.shape, mode="bilinear", align_corners=False)[0, 0]
-    return Heatmap(image, {"cancer": torch.sigmoid(cam).cpu().numpy()}, "cam", orig,
-                   {"feature_map": list(f.shape[-2:]), "p_cancer": float(torch.sigmoid(cam.mean()))})
+    return Heatmap(image, {"cancer": torch.sigmoid(cam).cpu().numpy()}, "cam", orig, {"feature_map": list(f.shape[-2:]), "p_cancer": p_cancer})
 
 
 def heatmap(model_path: str | Path, source: str | Path | np.ndarray, image_size: tuple[int, int] | None = None, stride: int | None = None,
             bs: int = 64, device: str | torch.device = "cpu") -> Heatmap:
-    """The heatmap suited to the model: sliding windows for a patch classifier, a CAM for a whole-image model."""
+    """The heatmap suited to the model: sliding windows for a patch classifier, a CAM for a whole-image model.
+
+    A patch model slides over the image at the working size its patches were cut from (stored with it), unless
+    image_size says otherwise.
+    """
     model, sidecar = load_model(model_path)
     if sidecar["kind"] == "patch":
-        return sliding_window_heatmap(model, sidecar, source, image_size or WORKING_SIZE, stride, bs, device)
+        size = image_size or tuple(sidecar.get("source_size") or WORKING_SIZE)
+        return sliding_window_heatmap(model, sidecar, source, size, stride, bs, device)
     if image_size is not None and tuple(image_size) != tuple(sidecar["size"]):
         log.warning("a whole-image model sees images at its own size %s; --size ignored", sidecar["size"])
     return class_activation_map(model, sidecar, source, device)

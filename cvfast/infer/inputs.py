@@ -36,8 +36,12 @@ def _dicom_identity(path: Path) -> dict:
 def _from_folder(folder: Path) -> list[tuple[Path, str]]:
     """Image files under a folder (recursively), with ids = their paths relative to it, suffix dropped."""
     files, skipped = [], {}
+    prepared = {m.parent for m in folder.rglob(MANIFEST_NAME)}  # DATA folders inside: their masks are not mammograms
+    if prepared:
+        log.warning("%s: holds prepared DATA folders (%s), not read; give them as inputs themselves", folder,
+                    ", ".join(str(p) for p in sorted(prepared)))
     for p in sorted(folder.rglob("*")):
-        if not p.is_file() or p.name.startswith("."):
+        if not p.is_file() or p.name.startswith(".") or prepared.intersection(p.parents):
             continue
         if p.suffix.lower() in IMAGE_SUFFIXES:
             files.append((p, p.relative_to(folder).with_suffix("").as_posix()))
@@ -102,6 +106,7 @@ def collect_inputs(sources: Sequence[str | Path], split: str | None = None) -> t
         if "split" not in df.columns:
             raise CvfastError(f"--split {split}: the inputs have no split column (only manifests and CSVs with one do)")
         df = df[df["split"] == split]
+    df["path"] = [str(Path(p).resolve()) for p in df["path"]]  # one spelling per file, for the duplicate check
     repeated = int(df["path"].duplicated().sum())
     if repeated:
         log.warning("%d inputs name a file already given; each file is predicted once", repeated)

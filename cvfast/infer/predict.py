@@ -50,7 +50,7 @@ class MammogramFiles(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         try:
             pixels = resize(read_mammogram(self.paths[i]).pixels, self.size)
-        except CvfastError:
+        except Exception:  # CvfastError, or a decoder's own (PIL's DecompressionBombError, ...): reported afterwards
             return torch.zeros(1, *self.size), torch.tensor(1)
         # same arithmetic as training's IntToFloatTensor(div=65535): float32 values / 65535
         return torch.from_numpy(pixels.astype(np.float32) / 65535)[None], torch.tensor(0)
@@ -164,10 +164,12 @@ def predict(models: Sequence[str | Path], inputs: Sequence[str | Path], tta: boo
     probs, failed = predict_probabilities(members, df["path"].tolist(), tta=tta, bs=bs, num_workers=num_workers, device=device, progress=progress)
     for path, image_id in zip(df.loc[failed, "path"], df.loc[failed, "image_id"]):
         try:  # read again in this process for the reason (the worker that failed cannot return text)
-            read_mammogram(path)
+            resize(read_mammogram(path).pixels, (8, 8))
             reason = f"{path}: could not be read"
         except CvfastError as e:
             reason = str(e)
+        except Exception as e:
+            reason = f"{path}: {type(e).__name__}: {e}"
         rejects.append({"source": path, "row": image_id, "reason": reason})
     out = df.copy()
     for i, c in enumerate(classes):
@@ -185,13 +187,19 @@ def write_predictions(result: Predictions, out: str | Path) -> Path:
     """Write the predictions CSV (and, when inputs were rejected, OUT.rejects.csv beside it) atomically."""
     out = Path(out)
     buf = io.StringIO()
-    result.frame.to_csv(buf, index=False, float_format="%.6g")
+    result.frame.to_csv(buf, index=False, float_format="%.9g")  # 6 digits would round confident scores to 1 and tie them
     atomic_write_bytes(out, buf.getvalue().encode())
-    rejects_path = out.with_suffix(".rejects.csv")
+    write_rejects(result, out)
+    return out
+
+
+def write_rejects(result: Predictions, out: str | Path) -> Path:
+    """OUT.rejects.csv listing the inputs not predicted (removed when there are none)."""
+    path = Path(out).with_suffix(".rejects.csv")
     if result.rejects:
         buf = io.StringIO()
         pd.DataFrame(result.rejects, columns=REJECT_COLUMNS).to_csv(buf, index=False)
-        atomic_write_bytes(rejects_path, buf.getvalue().encode())
+        atomic_write_bytes(path, buf.getvalue().encode())
     else:
-        rejects_path.unlink(missing_ok=True)
-    return out
+        path.unlink(missing_ok=True)
+    return path

@@ -8,6 +8,8 @@ import numpy as np
 from scipy.stats import norm, rankdata
 from sklearn.metrics import brier_score_loss, confusion_matrix, roc_auc_score, roc_curve
 
+from cvfast.errors import CvfastError
+
 
 def patient_bootstrap_aucs(y: np.ndarray, scores: Sequence[np.ndarray], patients: np.ndarray, n_boot: int = 2000,
                            seed: int = 0) -> np.ndarray:
@@ -43,6 +45,8 @@ def delong_test(y: np.ndarray, s1: np.ndarray, s2: np.ndarray) -> dict:
     """
     y = np.asarray(y).astype(bool)
     m, n = int(y.sum()), int((~y).sum())
+    if m < 2 or n < 2:
+        raise CvfastError(f"DeLong's test needs at least 2 cases of each class (got {m} positive, {n} negative)")
     scores = np.vstack([s1, s2]).astype(np.float64)
     pos, neg = scores[:, y], scores[:, ~y]
     tx = np.vstack([rankdata(p) for p in pos])
@@ -66,7 +70,8 @@ def thresholds_at(y: np.ndarray, s: np.ndarray, specificities: Sequence[float] =
         ok = np.flatnonzero(fpr <= 1 - spec + 1e-12)
         out[f"specificity_{spec:g}"] = float(thr[ok[np.argmax(tpr[ok])]])
     out["fixed_0.5"] = 0.5
-    return {k: min(v, 1.0) if np.isinf(v) else v for k, v in out.items()}  # roc_curve's first threshold is +inf
+    above_all = float(np.nextafter(np.max(s), np.inf))  # roc_curve's first threshold, +inf: "no case positive"
+    return {k: above_all if np.isinf(v) else v for k, v in out.items()}
 
 
 def at_threshold(y: np.ndarray, s: np.ndarray, threshold: float) -> dict:

@@ -89,7 +89,7 @@ def load_model(path: str | Path) -> tuple[torch.nn.Module, dict]:
         raise CvfastError(f"{weights}: SHA-256 does not match {path.name}; the file is corrupt or was replaced")
     model = build_model(sidecar["spec"])
     model.load_state_dict(load_file(str(weights)))
-    model.info = {k: sidecar[k] for k in ("classes", "mean_grey", "size")}
+    model.info = {k: sidecar[k] for k in ("classes", "mean_grey", "size", "source_size", "crop") if k in sidecar}
     return model.eval(), sidecar
 
 

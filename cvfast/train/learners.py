@@ -43,6 +43,9 @@ def learner_for(dls: DataLoaders, model, path: str | Path = ".") -> Learner:
 
 def _learner(dls: DataLoaders, model, splitter, metrics: list, path: str | Path) -> Learner:
     """Shared Learner construction; the data's preprocessing facts ride along on the model."""
-    model.info = {"classes": list(dls.vocab), "mean_grey": dls.info.mean_grey, "size": list(dls.info.size)}
+    info = dls.info
+    model.info = {"classes": list(dls.vocab), "mean_grey": info.mean_grey, "size": list(info.size)}
+    if info.source_size:  # patch models: what a sliding-window heatmap needs
+        model.info.update(source_size=list(info.source_size), crop=info.crop)
     return Learner(dls, model, loss_func=CrossEntropyLossFlat(), opt_func=Adam, splitter=splitter, metrics=metrics,
                    path=Path(path), model_dir="checkpoints")
