@@ -20,3 +20,11 @@ def write_section(name: str, body: str) -> None:
     old = BENCHMARKS.read_text() if BENCHMARKS.is_file() else HEADER
     new = old[: old.index(begin)] + text + old[old.index(end) + len(end):] if begin in old else old.rstrip() + "\n\n" + text + "\n"
     BENCHMARKS.write_text(new)
+
+
+def publish(name: str, lines: list[str], write: bool = True) -> None:
+    """Print a benchmark's Markdown lines and, unless write is False, put them into BENCHMARKS.md."""
+    text = "\n".join(lines)
+    print(text)
+    if write:
+        write_section(name, text)

@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 warnings.filterwarnings("ignore")
 
-from bench._results import write_section  # noqa: E402
+from bench._results import publish  # noqa: E402
 from cvfast.data.blocks import whole_image_dataloaders  # noqa: E402
 from cvfast.data.ingest import prepare_ddsm  # noqa: E402
 from cvfast.data.ingest.common import PrepareOptions  # noqa: E402
@@ -153,10 +153,7 @@ def main() -> None:
              "Reproduce: `python bench/predict_throughput.py`.", ""]
     for size in args.sizes:
         lines += measure(args, parse_size(size)) + [""]
-    text = "\n".join(lines)
-    print(text)
-    if not args.no_write:
-        write_section("predict_throughput", text)
+    publish("predict_throughput", lines, write=not args.no_write)
 
 
 if __name__ == "__main__":

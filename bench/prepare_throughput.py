@@ -27,7 +27,7 @@ import pydicom
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench._results import write_section  # noqa: E402
+from bench._results import publish  # noqa: E402
 from cvfast.data.convert import ImageJob, convert_all, default_workers, parallel_map  # noqa: E402
 from cvfast.data.read import WORKING_SIZE  # noqa: E402
 from cvfast.data.synth import LesionSpec, _rng, make_dicom, parse_size, render_image, to_ddsm_pixels  # noqa: E402
@@ -143,10 +143,7 @@ def main() -> None:
         lines.append(f"| {name} | {rate:.2f} | {rate / rates['naive']:.1f}x | {rates['floor'] / rate:.2f}x |")
     lines += ["", f"Targets: >= 3x the naive loop (measured {rates['cvfast'] / rates['naive']:.1f}x); within 1.5x of the decode "
               f"floor on the same cores (measured {rates['floor'] / rates['cvfast']:.2f}x)."]
-    text = "\n".join(lines)
-    print(text)
-    if not args.no_write:
-        write_section("prepare_throughput", text)
+    publish("prepare_throughput", lines, write=not args.no_write)
 
 
 if __name__ == "__main__":
