@@ -26,7 +26,7 @@ warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*is deprecated"
 
 
 def handles_errors(fn: Callable) -> Callable:
-    """Turn CvfastError into a one-line message and exit code 1 (never a bare traceback for bad input)."""
+    """Turn CvfastError (and OSError) into a one-line message and exit code 1 (never a bare traceback for bad input)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -35,6 +35,9 @@ def handles_errors(fn: Callable) -> Callable:
             return fn(*args, **kwargs)
         except CvfastError as e:
             console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+            raise typer.Exit(1) from None
+        except OSError as e:  # disk full, read-only or unwritable output, ...: the file and the reason, not a traceback
+            console.print(f"[bold red]error:[/] {e.filename or ''}{': ' if e.filename else ''}{e.strerror or e}", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
 
     return wrapper

@@ -205,6 +205,8 @@ def make_patches(data: str | Path, spec: PatchSetSpec, out: str | Path | None = 
     shape = read_png(df["path"].iloc[0]).shape
     if spec.size > min(shape):
         raise CvfastError(f"--size {spec.size}: patches larger than the cached images ({shape[0]}x{shape[1]})")
+    for tmp in out.rglob(".*.tmp") if out.is_dir() else []:  # temporaries of a killed run; finished files are never .tmp
+        tmp.unlink(missing_ok=True)
     # images without any ROI still give background patches, as in the paper's S10 (normals help the background class)
     items = [(r, str(out), spec) for r in df.to_dict("records")]
     rows, rejects = [], []

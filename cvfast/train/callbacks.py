@@ -90,7 +90,13 @@ class EpochCheckpoint(Callback):
         self._checkpoint(values, stopped=False)
 
     def after_cancel_fit(self):
-        """Early stopping cancels the fit before this callback's after_epoch: record that epoch, stage complete."""
+        """Early stopping cancels the fit before this callback's after_epoch: record that epoch, stage complete.
+
+        fastai's TerminateOnNaNCallback cancels it mid-epoch on a non-finite batch loss: then nothing is recorded.
+        """
+        loss = getattr(self.learn, "loss", None)
+        if loss is not None and not math.isfinite(float(loss)):
+            self.diverged = True
         if not self.diverged and self.recorded != self.epoch:
             self._checkpoint(dict(zip(self.recorder.metric_names[1:-1], self.recorder.log[1:-1])), stopped=True)
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Callable
 
 import fastai.callback.progress  # noqa: F401  (Learner.no_bar)
+from fastai.callback.tracker import TerminateOnNaNCallback
 from fastai.callback.training import GradientAccumulation
 from fastai.learner import Learner
 from fastai.torch_core import set_seed
@@ -62,7 +63,7 @@ def train_schedule(learn: Learner, stages: list[Stage], out: Path, recipe: dict,
         log.info("stage %d (%s): %d epochs, lr %s, wd %s, training %s", i + 1, stage.name, stage.epochs, stage.lr, stage.wd, stage.train)
         checkpoint = EpochCheckpoint(out, i, fp, start)
         # constant learning rates: resuming is fitting the remaining epochs (no schedule position to restore)
-        fit_stage(learn, replace(stage, epochs=stage.epochs - start), [checkpoint, *(cbs(trackers) if cbs else [])])
+        fit_stage(learn, replace(stage, epochs=stage.epochs - start), [checkpoint, TerminateOnNaNCallback(), *(cbs(trackers) if cbs else [])])
         if checkpoint.diverged:
             raise CvfastError(f"training diverged (non-finite loss) in stage {i + 1}; the last good checkpoint is kept in {ckpt}; "
                               "lower the learning rate and re-run the same command to resume from it")

@@ -1,0 +1,102 @@
+"""Faults: a diverging loss, a full disk, a killed `patches` run, and reproducibility of a seeded run on CPU."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from fastai.callback.core import Callback
+from typer.testing import CliRunner
+
+from cvfast.cli import app
+from cvfast.errors import CvfastError
+from cvfast.train.pipeline import patch_learner_from_recipe, train_patch, train_schedule
+from cvfast.train.recipes import load_recipe, resolve
+from cvfast.train.schedule import Stage
+
+from conftest import PATCH, run_cli
+
+
+class PoisonLoss(Callback):
+    """Make one training batch's loss NaN, as a diverging run would (the NaN also reaches the weights)."""
+
+    def __init__(self, epoch: int):
+        self.at = epoch
+
+    def after_loss(self):
+        if self.training and self.epoch == self.at and self.iter == 1:
+            self.learn.loss_grad = self.learn.loss_grad * float("nan")
+            self.learn.loss = self.learn.loss_grad.clone()
+
+
+def test_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(s10, tmp_path):
+    recipe = load_recipe("demo-patch")
+    stages = [Stage(epochs=4, lr=1e-3, train="all", name="all")]
+    learn, _ = patch_learner_from_recipe(recipe, s10, tmp_path)
+    with learn.no_bar(), learn.no_logging(), pytest.raises(CvfastError, match="diverged.*last good checkpoint is kept"):
+        train_schedule(learn, stages, tmp_path, recipe, cbs=lambda trackers: [PoisonLoss(epoch=2)])
+    ckpt = tmp_path / "checkpoints"
+    progress = json.loads((ckpt / "progress.json").read_text())
+    assert progress["epochs_done"] == 2 and progress["checkpoint"] == "s0e2.pth"  # the NaN epoch left nothing behind
+    weights = torch.load(ckpt / "s0e2.pth", weights_only=False)["model"]
+    assert all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point())
+    assert any(not torch.isfinite(p).all() for p in learn.model.parameters())  # the in-memory weights did diverge
+
+    fresh, _ = patch_learner_from_recipe(recipe, s10, tmp_path)  # the same command again, without the fault
+    with fresh.no_bar(), fresh.no_logging():
+        train_schedule(fresh, stages, tmp_path, recipe)
+    history = json.loads((ckpt / "progress.json").read_text())["history"]
+    assert [h["epoch"] for h in history] == [0, 1, 2, 3]
+    assert all(torch.isfinite(p).all() for p in fresh.model.parameters())
+
+
+def test_same_seed_same_metrics_on_cpu(s10, tmp_path):
+    recipe = resolve(load_recipe("demo-patch"), {}, epochs_scale=0.25)
+    a = train_patch(recipe, s10, tmp_path / "a").metrics
+    b = train_patch(recipe, s10, tmp_path / "b").metrics
+    assert a == b and a["test_accuracy"] > 0  # bit-identical, not just close
+    assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
+
+
+@pytest.fixture
+def disk_full(monkeypatch):
+    """Every atomic write goes to /dev/full, which fails with ENOSPC like a full disk."""
+    def full(dir=None, prefix="", suffix=""):
+        return os.open("/dev/full", os.O_WRONLY), os.path.join(dir, f"{prefix}full{suffix}")
+
+    monkeypatch.setattr("cvfast.data.read.tempfile.mkstemp", full)
+
+
+def test_a_full_disk_is_a_clear_error_and_leaves_no_partial_file(tmp_path, disk_full):
+    rng = np.random.default_rng(0)
+    pd.DataFrame({"image_id": [f"i{k}" for k in range(40)], "patient_id": [f"p{k // 2}" for k in range(40)],
+                  "label": np.arange(40) % 2, "p_cancer": rng.random(40)}).to_csv(tmp_path / "p.csv", index=False)
+    result = CliRunner().invoke(app, ["evaluate", str(tmp_path / "p.csv"), "--n-boot", "100", "--out", str(tmp_path / "ev")])
+    assert result.exit_code == 1 and "No space left on device" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "ev").exists() or not any((tmp_path / "ev").iterdir())
+
+
+def test_killed_patches_run_ends_identical_to_an_uninterrupted_one(ddsm_data, s10, tmp_path):
+    out = tmp_path / "patches"
+    cmd = [sys.executable, "-m", "cvfast.cli", "patches", str(ddsm_data), "--size", str(PATCH), "--out", str(out), "--workers", "1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list(out.rglob("*.png"))) < 20:
+        time.sleep(0.005)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / "patches.csv").exists(), "the run must have been killed before it finished"
+    r = run_cli("patches", str(ddsm_data), "--size", str(PATCH), "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    assert not list(out.rglob(".*.tmp"))
+    ours, ref = pd.read_csv(out / "patches.csv"), pd.read_csv(s10 / "patches.csv")
+    pd.testing.assert_frame_equal(ours, ref)
+    assert all((out / p).read_bytes() == (s10 / p).read_bytes() for p in ours["path"])
