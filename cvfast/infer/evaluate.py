@@ -138,10 +138,17 @@ def _threshold_rows(df: pd.DataFrame, evaluated: pd.DataFrame, source: str | Non
     return rows, desc
 
 
+Curve = tuple[str, np.ndarray, np.ndarray]  # (model name, labels, scores) of the evaluated cases, for the plots
+
+
 def evaluate(preds: str | Path, settings: EvalSettings | None = None, compare: str | Path | None = None,
              labels: str | Path | None = None) -> dict:
     """The evaluation report (a dict) of a predictions CSV, optionally compared with a second model's predictions."""
-    st = settings or EvalSettings()
+    return _evaluate(preds, settings or EvalSettings(), compare, labels)[0]
+
+
+def _evaluate(preds: str | Path, st: EvalSettings, compare: str | Path | None, labels: str | Path | None) -> tuple[dict, list[Curve]]:
+    """The report and the ROC/PR curves' data (each file read and aggregated once)."""
     units = _units(preds, st, labels)
     rows, rows_desc = _select(units, st.split)
     y, s = rows["label"].to_numpy(), rows[st.score].to_numpy(dtype=np.float64)
@@ -163,12 +170,14 @@ def evaluate(preds: str | Path, settings: EvalSettings | None = None, compare: s
         "operating_points": {name: at_threshold(y, s, t) for name, t in thresholds_at(yr, sr, st.specificities).items()},
         "calibration": calibration(y, s),
     }
+    curves = [("this model", y, s)]
     if compare is not None:
-        report["comparison"] = _compare(rows, compare, st, labels)
-    return report
+        report["comparison"], other_curve = _compare(rows, compare, st, labels)
+        curves.append(other_curve)
+    return report, curves
 
 
-def _compare(rows: pd.DataFrame, other_path: str | Path, st: EvalSettings, labels: str | Path | None = None) -> dict:
+def _compare(rows: pd.DataFrame, other_path: str | Path, st: EvalSettings, labels: str | Path | None = None) -> tuple[dict, Curve]:
     """DeLong's test and a paired patient bootstrap of the AUC difference on the cases both files predict."""
     other = _units(other_path, st, labels)
     both = rows.merge(other[["unit", st.score, "label"]], on="unit", suffixes=("", "_b"))
@@ -186,28 +195,21 @@ def _compare(rows: pd.DataFrame, other_path: str | Path, st: EvalSettings, label
         delong = delong_test(y, a, b)
     except CvfastError as e:  # too few cases of a class: the bootstrap still reports
         delong = {"error": str(e)}
-    return {"other": str(other_path), "n_common": int(len(both)), "n_left_out": int(len(rows) - len(both)),
-            "delong": delong,
-            "paired_bootstrap": {"difference": float(roc_auc_score(y, a) - roc_auc_score(y, b)),
-                                 "difference_ci95": [float(np.percentile(diff, 2.5)), float(np.percentile(diff, 97.5))],
-                                 "p_value": p_boot, "resamples": int(len(diff))}}
+    return ({"other": str(other_path), "n_common": int(len(both)), "n_left_out": int(len(rows) - len(both)),
+             "delong": delong,
+             "paired_bootstrap": {"difference": float(roc_auc_score(y, a) - roc_auc_score(y, b)),
+                                  "difference_ci95": [float(np.percentile(diff, 2.5)), float(np.percentile(diff, 97.5))],
+                                  "p_value": p_boot, "resamples": int(len(diff))}},
+            (Path(other_path).name, y, b))
 
 
-def write_report(report: dict, preds: str | Path, out: str | Path, settings: EvalSettings | None = None,
-                 compare: str | Path | None = None, labels: str | Path | None = None) -> dict[str, Path]:
+def write_report(report: dict, curves: list[Curve], out: str | Path) -> dict[str, Path]:
     """report.json, report.md, roc.png, pr.png and calibration.png in OUT (each written atomically)."""
     from matplotlib.figure import Figure  # no pyplot: no backend switch in notebooks, no global figure state
 
-    st = settings or EvalSettings()
     out = Path(out)
-    units = _units(preds, st, labels)
-    rows, _ = _select(units, st.split)
-    y, s = rows["label"].to_numpy(), rows[st.score].to_numpy(float)
-    curves = [("this model", y, s, report)]
-    if compare is not None:
-        other = _units(compare, st, labels)
-        both = rows[["unit"]].merge(other, on="unit")
-        curves.append((Path(compare).name, both["label"].to_numpy(), both[st.score].to_numpy(float), None))
+    by = report["level"]
+    y = curves[0][1]
     paths = {}
 
     def save(fig, name: str) -> None:
@@ -218,24 +220,24 @@ def write_report(report: dict, preds: str | Path, out: str | Path, settings: Eva
 
     fig = Figure(figsize=(5, 5))
     ax = fig.subplots()
-    for name, yy, ss, rep in curves:
+    for k, (name, yy, ss) in enumerate(curves):
         fpr, tpr, _ = roc_curve(yy, ss)
-        extra = f" [{rep['auc_ci95'][0]:.3f}, {rep['auc_ci95'][1]:.3f}]" if rep else ""
+        extra = f" [{report['auc_ci95'][0]:.3f}, {report['auc_ci95'][1]:.3f}]" if k == 0 else ""
         ax.plot(fpr, tpr, label=f"{name}: AUC {roc_auc_score(yy, ss):.3f}{extra}")
     for name, op in report["operating_points"].items():
         if op["specificity"] is not None and op["sensitivity"] is not None:
             ax.plot(1 - op["specificity"], op["sensitivity"], "o", label=f"{name} (t={op['threshold']:.3g})")
     ax.plot([0, 1], [0, 1], ":", color="grey")
-    ax.set(xlabel="1 - specificity", ylabel="sensitivity", title=f"ROC per {st.by} ({report['rows']})")
+    ax.set(xlabel="1 - specificity", ylabel="sensitivity", title=f"ROC per {by} ({report['rows']})")
     ax.legend(fontsize=7, loc="lower right")
     save(fig, "roc.png")
     fig = Figure(figsize=(5, 5))
     ax = fig.subplots()
-    for name, yy, ss, _ in curves:
+    for name, yy, ss in curves:
         prec, rec, _ = precision_recall_curve(yy, ss)
         ax.plot(rec, prec, label=f"{name}: AP {average_precision_score(yy, ss):.3f}")
     ax.axhline(y.mean(), ls=":", color="grey", label=f"prevalence {y.mean():.3f}")
-    ax.set(xlabel="recall (sensitivity)", ylabel="precision (PPV)", title=f"precision-recall per {st.by}")
+    ax.set(xlabel="recall (sensitivity)", ylabel="precision (PPV)", title=f"precision-recall per {by}")
     ax.legend(fontsize=7)
     save(fig, "pr.png")
     fig = Figure(figsize=(5, 5))
@@ -285,7 +287,7 @@ def report_markdown(report: dict) -> str:
 def evaluate_to(preds: str | Path, out: str | Path, settings: EvalSettings | None = None, compare: str | Path | None = None,
                 labels: str | Path | None = None) -> dict:
     """evaluate() and write its report and plots to OUT; returns the report."""
-    report = evaluate(preds, settings, compare, labels)
-    write_report(report, preds, out, settings, compare, labels)
+    report, curves = _evaluate(preds, settings or EvalSettings(), compare, labels)
+    write_report(report, curves, out)
     return report
 

@@ -14,7 +14,7 @@ from torch import nn
 
 from cvfast.data.read import WORKING_SIZE, atomic_write_bytes, read_mammogram, resize
 from cvfast.errors import CvfastError
-from cvfast.infer.predict import MALIGNANT_PATCH_CLASSES
+from cvfast.infer.predict import MALIGNANT_PATCH_CLASSES, working_image
 from cvfast.models.whole import WholeImageClassifier
 from cvfast.train.export import load_model
 
@@ -37,7 +37,7 @@ def _image(source: str | Path | np.ndarray, size: tuple[int, int]) -> tuple[np.n
     pixels = source if isinstance(source, np.ndarray) else read_mammogram(source).pixels
     if pixels.dtype != np.uint16:
         raise CvfastError(f"heatmap input array must be uint16 (got {pixels.dtype}); read files with cvfast.data.read.read_mammogram")
-    return resize(pixels, size).astype(np.float32) / 65535, tuple(pixels.shape)
+    return working_image(pixels, size), tuple(pixels.shape)
 
 
 def _starts(length: int, window: int, stride: int) -> list[int]:

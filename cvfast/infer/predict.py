@@ -34,6 +34,11 @@ TTA_FLIPS: tuple[tuple[int, ...], ...] = ((), (-1,), (-2,), (-2, -1))
 MALIGNANT_PATCH_CLASSES = ("calc_malignant", "mass_malignant")
 
 
+def working_image(pixels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """uint16 pixels as the model saw them in training: prepare's resize, then float32 / 65535 (IntToFloatTensor's arithmetic)."""
+    return resize(pixels, size).astype(np.float32) / 65535
+
+
 class MammogramFiles(torch.utils.data.Dataset):
     """Images read and resized exactly as `prepare` caches them, as floats in [0, 1] (the training scale).
 
@@ -49,11 +54,10 @@ class MammogramFiles(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         try:
-            pixels = resize(read_mammogram(self.paths[i]).pixels, self.size)
+            image = working_image(read_mammogram(self.paths[i]).pixels, self.size)
         except Exception:  # CvfastError, or a decoder's own (PIL's DecompressionBombError, ...): reported afterwards
             return torch.zeros(1, *self.size), torch.tensor(1)
-        # same arithmetic as training's IntToFloatTensor(div=65535): float32 values / 65535
-        return torch.from_numpy(pixels.astype(np.float32) / 65535)[None], torch.tensor(0)
+        return torch.from_numpy(image)[None], torch.tensor(0)
 
 
 class AveragedProbabilities(nn.Module):
@@ -174,7 +178,8 @@ def predict(models: Sequence[str | Path], inputs: Sequence[str | Path], tta: boo
     out = df.copy()
     for i, c in enumerate(classes):
         out[f"p_{c}"] = probs[:, i]
-    out["p_cancer"] = out[[f"p_{c}" for c in MALIGNANT_PATCH_CLASSES]].sum(axis=1) if "cancer" not in classes else out["p_cancer"]
+    if "cancer" not in classes:  # a patch model: cancer is either malignant class
+        out["p_cancer"] = out[[f"p_{c}" for c in MALIGNANT_PATCH_CLASSES]].sum(axis=1)
     return Predictions(out[~failed].reset_index(drop=True), rejects, _describe(models, members))
 
 
