@@ -47,7 +47,10 @@ def handles_errors(fn: Callable) -> Callable:
 def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
          quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Warnings and errors only.")] = False) -> None:
     """Set up logging for every command."""
-    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
+    import os
+
+    # data parallel (torchrun / accelerate launch): rank 0 tells the story, the others only warn
+    level = logging.DEBUG if verbose else logging.WARNING if quiet or int(os.environ.get("RANK", 0)) else logging.INFO
     logging.basicConfig(level=level, format="%(message)s", handlers=[RichHandler(console=console, show_path=False)], force=True)
 
 
@@ -196,6 +199,22 @@ RESUME = Annotated[bool, typer.Option(help="Continue an interrupted run in --out
 TRAIN_SIZE = Annotated[Optional[str], typer.Option(help="Train at HxW (default: the recipe's, else the cache's).")]
 GRAD_ACC = Annotated[Optional[int], typer.Option(help="Accumulate gradients over this many batches.")]
 MODEL_OUT = Annotated[Path, typer.Option("--out", "-o", help="Model folder: model.pkl, model.safetensors, model.json, recipe.json.")]
+DEVICE = Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:1, mps (default: the best available; under torchrun each rank's GPU).",
+                                               rich_help_panel="Runtime")]
+PRECISION = Annotated[str, typer.Option(help="auto (bf16 on GPUs that have it, else fp16 with loss scaling; fp32 on CPU), bf16, fp16, fp32.",
+                                        rich_help_panel="Runtime")]
+CHANNELS_LAST = Annotated[Optional[bool], typer.Option(help="channels_last memory format (default: on a CUDA GPU).", rich_help_panel="Runtime")]
+COMPILE = Annotated[bool, typer.Option("--compile", help="torch.compile the model (first batches are slow while it compiles).",
+                                       rich_help_panel="Runtime")]
+LOADER_WORKERS = Annotated[Optional[int], typer.Option("--workers", help="DataLoader reader processes (default: up to 8 on a GPU, 0 on CPU).",
+                                                       rich_help_panel="Runtime")]
+
+
+def _runtime(device: str | None, precision: str, channels_last: bool | None, compile: bool, workers: int | None):
+    """The Runtime of a training command from its options."""
+    from cvfast.train.runtime import Runtime
+
+    return Runtime(device=device, precision=precision, channels_last=channels_last, compile=compile, workers=workers)
 
 
 def _resolve(default: str, recipe: str | None, overrides: dict, epochs_scale: float | None, quick: bool) -> dict:
@@ -210,6 +229,10 @@ def _resolve(default: str, recipe: str | None, overrides: dict, epochs_scale: fl
 
 
 def _print_metrics(result, title: str) -> None:
+    from cvfast.train.runtime import is_main_process
+
+    if not is_main_process():  # data parallel: rank 0 reports
+        return
     table = Table(title=title)
     table.add_column("metric")
     table.add_column("value")
@@ -230,7 +253,9 @@ def patch(data: Annotated[Path, typer.Option("--data", help="Patch set folder fr
           head: Annotated[Optional[str], typer.Option(help="paper (GAP + FC) or fastai.")] = None,
           recipe: RECIPE = None, bs: BS = None,
           size: Annotated[Optional[int], typer.Option(help="Resize patches to this side on the fly.")] = None,
-          epochs_scale: EPOCHS_SCALE = None, quick: QUICK = False, resume: RESUME = True) -> None:
+          epochs_scale: EPOCHS_SCALE = None, quick: QUICK = False, resume: RESUME = True,
+          device: DEVICE = None, precision: PRECISION = "auto", channels_last: CHANNELS_LAST = None, compile: COMPILE = False,
+          workers: LOADER_WORKERS = None) -> None:
     """Step 1: train the patch classifier (5 classes) with the paper's 3-stage schedule."""
     from cvfast.data.sample import check_patch_set
     from cvfast.train.pipeline import train_patch
@@ -239,7 +264,7 @@ def patch(data: Annotated[Path, typer.Option("--data", help="Patch set folder fr
     patch_set = check_patch_set(data)["spec"]["name"]
     default = f"patch-{patch_set}-{arch}" if f"patch-{patch_set}-{arch}" in recipe_paths() else f"patch-{patch_set}-resnet50"
     r = _resolve(default, recipe, {"model": {"arch": arch, "pretrained": pretrained, "head": head}, "data": {"bs": bs, "size": size}}, epochs_scale, quick)
-    _print_metrics(train_patch(r, data, out, weights=weights, resume=resume), "patch classifier")
+    _print_metrics(train_patch(r, data, out, weights=weights, resume=resume, runtime=_runtime(device, precision, channels_last, compile, workers)), "patch classifier")
 
 
 class Top(str, Enum):
@@ -258,14 +283,16 @@ def whole(patch: Annotated[Path, typer.Option("--patch", help="Patch model: fold
           heatmap: Annotated[Optional[bool], typer.Option(help="Keep the patch head as a 1x1-conv heatmap before the top (default: the recipe's).")] = None,
           recipe: RECIPE = None, bs: BS = None,
           size: TRAIN_SIZE = None, grad_acc: GRAD_ACC = None,
-          epochs_scale: EPOCHS_SCALE = None, quick: QUICK = False, resume: RESUME = True) -> None:
+          epochs_scale: EPOCHS_SCALE = None, quick: QUICK = False, resume: RESUME = True,
+          device: DEVICE = None, precision: PRECISION = "auto", channels_last: CHANNELS_LAST = None, compile: COMPILE = False,
+          workers: LOADER_WORKERS = None) -> None:
     """Step 2: convert the patch classifier into the all-convolutional whole-image classifier and train it."""
     from cvfast.train.pipeline import train_whole
 
     default = f"whole-{top.value if top else 'resnet'}{'-heatmap' if heatmap else ''}"
     r = _resolve(default, recipe, {"model": {"top": top.value if top else None, "heatmap": heatmap},
                                    "data": {"bs": bs, "size": list(_size(size)) if size else None, "grad_acc": grad_acc}}, epochs_scale, quick)
-    _print_metrics(train_whole(r, data, patch, out, resume=resume), "whole-image classifier")
+    _print_metrics(train_whole(r, data, patch, out, resume=resume, runtime=_runtime(device, precision, channels_last, compile, workers)), "whole-image classifier")
 
 
 class TransferDataset(str, Enum):
@@ -285,13 +312,15 @@ def finetune(source: Annotated[Path, typer.Option("--from", help="Whole-image mo
              scratch: Annotated[bool, typer.Option(help="Control: same architecture from random init, same budget.")] = False,
              recipe: RECIPE = None, bs: BS = None,
              size: TRAIN_SIZE = None, grad_acc: GRAD_ACC = None,
-             epochs_scale: EPOCHS_SCALE = None, quick: QUICK = False, resume: RESUME = True) -> None:
+             epochs_scale: EPOCHS_SCALE = None, quick: QUICK = False, resume: RESUME = True,
+             device: DEVICE = None, precision: PRECISION = "auto", channels_last: CHANNELS_LAST = None, compile: COMPILE = False,
+             workers: LOADER_WORKERS = None) -> None:
     """Transfer: fine-tune a whole-image model on a dataset with image-level labels only (early stopping on AUC)."""
     from cvfast.train.pipeline import finetune as run_finetune
 
     r = _resolve("finetune-inbreast", recipe, {"data": {"bs": bs, "size": list(_size(size)) if size else None, "grad_acc": grad_acc,
                                                         "dataset": dataset.value}}, epochs_scale, quick)
-    _print_metrics(run_finetune(r, data, source, out, scratch=scratch, resume=resume), f"fine-tuned on {dataset.value}")
+    _print_metrics(run_finetune(r, data, source, out, scratch=scratch, resume=resume, runtime=_runtime(device, precision, channels_last, compile, workers)), f"fine-tuned on {dataset.value}")
 
 
 @app.command("lr-find")
@@ -301,7 +330,9 @@ def lr_find(recipe: Annotated[str, typer.Option(help="Recipe name or path (its k
             model: Annotated[Optional[Path], typer.Option(help="Patch model (whole recipes) or whole model (finetune recipes).")] = None,
             stage: Annotated[int, typer.Option(help="Use this stage's freeze state and groups (1-based).")] = 1,
             num_it: Annotated[int, typer.Option(help="Iterations (at least 50).")] = 100,
-            out: Annotated[Path, typer.Option("--out", "-o", help="PNG of the loss vs learning-rate curve.")] = Path("lr_find.png")) -> None:
+            out: Annotated[Path, typer.Option("--out", "-o", help="PNG of the loss vs learning-rate curve.")] = Path("lr_find.png"),
+            device: DEVICE = None, precision: PRECISION = "auto", channels_last: CHANNELS_LAST = None, compile: COMPILE = False,
+            workers: LOADER_WORKERS = None) -> None:
     """Run fastai's lr_find on the learner a recipe builds; save the plot and print the suggestions."""
     import tempfile
 
@@ -316,13 +347,14 @@ def lr_find(recipe: Annotated[str, typer.Option(help="Recipe name or path (its k
         raise CvfastError(f"--stage {stage}: the recipe has {len(stages)} stages")
     if r["kind"] != "patch" and model is None:
         raise CvfastError(f"--model is required for a {r['kind']} recipe")
+    runtime = _runtime(device, precision, channels_last, compile, workers)
     with tempfile.TemporaryDirectory() as tmp:
         if r["kind"] == "patch":
-            learn = patch_learner_from_recipe(r, data, tmp)[0]
+            learn = patch_learner_from_recipe(r, data, tmp, runtime=runtime)[0]
         elif r["kind"] == "whole":
-            learn = whole_learner_from_recipe(r, data, model, tmp)
+            learn = whole_learner_from_recipe(r, data, model, tmp, runtime)
         else:
-            learn = finetune_learner_from_recipe(r, data, model, tmp)
+            learn = finetune_learner_from_recipe(r, data, model, tmp, runtime=runtime)
         cbs = whole_training_cbs(r) if r["kind"] != "patch" else []
         suggestions = find_lr(learn, stages[stage - 1], num_it=num_it, plot=out, cbs=cbs)
     for name, value in suggestions.items():

@@ -12,6 +12,7 @@ import numpy as np
 
 from fastai.callback.core import Callback, CancelFitException
 from fastai.callback.tracker import EarlyStoppingCallback, SaveModelCallback
+from fastai.torch_core import distrib_barrier, get_model, rank_distrib
 from torch import nn
 
 from cvfast.data.read import atomic_write_bytes
@@ -31,7 +32,7 @@ class HoldBodyBatchNorm(Callback):
 
     def before_train(self):
         """Put the body's BN layers in eval mode."""
-        for m in self.learn.model.body.modules():
+        for m in get_model(self.learn.model).body.modules():  # get_model: under data parallel the model is wrapped in DDP
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
                 m.eval()
 
@@ -47,6 +48,7 @@ class BestModel(SaveModelCallback):
 
     def after_fit(self, **kwargs):
         """Load the best epoch's weights if one was saved."""
+        distrib_barrier()  # under data parallel only rank 0 writes it: the others wait until it has
         if (self.path / self.model_dir / f"{self.fname}.pth").is_file():
             super().after_fit(**kwargs)
         else:
@@ -102,6 +104,8 @@ class EpochCheckpoint(Callback):
 
     def _checkpoint(self, values: dict, stopped: bool) -> None:
         self.recorded = self.epoch
+        if rank_distrib():  # data parallel: rank 0 writes for all
+            return
         epoch = self.offset + self.epoch
         self.dir.mkdir(parents=True, exist_ok=True)
         name = f"s{self.stage_index}e{epoch + 1}"

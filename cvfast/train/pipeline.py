@@ -12,7 +12,7 @@ import fastai.callback.progress  # noqa: F401  (Learner.no_bar)
 from fastai.callback.tracker import TerminateOnNaNCallback
 from fastai.callback.training import GradientAccumulation
 from fastai.learner import Learner
-from fastai.torch_core import set_seed
+from fastai.torch_core import distrib_barrier, set_seed
 
 from cvfast.data.blocks import patch_dataloaders, whole_image_dataloaders
 from cvfast.data.read import atomic_write_bytes
@@ -22,6 +22,7 @@ from cvfast.infer.heldout import heldout_patch_metrics, heldout_whole_metrics
 from cvfast.train.export import build_model, export_model, load_model
 from cvfast.train.learners import learner_for, patch_learner, whole_image_learner
 from cvfast.train.recipes import fingerprint
+from cvfast.train.runtime import Runtime, apply_runtime, data_parallel, export_ready, is_main_process, this_process_only
 from cvfast.train.schedule import Stage, begin_stage, describe, fit_stage, random_init_schedule, stages_from
 
 log = logging.getLogger(__name__)
@@ -46,9 +47,10 @@ def train_schedule(learn: Learner, stages: list[Stage], out: Path, recipe: dict,
     fp = fingerprint(recipe)
     ckpt = out / "checkpoints"
     progress = read_progress(out, fp) if resume else None
-    if progress is None:  # a fresh run: no checkpoint of an earlier run may leak into this one
+    if progress is None and is_main_process():  # a fresh run: no checkpoint of an earlier run may leak into this one
         for old in [*ckpt.glob("s*e*.pth"), ckpt / "progress.json", ckpt / "best.pth", ckpt / "history.json"]:
             old.unlink(missing_ok=True)
+    distrib_barrier()
     for i, stage in enumerate(stages):
         if progress and i < progress["stage"]:
             continue
@@ -71,11 +73,11 @@ def train_schedule(learn: Learner, stages: list[Stage], out: Path, recipe: dict,
         learn.load((ckpt / "best").resolve(), with_opt=False)
 
 
-def _finish(learn: Learner, out: Path, recipe: dict, extra: dict) -> TrainResult:
+def _finish(learn: Learner, out: Path, recipe: dict, extra: Callable[[], dict]) -> TrainResult:
     """Validate, export (pkl + safetensors + JSON), save the resolved recipe and the epoch history beside the model."""
     values = learn.validate()
-    metrics = {"valid_loss": float(values[0]), **{m.name: float(v) for m, v in zip(learn.metrics, values[1:])}, **extra}
-    export_model(learn, out, recipe, metrics)
+    metrics = {"valid_loss": float(values[0]), **{m.name: float(v) for m, v in zip(learn.metrics, values[1:])}, **extra()}
+    export_model(export_ready(learn), out, recipe, metrics)
     atomic_write_bytes(out / "recipe.json", json.dumps(recipe, indent=1, default=str).encode())
     ckpt = out / "checkpoints"
     atomic_write_bytes(ckpt / "history.json", json.dumps(read_progress_raw(ckpt).get("history", []), indent=1).encode())
@@ -119,11 +121,11 @@ def _stage_cbs(recipe: dict, hold_body_bn: bool = True) -> Callable[[dict], list
     return make
 
 
-def _whole_dls(recipe: dict, data: str | Path):
+def _whole_dls(recipe: dict, data: str | Path, runtime: Runtime):
     """Whole-image DataLoaders per the recipe's data section (no size: the cache's own size)."""
     d = recipe["data"]
     return whole_image_dataloaders(data, bs=d.get("bs", 2), size=tuple(d["size"]) if d.get("size") else None,
-                                   augment=d.get("augment", True), seed=recipe.get("train", {}).get("seed", 0))
+                                   augment=d.get("augment", True), seed=recipe.get("train", {}).get("seed", 0), **runtime.loader_kwargs())
 
 
 def _inputs(**paths) -> dict:
@@ -131,77 +133,91 @@ def _inputs(**paths) -> dict:
     return {k: str(Path(v).resolve()) if v is not None else None for k, v in paths.items()}
 
 
-def patch_learner_from_recipe(recipe: dict, patches: str | Path, out: str | Path, weights: str | Path | None = None) -> tuple[Learner, str]:
+def patch_learner_from_recipe(recipe: dict, patches: str | Path, out: str | Path, weights: str | Path | None = None,
+                              runtime: Runtime | None = None) -> tuple[Learner, str]:
     """The recipe's patch learner on a patch set; returns it and how it was initialised (file | hub | random)."""
-    m, d = recipe["model"], recipe["data"]
+    m, d, runtime = recipe["model"], recipe["data"], runtime or Runtime()
     seed = recipe.get("train", {}).get("seed", 0)
     set_seed(seed)
-    dls = patch_dataloaders(patches, bs=d.get("bs", 32), size=d.get("size"), augment=d.get("augment", True), seed=seed)
+    dls = patch_dataloaders(patches, bs=d.get("bs", 32), size=d.get("size"), augment=d.get("augment", True), seed=seed, **runtime.loader_kwargs())
     pretrained = bool(m.get("pretrained", False)) and weights is None
     kwargs = dict(head=m.get("head", "paper"), dropout=m.get("dropout", 0.0), path=Path(out))
     try:
-        return patch_learner(dls, m["arch"], weights=weights, pretrained=pretrained, **kwargs), "file" if weights else "hub" if pretrained else "random"
+        learn, init = patch_learner(dls, m["arch"], weights=weights, pretrained=pretrained, **kwargs), "file" if weights else "hub" if pretrained else "random"
     except CvfastError as e:
         if not pretrained:
             raise
         log.warning("%s; training from random init instead, with the paper's random-init schedule. "
                     "Use --weights PATH for a local weights file.", e)
-        return patch_learner(dls, m["arch"], **kwargs), "random"
+        learn, init = patch_learner(dls, m["arch"], **kwargs), "random"
+    return apply_runtime(learn, runtime), init
 
 
-def whole_learner_from_recipe(recipe: dict, data: str | Path, patch: str | Path, out: str | Path) -> Learner:
+def whole_learner_from_recipe(recipe: dict, data: str | Path, patch: str | Path, out: str | Path, runtime: Runtime | None = None) -> Learner:
     """The recipe's whole-image learner, converted from a trained patch classifier."""
     set_seed(recipe.get("train", {}).get("seed", 0))
     patch_model, sidecar = load_model(patch)
     if sidecar["kind"] != "patch":
         raise CvfastError(f"{patch}: is a {sidecar['kind']} model; the whole-image step needs a patch classifier")
-    m = recipe["model"]
-    return whole_image_learner(_whole_dls(recipe, data), patch_model, top=m.get("top", "resnet"), heatmap=m.get("heatmap", False),
-                               widths=tuple(m.get("widths", (512, 512, 1024))), stages=m.get("stages", 2), units=m.get("units", 2),
-                               vgg_width=m.get("vgg_width", 512), vgg_convs=m.get("vgg_convs", 3), dropout=m.get("dropout", 0.5), path=Path(out))
+    m, runtime = recipe["model"], runtime or Runtime()
+    learn = whole_image_learner(_whole_dls(recipe, data, runtime), patch_model, top=m.get("top", "resnet"), heatmap=m.get("heatmap", False),
+                                widths=tuple(m.get("widths", (512, 512, 1024))), stages=m.get("stages", 2), units=m.get("units", 2),
+                                vgg_width=m.get("vgg_width", 512), vgg_convs=m.get("vgg_convs", 3), dropout=m.get("dropout", 0.5), path=Path(out))
+    return apply_runtime(learn, runtime)
 
 
-def finetune_learner_from_recipe(recipe: dict, data: str | Path, source: str | Path, out: str | Path, scratch: bool = False) -> Learner:
+def finetune_learner_from_recipe(recipe: dict, data: str | Path, source: str | Path, out: str | Path, scratch: bool = False,
+                                 runtime: Runtime | None = None) -> Learner:
     """A learner for transfer: the source whole-image model (or, scratch=True, the same architecture untrained)."""
     set_seed(recipe.get("train", {}).get("seed", 0))
     model, sidecar = load_model(source)
     if sidecar["kind"] != "whole":
         raise CvfastError(f"{source}: is a {sidecar['kind']} model; fine-tuning needs a whole-image model (`cvfast whole`)")
-    return learner_for(_whole_dls(recipe, data), build_model(sidecar["spec"]) if scratch else model, path=Path(out))
+    runtime = runtime or Runtime()
+    return apply_runtime(learner_for(_whole_dls(recipe, data, runtime), build_model(sidecar["spec"]) if scratch else model, path=Path(out)), runtime)
 
 
-def train_patch(recipe: dict, patches: str | Path, out: str | Path, weights: str | Path | None = None, resume: bool = True) -> TrainResult:
-    """Step 1: the patch classifier on a patch set (S1/S10); returns the trained learner and its metrics."""
+def _train(learn: Learner, stages: list[Stage], out: Path, recipe: dict, extra: Callable[[], dict], cbs=None, resume: bool = True) -> TrainResult:
+    """Train (data-parallel under torchrun / accelerate launch), then validate and export on rank 0 only."""
+    with learn.no_bar(), learn.no_logging():  # epochs are logged by EpochCheckpoint instead: readable in terminals, logs, notebooks
+        with data_parallel(learn):
+            train_schedule(learn, stages, out, recipe, cbs=cbs, resume=resume)
+        if not is_main_process():
+            return TrainResult(learn, out, {})
+        with this_process_only():
+            return _finish(learn, out, recipe, extra)
+
+
+def train_patch(recipe: dict, patches: str | Path, out: str | Path, weights: str | Path | None = None, resume: bool = True,
+                runtime: Runtime | None = None) -> TrainResult:
+    """Step 1: the patch classifier on a patch set (S1/S10); returns the trained learner and its metrics (empty on ranks > 0)."""
     out = Path(out)
-    learn, init = patch_learner_from_recipe(recipe, patches, out, weights)
+    learn, init = patch_learner_from_recipe(recipe, patches, out, weights, runtime)
     stages = _schedule(recipe, init == "random")
     recipe = {**recipe, "init": init, "inputs": _inputs(patches=patches, weights=weights), "resolved_stages": describe(stages)}
-    with learn.no_bar(), learn.no_logging():  # epochs are logged by EpochCheckpoint instead: readable in terminals, logs, notebooks
-        train_schedule(learn, stages, out, recipe, resume=resume)
-        return _finish(learn, out, recipe, {"init": init, **heldout_patch_metrics(learn, patches)})
+    return _train(learn, stages, out, recipe, lambda: {"init": init, **heldout_patch_metrics(learn, patches)}, resume=resume)
 
 
-def train_whole(recipe: dict, data: str | Path, patch: str | Path, out: str | Path, resume: bool = True) -> TrainResult:
+def train_whole(recipe: dict, data: str | Path, patch: str | Path, out: str | Path, resume: bool = True,
+                runtime: Runtime | None = None) -> TrainResult:
     """Step 2: convert a trained patch classifier into the whole-image classifier and train it end to end."""
     out = Path(out)
-    learn = whole_learner_from_recipe(recipe, data, patch, out)
+    learn = whole_learner_from_recipe(recipe, data, patch, out, runtime)
     stages = _schedule(recipe, False)
     recipe = {**recipe, "inputs": _inputs(data=data, patch_model=patch), "resolved_stages": describe(stages)}
-    with learn.no_bar(), learn.no_logging():
-        train_schedule(learn, stages, out, recipe, cbs=_stage_cbs(recipe), resume=resume)
-        return _finish(learn, out, recipe, heldout_whole_metrics(learn, data))
+    return _train(learn, stages, out, recipe, lambda: heldout_whole_metrics(learn, data), cbs=_stage_cbs(recipe), resume=resume)
 
 
-def finetune(recipe: dict, data: str | Path, source: str | Path, out: str | Path, scratch: bool = False, resume: bool = True) -> TrainResult:
+def finetune(recipe: dict, data: str | Path, source: str | Path, out: str | Path, scratch: bool = False, resume: bool = True,
+             runtime: Runtime | None = None) -> TrainResult:
     """Transfer: fine-tune a whole-image model on a dataset with image-level labels only.
 
     scratch=True trains the same architecture from random init with the same budget (the paper's control).
     """
     out = Path(out)
-    learn = finetune_learner_from_recipe(recipe, data, source, out, scratch)
+    learn = finetune_learner_from_recipe(recipe, data, source, out, scratch, runtime)
     stages = _schedule(recipe, scratch)
     recipe = {**recipe, "inputs": _inputs(data=data, source_model=source), "scratch": scratch, "resolved_stages": describe(stages)}
-    with learn.no_bar(), learn.no_logging():
-        # the from-scratch control has no pretrained BatchNorm statistics to hold: its BN layers train normally
-        train_schedule(learn, stages, out, recipe, cbs=_stage_cbs(recipe, hold_body_bn=not scratch), resume=resume)
-        return _finish(learn, out, recipe, heldout_whole_metrics(learn, data))
+    # the from-scratch control has no pretrained BatchNorm statistics to hold: its BN layers train normally
+    return _train(learn, stages, out, recipe, lambda: heldout_whole_metrics(learn, data), cbs=_stage_cbs(recipe, hold_body_bn=not scratch),
+                  resume=resume)

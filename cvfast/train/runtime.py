@@ -1,0 +1,167 @@
+"""Where and how training runs: device, mixed precision, channels_last, torch.compile, loader workers, data parallel."""
+
+from __future__ import annotations
+
+import logging
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+import torch.distributed as dist
+from fastai.callback.channelslast import ChannelsLast
+from fastai.callback.fp16 import AMPMode, MixedPrecision
+from fastai.distributed import DistributedDL, DistributedTrainer
+from fastai.learner import Learner
+from fastai.torch_core import default_device, distrib_barrier, num_distrib, rank_distrib
+
+from cvfast.errors import CvfastError
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+
+
+@dataclass
+class Runtime:
+    """Execution settings of a training command: they change speed, not the method, so they are not part of the recipe."""
+
+    device: str | None = None  # None: the best available (cuda, mps, cpu)
+    precision: str = "auto"  # auto: bf16 on a GPU that has it, else fp16 with loss scaling; fp32 off the GPU
+    channels_last: bool | None = None  # None: on a CUDA GPU
+    compile: bool = False  # torch.compile the model (in place: state_dict keys and exports are unchanged)
+    workers: int | None = None  # DataLoader reader processes; None: up to 8 per process on a GPU, none on CPU
+
+    def __post_init__(self):
+        if self.precision not in PRECISIONS:
+            raise CvfastError(f"precision {self.precision!r}: expected one of {', '.join(PRECISIONS)}")
+        if self.workers is not None and self.workers < 0:
+            raise CvfastError(f"workers {self.workers}: must be at least 0")
+
+    @property
+    def torch_device(self) -> torch.device:
+        """The device to train on; under torchrun/accelerate each process takes the GPU of its local rank."""
+        if self.device is None and num_distrib() > 1 and torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        try:
+            device = torch.device(self.device) if self.device else default_device()
+        except RuntimeError as e:
+            raise CvfastError(f"device {self.device!r}: {e}") from e
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise CvfastError(f"device {self.device!r}: no CUDA GPU is visible to torch")
+        if device.type == "mps" and not torch.backends.mps.is_available():
+            raise CvfastError(f"device {self.device!r}: MPS is not available")
+        return device
+
+    @property
+    def amp_mode(self) -> AMPMode | None:
+        """The autocast dtype, or None for fp32 (autocast here is CUDA's; other devices train in fp32)."""
+        if self.torch_device.type != "cuda":
+            if self.precision in ("bf16", "fp16"):
+                raise CvfastError(f"precision {self.precision}: mixed precision needs a CUDA device (training on {self.torch_device})")
+            return None
+        if self.precision == "auto":
+            return AMPMode.BF16 if torch.cuda.is_bf16_supported() else AMPMode.FP16
+        return None if self.precision == "fp32" else AMPMode(self.precision)
+
+    def loader_kwargs(self) -> dict:
+        """DataLoader arguments: reader processes, pinned memory and the target device (batch transforms run there)."""
+        device = self.torch_device
+        gpu = device.type == "cuda"
+        workers = self.workers if self.workers is not None else (min(8, max(1, (os.cpu_count() or 2) // max(1, num_distrib()) - 1)) if gpu else 0)
+        return dict(num_workers=workers, pin_memory=gpu, device=device, persistent_workers=workers > 0)
+
+
+def apply_runtime(learn: Learner, runtime: Runtime) -> Learner:
+    """Move the learner to the runtime's device and add fastai's MixedPrecision / ChannelsLast callbacks; compile if asked."""
+    device = runtime.torch_device
+    learn.model.to(device)
+    learn.dls.to(device)
+    if (amp := runtime.amp_mode) is not None:
+        learn.add_cb(MixedPrecision(amp_mode=amp))
+    if runtime.channels_last if runtime.channels_last is not None else device.type == "cuda":
+        learn.add_cb(ChannelsLast())
+    if runtime.compile:
+        learn.model.compile()  # nn.Module.compile: compiled in place, so checkpoints and exports keep plain parameter names
+    log.info("training on %s, %s%s%s, %d loader workers", device, amp.value if amp else "fp32",
+             ", channels_last" if hasattr(learn, "channels_last") else "", ", compiled" if runtime.compile else "",
+             learn.dls.train.fake_l.num_workers)
+    return learn
+
+
+def export_ready(learn: Learner) -> Learner:
+    """The learner without its runtime: fp32, contiguous, uncompiled, so its pickle loads anywhere (CPU included)."""
+    learn.remove_cbs([cb for cb in learn.cbs if isinstance(cb, (MixedPrecision, ChannelsLast))])
+    learn.model.to(memory_format=torch.contiguous_format)
+    learn.model._compiled_call_impl = None  # undo nn.Module.compile (a compiled function does not pickle)
+    return learn
+
+
+def is_main_process() -> bool:
+    """True on rank 0 (and when not distributed): the one process that writes checkpoints, exports and reports."""
+    return rank_distrib() == 0
+
+
+@contextmanager
+def this_process_only() -> Iterator[None]:
+    """Run fastai code on rank 0 alone after data-parallel training: fastai gathers predictions from every process
+    whenever WORLD_SIZE > 1, and the other ranks have finished."""
+    saved = os.environ.get("WORLD_SIZE")
+    os.environ["WORLD_SIZE"] = "1"
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("WORLD_SIZE")
+        else:
+            os.environ["WORLD_SIZE"] = saved
+
+
+class BackendDistributedDL(DistributedDL):
+    """fastai's DistributedDL, but broadcasting its shuffled order on the process group's device.
+
+    fastai moves the order to CUDA unconditionally (NCCL's requirement), which fails under the gloo backend
+    that CPU runs use; nothing else differs.
+    """
+
+    def _broadcast(self, t, rank):
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+        t = torch.tensor(t, dtype=torch.long, device=device)
+        dist.broadcast(t, rank)
+        return t.cpu().tolist()
+
+    @property
+    def shard(self) -> list[int]:
+        """This rank's item indices of the current epoch (disjoint across ranks up to the padding of the last batch)."""
+        return list(self._shard)
+
+    def get_idxs(self):
+        """This rank's slice of the epoch's order (fastai's), remembered as `shard`."""
+        self._shard = super().get_idxs()
+        return self._shard
+
+
+class DataParallel(DistributedTrainer):
+    """fastai's DistributedTrainer (DDP through accelerate) with dataloaders that also work on the gloo backend."""
+
+    def _wrap_dl(self, dl):
+        return dl if isinstance(dl, DistributedDL) else BackendDistributedDL(dl, device=self.learn.model.device)
+
+
+@contextmanager
+def data_parallel(learn: Learner) -> Iterator[Learner]:
+    """Train data-parallel when launched by torchrun / `accelerate launch` (WORLD_SIZE > 1); a no-op otherwise."""
+    if num_distrib() <= 1:
+        yield learn
+        return
+    gpu = learn.dls.device is not None and torch.device(learn.dls.device).type == "cuda"
+    # SyncBatchNorm needs CUDA; on CPU (gloo) each rank keeps its own batch statistics
+    cb = DataParallel(sync_bn=gpu, cpu=not gpu)
+    learn.add_cb(cb)
+    log.info("rank %d of %d: data-parallel training (%s)", rank_distrib(), num_distrib(), dist.get_backend())
+    try:
+        yield learn
+    finally:
+        learn.remove_cb(cb)
+        distrib_barrier()

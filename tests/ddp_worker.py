@@ -1,0 +1,43 @@
+"""Launched by torchrun from test_distributed.py: the library's real training path on 2 CPU processes (gloo).
+
+Each rank gets its own --out folder so the test can see which rank wrote what; a recording callback (added
+through fastai's defaults.callbacks, the Learner's extension point) saves each epoch's shard and the final weights' hash.
+"""
+
+import hashlib
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from fastai.callback.core import Callback
+from fastai.learner import defaults
+
+from cvfast.train.pipeline import train_patch, train_whole
+from cvfast.train.recipes import load_recipe, resolve
+from cvfast.train.runtime import Runtime
+
+patches, data, work = (Path(p) for p in sys.argv[1:4])
+rank = int(os.environ["RANK"])
+torch.set_num_threads(1)
+shards: dict[str, list] = {"patch": [], "whole": []}
+step = "patch"
+
+
+class RecordShards(Callback):
+    """Remember the item indices this rank trained on in each epoch (the dataloader is fastai's DistributedDL here)."""
+
+    def after_train(self):
+        shards[step].append(self.learn.dl.shard)
+
+
+defaults.callbacks = [*defaults.callbacks, RecordShards]
+rt = Runtime(device="cpu")
+train_patch(resolve(load_recipe("demo-patch"), {}, epochs_scale=0.25), patches, work / f"patch_rank{rank}", runtime=rt)
+dist.barrier()  # rank 0 exports after training: the whole-image step below needs its patch model
+step = "whole"
+whole = train_whole(resolve(load_recipe("demo-whole"), {}, epochs_scale=0.05), data, work / "patch_rank0", work / f"whole_rank{rank}", runtime=rt)
+weights = hashlib.sha256(b"".join(v.detach().cpu().numpy().tobytes() for v in whole.learn.model.state_dict().values())).hexdigest()
+(work / f"rank{rank}.json").write_text(json.dumps({"shards": shards, "weights": weights, "metrics": whole.metrics}))

@@ -1,0 +1,60 @@
+"""Data-parallel training under torchrun on 2 CPU processes (gloo): disjoint shards, one set of outputs (rank 0)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+from cvfast.train.export import load_model
+
+from conftest import run_cli
+
+
+def _torchrun(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args],
+                          capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def test_two_ranks_train_disjoint_shards_and_only_rank0_writes(s10, ddsm_data, tmp_path):
+    r = _torchrun(str(Path(__file__).with_name("ddp_worker.py")), str(s10), str(ddsm_data), str(tmp_path))
+    assert r.returncode == 0, r.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{i}.json").read_text()) for i in range(2)]
+
+    n_train = int((pd.read_csv(ddsm_data / "manifest.csv")["split"] == "train").sum())
+    whole = [rk["shards"]["whole"] for rk in ranks]
+    assert len(whole[0]) == len(whole[1]) >= 1
+    for a, b in zip(*whole):  # each epoch: the two shards split the training images between them
+        padding = -n_train % 2
+        assert len(a) == len(b) == (n_train + padding) // 2
+        assert len(set(a) & set(b)) <= padding and set(a) | set(b) == set(range(n_train))
+    assert all(len(a) == len(b) for a, b in zip(*(rk["shards"]["patch"] for rk in ranks)))  # class-balanced draws, split evenly
+    assert ranks[0]["weights"] == ranks[1]["weights"]  # gradients were all-reduced: one model, not two
+    assert ranks[0]["metrics"] and not ranks[1]["metrics"]  # rank 0 validated and reported
+
+    for step in ("patch", "whole"):
+        rank0, rank1 = tmp_path / f"{step}_rank0", tmp_path / f"{step}_rank1"
+        assert {"model.json", "model.safetensors", "model.pkl", "recipe.json"} <= {p.name for p in rank0.iterdir()}
+        assert not [p for p in rank1.rglob("*") if p.is_file()], f"rank 1 wrote {list(rank1.rglob('*'))}"
+    model, sidecar = load_model(tmp_path / "whole_rank0")
+    assert sidecar["kind"] == "whole" and "valid_loss" in sidecar["metrics"]
+
+
+def test_the_cli_under_torchrun_exports_one_model_and_reports_once(s10, tmp_path):
+    out = tmp_path / "m"
+    r = _torchrun("-m", "cvfast", "patch", "--data", str(s10), "--recipe", "demo-patch", "--epochs-scale", "0.25", "--device", "cpu",
+                  "--out", str(out))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("patch classifier") == 1  # the metrics table: rank 0 only
+    assert "rank 0 of 2: data-parallel training (gloo)" in r.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoints", "model.json", "model.pkl", "model.safetensors", "recipe.json"]
+    model, sidecar = load_model(out)
+    assert sidecar["metrics"]["test_patches"] > 0
+    single = tmp_path / "single"
+    assert run_cli("patch", "--data", str(s10), "--recipe", "demo-patch", "--epochs-scale", "0.25", "--out", str(single)).returncode == 0
+    assert json.loads((single / "model.json").read_text())["metrics"]["test_patches"] == sidecar["metrics"]["test_patches"]

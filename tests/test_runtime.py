@@ -1,0 +1,66 @@
+"""The training runtime: device choice, mixed precision, channels_last, torch.compile and loader workers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from fastai.callback.channelslast import ChannelsLast
+from fastai.callback.fp16 import MixedPrecision
+
+from cvfast.errors import CvfastError
+from cvfast.train.export import load_model
+from cvfast.train.pipeline import patch_learner_from_recipe, train_patch
+from cvfast.train.recipes import load_recipe, resolve
+from cvfast.train.runtime import Runtime
+
+from conftest import run_cli
+
+GPU = torch.cuda.is_available()
+
+
+@pytest.mark.skipif(GPU, reason="checks the CPU defaults")
+def test_cpu_defaults_and_refusals():
+    rt = Runtime()
+    assert rt.torch_device.type == "cpu" and rt.amp_mode is None
+    assert rt.loader_kwargs() == dict(num_workers=0, pin_memory=False, device=torch.device("cpu"), persistent_workers=False)
+    with pytest.raises(CvfastError, match="mixed precision needs a CUDA device"):
+        _ = Runtime(precision="bf16").amp_mode
+    with pytest.raises(CvfastError, match="no CUDA GPU"):
+        _ = Runtime(device="cuda").torch_device
+    with pytest.raises(CvfastError, match="device 'gpu0'"):
+        _ = Runtime(device="gpu0").torch_device
+    with pytest.raises(CvfastError, match="precision 'fp8'"):
+        Runtime(precision="fp8")
+
+
+@pytest.mark.skipif(not GPU, reason="needs a CUDA GPU")
+def test_gpu_defaults(s10, tmp_path):
+    rt = Runtime()
+    assert rt.torch_device.type == "cuda" and rt.amp_mode is not None and rt.loader_kwargs()["pin_memory"]
+    learn, _ = patch_learner_from_recipe(resolve(load_recipe("demo-patch"), {}, epochs_scale=0.1), s10, tmp_path, runtime=rt)
+    assert isinstance(learn.mixed_precision, MixedPrecision) and isinstance(learn.channels_last, ChannelsLast)
+    assert next(learn.model.parameters()).device.type == "cuda" and learn.dls.device.type == "cuda"
+
+
+def test_channels_last_compile_and_workers_train_and_export_a_plain_model(s10, tmp_path):
+    rt = Runtime(device="cpu", channels_last=True, compile=True, workers=1)
+    result = train_patch(resolve(load_recipe("demo-patch"), {}, epochs_scale=0.125), s10, tmp_path / "m", runtime=rt)
+    learn = result.learn
+    assert learn.dls.train.fake_l.num_workers == 1
+    assert not any(isinstance(cb, (ChannelsLast, MixedPrecision)) for cb in learn.cbs)  # the export is runtime-free
+    model, _ = load_model(tmp_path / "m")  # safetensors: plain parameter names despite compile
+    x = torch.rand(3, 1, 48, 48)
+    with torch.no_grad():
+        assert torch.allclose(model(x), learn.model.eval()(x), atol=1e-5)
+    from fastai.learner import load_learner
+
+    with pytest.warns(UserWarning):  # the pickle must load as well (a compiled function would not pickle)
+        assert load_learner(tmp_path / "m" / "model.pkl") is not None
+
+
+def test_cli_runtime_options_are_checked(s10, tmp_path):
+    r = run_cli("patch", "--data", str(s10), "--recipe", "demo-patch", "--precision", "fp8", "--out", str(tmp_path / "m"))
+    assert r.returncode == 1 and "precision 'fp8'" in r.stderr and "Traceback" not in r.stderr
+    if not GPU:
+        r = run_cli("patch", "--data", str(s10), "--recipe", "demo-patch", "--device", "cuda", "--out", str(tmp_path / "m"))
+        assert r.returncode == 1 and "no CUDA GPU" in r.stderr and "Traceback" not in r.stderr
