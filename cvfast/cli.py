@@ -12,6 +12,7 @@ from typing import Annotated, Callable, Optional
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 from rich.table import Table
 
 from cvfast.errors import CvfastError
@@ -34,10 +35,11 @@ def handles_errors(fn: Callable) -> Callable:
         try:
             return fn(*args, **kwargs)
         except CvfastError as e:
-            console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+            console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)  # "[stages]" is text, not markup
             raise typer.Exit(1) from None
         except OSError as e:  # disk full, read-only or unwritable output, ...: the file and the reason, not a traceback
-            console.print(f"[bold red]error:[/] {e.filename or ''}{': ' if e.filename else ''}{e.strerror or e}", highlight=False, soft_wrap=True)
+            console.print(f"[bold red]error:[/] {escape(f'{e.filename}: ' if e.filename else '')}{escape(str(e.strerror or e))}",
+                          highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
 
     return wrapper

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -14,9 +15,10 @@ from cvfast.data.ingest.common import PrepareOptions
 from cvfast.data.manifest import read_manifest
 from cvfast.data.read import write_png
 from cvfast.data.synth import make_dicom, synthesize
+from cvfast.data.sample import PATCH_SETS, make_patches
 from cvfast.errors import CvfastError
 
-from conftest import run_cli
+from conftest import PATCH, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -169,3 +171,240 @@ def test_out_that_is_a_file_is_a_clear_error(tmp_path, small_synth):
     (tmp_path / "f").write_text("x")
     r = run_cli("prepare", "inbreast", str(small_synth / "inbreast"), "--out", str(tmp_path / "f"))
     assert r.returncode == 1 and "cannot create the output folder" in r.stderr and "Traceback" not in r.stderr
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The catalogue: every kind of bad input the commands meet, each run through the CLI. Each must give a clear
+# message naming the file or row and a non-zero exit, or (where the rest of the input is still usable) a rejects
+# entry naming the file -- never a bare traceback, never a silently dropped image. The tests above check the
+# ingest cases in more depth (what is kept, what is rejected).
+# ---------------------------------------------------------------------------------------------------------------
+
+from dataclasses import dataclass  # noqa: E402
+from typing import Callable  # noqa: E402
+
+from typer.testing import CliRunner  # noqa: E402
+
+from cvfast.cli import app  # noqa: E402
+from cvfast.data.blocks import patch_dataloaders, whole_image_dataloaders  # noqa: E402
+from cvfast.train.export import export_model  # noqa: E402
+from cvfast.train.learners import patch_learner, whole_image_learner  # noqa: E402
+
+
+@dataclass
+class Ctx:
+    """What the cases build their bad input from: a scratch folder, the synthetic sources, prepared data, models."""
+
+    tmp: Path
+    synth: Path
+    data: Path
+    patches: Path
+    patch_model: Path
+    whole_model: Path
+
+    def data_copy(self) -> Path:
+        """A DATA folder whose manifest a case may edit (the images are shared)."""
+        out = self.tmp / "data_copy"
+        out.mkdir()
+        df = pd.read_csv(self.data / "manifest.csv", dtype=str, keep_default_na=False)
+        df["path"] = [str(self.data / p) for p in df["path"]]
+        df.to_csv(out / "manifest.csv", index=False)
+        return out
+
+
+@dataclass
+class Bad:
+    """One kind of bad input: how to make it (returns the CLI args and the text the message must contain)."""
+
+    kind: str
+    make: Callable[[Ctx], tuple[list[str], str]]
+    rejects: str | None = None  # the rejects CSV (relative to ctx.tmp) that lists it, when the command goes on without it
+
+
+def _csv_site(ctx: Ctx, rows: dict) -> Path:
+    img = (np.random.default_rng(0).random((80, 60)) * 65535).astype(np.uint16)
+    write_png(ctx.tmp / "ok1.png", img)
+    write_png(ctx.tmp / "ok2.png", img[::-1].copy())
+    pd.DataFrame(rows).to_csv(ctx.tmp / "site.csv", index=False)
+    return ctx.tmp / "site.csv"
+
+
+def _ddsm_with(ctx: Ctx, edit: Callable[[Path], str]) -> tuple[list[str], str]:
+    src = Path(shutil.copytree(ctx.synth / "ddsm", ctx.tmp / "ddsm"))
+    return ["prepare", "ddsm", str(src), "--out", str(ctx.tmp / "out"), "--size", "64x48", "--workers", "1"], edit(src)
+
+
+def _truncate_first_dicom(src: Path) -> str:
+    dcm = next(sorted((src / "CBIS-DDSM").glob("*_CC"))[0].rglob("*.dcm"))
+    dcm.write_bytes(dcm.read_bytes()[:5000])
+    return str(dcm)
+
+
+def _drop_column(src: Path) -> str:
+    csv = src / "mass_case_description_train_set.csv"
+    pd.read_csv(csv).drop(columns=["pathology"]).to_csv(csv, index=False)
+    return "mass_case_description_train_set.csv: missing column(s) 'pathology'"
+
+
+def _dangling_path(src: Path) -> str:
+    csv = src / "mass_case_description_train_set.csv"
+    df = pd.read_csv(csv, dtype=str, keep_default_na=False)
+    df.loc[0, "image file path"] = "Mass-Training_P_99999_LEFT_CC/1.2.3/4.5.6/000000.dcm"
+    df.to_csv(csv, index=False)
+    return "P_99999_LEFT_CC/1.2.3/4.5.6/000000.dcm' resolves to nothing"
+
+
+def _edited_manifest(ctx: Ctx, column: str, value: str) -> tuple[list[str], str]:
+    data = ctx.data_copy()
+    df = pd.read_csv(data / "manifest.csv", dtype=str, keep_default_na=False)
+    df.loc[3, column] = value
+    df.to_csv(data / "manifest.csv", index=False)
+    return ["whole", "--patch", str(ctx.patch_model), "--data", str(data), "--recipe", "demo-whole", "--out", str(ctx.tmp / "m")], "manifest.csv row 5"
+
+
+def _leaky_manifest(ctx: Ctx) -> tuple[list[str], str]:
+    data = ctx.data_copy()
+    df = pd.read_csv(data / "manifest.csv", dtype=str, keep_default_na=False)
+    patient = df.loc[df["split"] == "test", "patient_id"].iloc[0]
+    df.loc[df.index[df["patient_id"] == patient][0], "split"] = "train"
+    df.to_csv(data / "manifest.csv", index=False)
+    return ["whole", "--patch", str(ctx.patch_model), "--data", str(data), "--recipe", "demo-whole", "--out", str(ctx.tmp / "m")], \
+        f"patients in more than one split (train/test leakage): {patient}"
+
+
+def _missing_cache_file(ctx: Ctx) -> tuple[list[str], str]:
+    data = ctx.data_copy()
+    df = pd.read_csv(data / "manifest.csv", dtype=str, keep_default_na=False)
+    gone = ctx.tmp / "moved.png"
+    shutil.copy(df.loc[df["split"] == "train", "path"].iloc[0], gone)
+    df.loc[df.index[df["split"] == "train"][0], "path"] = str(ctx.tmp / "deleted.png")
+    df.to_csv(data / "manifest.csv", index=False)
+    return ["whole", "--patch", str(ctx.patch_model), "--data", str(data), "--recipe", "demo-whole", "--out", str(ctx.tmp / "m")], \
+        str(ctx.tmp / "deleted.png")
+
+
+def _recipe_file(ctx: Ctx, text: str) -> Path:
+    (ctx.tmp / "r.toml").write_text(text)
+    return ctx.tmp / "r.toml"
+
+
+def _tampered(ctx: Ctx) -> tuple[list[str], str]:
+    model = Path(shutil.copytree(ctx.patch_model, ctx.tmp / "model"))
+    raw = bytearray((model / "model.safetensors").read_bytes())
+    raw[-1] ^= 1
+    (model / "model.safetensors").write_bytes(bytes(raw))
+    return ["predict", str(model), str(ctx.tmp / "ok1.png"), "--out", str(ctx.tmp / "p.csv")], "model.safetensors: SHA-256 does not match"
+
+
+def _predictions(ctx: Ctx, rows: dict) -> Path:
+    pd.DataFrame(rows).to_csv(ctx.tmp / "preds.csv", index=False)
+    return ctx.tmp / "preds.csv"
+
+
+def _not_an_image(ctx: Ctx, name: str = "scan.dcm") -> Path:
+    (ctx.tmp / name).write_bytes(b"this is a report, not a DICOM" * 10)
+    return ctx.tmp / name
+
+
+def _with_ok_png(ctx: Ctx) -> None:
+    _csv_site(ctx, {"path": ["ok1.png"], "label": ["1"]})
+
+
+CATALOGUE = [
+    # prepare: raw datasets
+    Bad("truncated DICOM", lambda c: _ddsm_with(c, _truncate_first_dicom), rejects="out/rejects.csv"),
+    Bad("dataset CSV missing a column", lambda c: _ddsm_with(c, _drop_column)),
+    Bad("dataset row whose path resolves to nothing", lambda c: _ddsm_with(c, _dangling_path), rejects="out/rejects.csv"),
+    Bad("dataset folder that does not exist", lambda c: (["prepare", "ddsm", str(c.tmp / "nope"), "--out", str(c.tmp / "o")], str(c.tmp / "nope"))),
+    Bad("non-image file listed in a site CSV", lambda c: (
+        ["prepare", "csv", str(_csv_site(c, {"path": ["ok1.png", "ok2.png", _not_an_image(c, "x.png").name], "label": ["1", "0", "1"],
+                                               "patient_id": ["a", "b", "c"]})), "--out", str(c.tmp / "out"), "--valid-frac", "0", "--test-frac", "0"],
+         "x.png: not an image file"), rejects="out/rejects.csv"),
+    Bad("label that is not 0 or 1", lambda c: (
+        ["prepare", "csv", str(_csv_site(c, {"path": ["ok1.png", "ok2.png"], "label": ["1", "maybe"], "patient_id": ["a", "b"]})),
+         "--out", str(c.tmp / "out"), "--valid-frac", "0", "--test-frac", "0"], "site.csv row 3"), rejects="out/rejects.csv"),
+    Bad("site CSV that is not a CSV", lambda c: (
+        ["prepare", "csv", str(_not_an_image(c, "labels.csv")), "--out", str(c.tmp / "out")], "labels.csv: missing column(s) 'path', 'label'")),
+    Bad("image size too small to work at", lambda c: (
+        ["prepare", "csv", str(_csv_site(c, {"path": ["ok1.png"], "label": ["1"]})), "--out", str(c.tmp / "o"), "--size", "12x3"],
+        "size '12x3'")),
+    # a prepared DATA folder edited by hand
+    Bad("manifest with an unknown split", lambda c: _edited_manifest(c, "split", "tset")),
+    Bad("manifest with a label that is not 0/1", lambda c: _edited_manifest(c, "label", "2")),
+    Bad("manifest with unparsable abnormalities", lambda c: _edited_manifest(c, "abnormalities", "[{broken")),
+    Bad("manifest with a patient in two splits", _leaky_manifest),
+    Bad("cached image deleted after prepare", _missing_cache_file),
+    Bad("patch set cut from a since re-split DATA folder", lambda c: (
+        ["patch", "--data", str(_resplit_patch_set(c)), "--recipe", "demo-patch", "--out", str(c.tmp / "m")], "changed since these patches were cut")),
+    # training inputs
+    Bad("patch training on a folder that is not a patch set", lambda c: (
+        ["patch", "--data", str(c.data), "--out", str(c.tmp / "m")], f"{c.data}: no patchset.json")),
+    Bad("recipe with invalid TOML", lambda c: (
+        ["patch", "--data", str(c.patches), "--recipe", str(_recipe_file(c, "kind = 'patch'\n[model\n")), "--out", str(c.tmp / "m")],
+        "r.toml: invalid TOML")),
+    Bad("recipe without stages", lambda c: (
+        ["patch", "--data", str(c.patches), "--recipe", str(_recipe_file(c, "kind = 'patch'\n[model]\narch = 'test_resnet'\n[data]\n")),
+         "--out", str(c.tmp / "m")], "r.toml: recipe lacks [stages]")),
+    Bad("weights file that is not weights", lambda c: (
+        ["patch", "--data", str(c.patches), "--recipe", "demo-patch", "--weights", str(_not_an_image(c, "w.pth")), "--out", str(c.tmp / "m")],
+        "w.pth")),
+    Bad("whole-image step given a whole-image model as the patch model", lambda c: (
+        ["whole", "--patch", str(c.whole_model), "--data", str(c.data), "--recipe", "demo-whole", "--out", str(c.tmp / "m")],
+        f"{c.whole_model}: is a whole model")),
+    Bad("fine-tuning from a patch model", lambda c: (
+        ["finetune", "--from", str(c.patch_model), "--data", str(c.data), "--recipe", "demo-finetune", "--out", str(c.tmp / "m")],
+        f"{c.patch_model}: is a patch model")),
+    Bad("unknown precision", lambda c: (
+        ["patch", "--data", str(c.patches), "--recipe", "demo-patch", "--precision", "fp8", "--out", str(c.tmp / "m")], "precision 'fp8'")),
+    # inference and evaluation
+    Bad("model weights changed after export", _tampered),
+    Bad("model path that is not a model", lambda c: (
+        ["predict", str(_not_an_image(c, "model.json")), str(c.tmp), "--out", str(c.tmp / "p.csv")], "model.json: not a cvfast model sidecar")),
+    Bad("unreadable image among the inputs", lambda c: (
+        (_with_ok_png(c), ["predict", str(c.whole_model), str(c.tmp / "ok1.png"), str(_not_an_image(c)), "--out", str(c.tmp / "p.csv")])[1],
+        str(c.tmp / "scan.dcm")), rejects="p.rejects.csv"),
+    Bad("heatmap of a file that is not an image", lambda c: (
+        ["heatmap", str(c.patch_model), str(_not_an_image(c)), "--out", str(c.tmp / "h.png")], str(c.tmp / "scan.dcm"))),
+    Bad("predictions without a label column", lambda c: (
+        ["evaluate", str(_predictions(c, {"path": ["a", "b"], "image_id": ["a", "b"], "p_cancer": [0.1, 0.9]})), "--out", str(c.tmp / "r")],
+        "preds.csv: no 'label' column")),
+    Bad("prediction row without a label", lambda c: (
+        ["evaluate", str(_predictions(c, {"path": ["a", "b", "c"], "image_id": ["a", "b", "c"], "patient_id": ["1", "2", "3"], "label": [0, None, 1],
+                                          "p_cancer": [0.1, 0.5, 0.9]})), "--out", str(c.tmp / "r")],
+        "preds.csv: 1 rows have no label (e.g. image_id b)")),
+]
+
+
+def _resplit_patch_set(ctx: Ctx) -> Path:
+    data = Path(shutil.copytree(ctx.data, ctx.tmp / "data_resplit", ignore=shutil.ignore_patterns("patches_*")))
+    make_patches(data, replace(PATCH_SETS["s10"], size=PATCH), workers=1)
+    df = pd.read_csv(data / "manifest.csv", dtype=str, keep_default_na=False)
+    df.to_csv(data / "manifest.csv", index=False, lineterminator="\r\n")  # same content, new bytes: the manifest changed
+    return data / "patches_s10"
+
+
+@pytest.fixture(scope="module")
+def models(s10, ddsm_data, tmp_path_factory) -> tuple[Path, Path]:
+    """An untrained tiny patch model and the whole-image model built on it, exported as training would."""
+    out = tmp_path_factory.mktemp("bad_models")
+    patch = patch_learner(patch_dataloaders(s10, bs=8), "test_resnet")
+    export_model(patch, out / "patch")
+    whole = whole_image_learner(whole_image_dataloaders(ddsm_data, bs=2), patch.model, widths=(16, 16, 32))
+    export_model(whole, out / "whole")
+    return out / "patch", out / "whole"
+
+
+@pytest.mark.parametrize("case", CATALOGUE, ids=lambda c: c.kind.replace(" ", "-"))
+def test_bad_input_catalogue(case, small_synth, ddsm_data, s10, models, tmp_path):
+    assert len(CATALOGUE) >= 15
+    ctx = Ctx(tmp_path, small_synth, ddsm_data, s10, *models)
+    args, says = case.make(ctx)
+    r = CliRunner().invoke(app, args, env={"COLUMNS": "400"})
+    assert r.exception is None or isinstance(r.exception, SystemExit), f"bare exception: {r.exception!r}"
+    out = " ".join(r.output.split())
+    if case.rejects:
+        assert r.exit_code == 0, out
+        rejects = pd.read_csv(tmp_path / case.rejects)
+        assert says in " | ".join(rejects.astype(str).agg(" ".join, axis=1)), rejects.to_string()
+    else:
+        assert r.exit_code != 0 and "error:" in out and says in out, out

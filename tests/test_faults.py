@@ -100,3 +100,72 @@ def test_killed_patches_run_ends_identical_to_an_uninterrupted_one(ddsm_data, s1
     ours, ref = pd.read_csv(out / "patches.csv"), pd.read_csv(s10 / "patches.csv")
     pd.testing.assert_frame_equal(ours, ref)
     assert all((out / p).read_bytes() == (s10 / p).read_bytes() for p in ours["path"])
+
+
+KILL_DURING_EXPORT = '''
+"""Run `cvfast patch ...` and SIGKILL this process at a random point of its export (argv[1] seeds the point)."""
+import os, random, signal, sys, tempfile
+import cvfast.train.pipeline as pipeline
+from cvfast.cli import app
+
+export, seed = pipeline.export_model, int(sys.argv[1])
+
+def export_then_die(learn, out, *args, **kwargs):
+    events = [0]
+    def count(frame, event, arg):
+        events[0] += 1
+        return count
+    with tempfile.TemporaryDirectory() as scratch:  # a dry export counts the trace events (Python lines and calls)
+        sys.settrace(count)
+        export(learn, scratch, *args, **kwargs)
+        sys.settrace(None)
+    kill_at, seen = random.Random(seed).randint(1, events[0]), [0]
+    def kill(frame, event, arg):
+        seen[0] += 1
+        if seen[0] >= kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return kill
+    sys.settrace(kill)
+    export(learn, out, *args, **kwargs)
+
+pipeline.export_model = export_then_die
+app(sys.argv[2:])
+'''
+
+
+def _complete(out) -> list[str]:
+    """The finished model files in `out`, each checked readable in full (a partial one raises)."""
+    from fastai.learner import load_learner
+    from safetensors.torch import load_file
+
+    present = []
+    if (out / "model.pkl").exists():
+        with pytest.warns(UserWarning):
+            load_learner(out / "model.pkl")
+        present.append("model.pkl")
+    if (out / "model.safetensors").exists():
+        load_file(out / "model.safetensors")
+        present.append("model.safetensors")
+    if (out / "model.json").exists():
+        json.loads((out / "model.json").read_text())
+        present.append("model.json")
+    return present
+
+
+def test_killed_export_leaves_no_partial_file_and_a_rerun_finishes_identically(s10, tmp_path):
+    args = ["patch", "--data", str(s10), "--recipe", "demo-patch", "--epochs-scale", "0.125"]
+    assert run_cli(*args, "--out", str(tmp_path / "ref")).returncode == 0
+    (tmp_path / "kill.py").write_text(KILL_DURING_EXPORT)
+    for seed in (1, 2):  # two random points of the export
+        out = tmp_path / f"killed{seed}"
+        r = subprocess.run([sys.executable, str(tmp_path / "kill.py"), str(seed), *args, "--out", str(out)], capture_output=True, text=True,
+                           timeout=600)
+        assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
+        before = _complete(out)  # whatever exists under a final name is whole
+        assert "model.json" not in before or len(before) == 3  # the sidecar is written last
+        r = run_cli(*args, "--out", str(out))
+        assert r.returncode == 0, r.stderr
+        assert "resuming" in r.stderr
+        assert _complete(out) == ["model.pkl", "model.safetensors", "model.json"] and not list(out.rglob("*.tmp"))
+        assert (out / "model.safetensors").read_bytes() == (tmp_path / "ref" / "model.safetensors").read_bytes()
+        assert json.loads((out / "model.json").read_text())["metrics"] == json.loads((tmp_path / "ref" / "model.json").read_text())["metrics"]

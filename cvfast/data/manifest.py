@@ -15,6 +15,7 @@ import json
 import logging
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 from sklearn.model_selection import train_test_split
 
@@ -71,19 +72,44 @@ def read_manifest(data: str | Path) -> pd.DataFrame:
     missing = [c for c in MANIFEST_COLUMNS if c not in df.columns]
     if missing:
         raise CvfastError(f"{path}: not a cvfast manifest, columns {missing} are missing")
+    _check_rows(df, path)
     root = path.parent
     df["path"] = [str(root / p) for p in df["path"]]
-    df["abnormalities"] = [[{**a, "mask": str(root / a["mask"]) if a.get("mask") else ""} for a in json.loads(s or "[]")]
-                           for s in df["abnormalities"]]
+    df["abnormalities"] = [[{**a, "mask": str(root / a["mask"]) if a.get("mask") else ""} for a in abns] for abns in df["abnormalities"]]
     return df
 
 
-def assert_patient_disjoint(df: pd.DataFrame) -> None:
-    """Raise if any patient appears in more than one split (medical-ML hygiene, checked on every write)."""
+def _check_rows(df: pd.DataFrame, path: Path) -> None:
+    """Refuse a hand-edited manifest that would train wrongly: unknown split or label, unparsable ROIs, a leaky patient."""
+    def row(i: int) -> str:
+        return f"{path} row {i + 2} (image {df['image_id'].iloc[i]})"  # row 1 is the header
+
+    for i, split in enumerate(df["split"]):
+        if split not in SPLITS:
+            raise CvfastError(f"{row(i)}: split {split!r}, expected one of {', '.join(SPLITS)}")
+    labels = pd.to_numeric(df["label"], errors="coerce")
+    for i in np.flatnonzero(~labels.isin([0, 1])):
+        raise CvfastError(f"{row(i)}: label {str(df['label'].iloc[i])!r}, expected 0 (no cancer) or 1 (cancer)")
+    df["label"] = labels.astype(int)
+    parsed = []
+    for i, cell in enumerate(df["abnormalities"]):
+        try:
+            abns = json.loads(cell or "[]")
+            assert isinstance(abns, list) and all(isinstance(a, dict) for a in abns)
+        except (json.JSONDecodeError, AssertionError):
+            raise CvfastError(f"{row(i)}: abnormalities is not a JSON list of objects: {str(cell)[:60]!r}") from None
+        parsed.append(abns)
+    df["abnormalities"] = parsed
+    assert_patient_disjoint(df, str(path))
+
+
+def assert_patient_disjoint(df: pd.DataFrame, where: str = "manifest") -> None:
+    """Raise if any patient appears in more than one split (medical-ML hygiene, checked on every write and read)."""
     spans = df.groupby("patient_id")["split"].nunique()
     leaky = spans[spans > 1]
     if len(leaky):
-        raise ValueError(f"patients in more than one split: {list(leaky.index[:5])}")
+        raise CvfastError(f"{where}: patients in more than one split (train/test leakage): {', '.join(map(str, leaky.index[:5]))}; "
+                          "keep each patient's images in one split")
 
 
 def patient_split(patients: pd.DataFrame, frac: float, seed: int, name: str) -> set[str]:

@@ -42,12 +42,12 @@ def create_body(arch: str, weights: str | Path | None = None, pretrained: bool =
         kwargs |= dict(pretrained=True)
     try:
         net = timm.create_model(arch, **kwargs)
-    except RuntimeError as e:
-        if "Unknown model" in str(e) or "Invalid pretrained" in str(e):
+    except Exception as e:  # an unreachable hub or a bad file fails in torch.load / pickle / safetensors with many exception types
+        if isinstance(e, RuntimeError) and ("Unknown model" in str(e) or "Invalid pretrained" in str(e)):
             raise CvfastError(f"--arch {arch}: {e}") from None
-        raise CvfastError(f"{arch}: cannot load weights {weights or '(hub)'}: {e}") from None
-    except (OSError, ValueError) as e:  # hub unreachable, bad file
-        raise CvfastError(f"{arch}: cannot load weights {weights or '(hub)'}: {e}") from None
+        if weights is None and not pretrained:
+            raise
+        raise CvfastError(f"{arch}: cannot load weights {weights or '(hub)'} ({type(e).__name__}: {e})") from None
     return Body(net, arch)
 
 
