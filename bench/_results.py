@@ -28,3 +28,12 @@ def publish(name: str, lines: list[str], write: bool = True) -> None:
     print(text)
     if write:
         write_section(name, text)
+
+
+if __name__ == "__main__":  # python -m bench._results NAME FILE: put a section saved elsewhere (--md-out) into BENCHMARKS.md
+    import sys
+
+    if len(sys.argv) != 3:
+        sys.exit("usage: python -m bench._results NAME SECTION.md")
+    write_section(sys.argv[1], Path(sys.argv[2]).read_text())
+    print(f"{BENCHMARKS}: section {sys.argv[1]} updated")

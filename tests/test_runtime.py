@@ -22,7 +22,7 @@ GPU = torch.cuda.is_available()
 def test_cpu_defaults_and_refusals():
     rt = Runtime()
     assert rt.torch_device.type == "cpu" and rt.amp_mode is None
-    assert rt.loader_kwargs() == dict(num_workers=0, pin_memory=False, device=torch.device("cpu"), persistent_workers=False)
+    assert rt.loader_kwargs() == dict(num_workers=0, pin_memory=False, device=torch.device("cpu"))
     with pytest.raises(CvfastError, match="mixed precision needs a CUDA device"):
         _ = Runtime(precision="bf16").amp_mode
     with pytest.raises(CvfastError, match="no CUDA GPU"):

@@ -14,7 +14,7 @@ from fastai.data.block import CategoryBlock, DataBlock, TransformBlock
 from fastai.data.core import DataLoaders
 from fastai.data.transforms import ColReader, ColSplitter, IntToFloatTensor, Normalize
 from fastai.vision.augment import AffineCoordTfm, RandTransform, aug_transforms
-from fastai.vision.core import PILImageBW, TensorImage, TensorImageBW
+from fastai.vision.core import TensorImage, TensorImageBW
 
 from cvfast.data.manifest import PATCH_CLASSES, read_manifest
 from cvfast.data.read import read_png
@@ -32,16 +32,18 @@ class TensorMammo(TensorImageBW):
     _show_args = {"cmap": "gray"}
 
 
-class PILMammo16(PILImageBW):
-    """A 16-bit grey image opened in PIL mode 'I' (PILImageBW's mode 'L' would clip it to 8 bits)."""
+def open_mammo16(path: str | Path) -> TensorMammo:
+    """A cached 16-bit grey image as a 1xHxW uint16 tensor (scaled to floats by the batch transform, on the device).
 
-    _open_args = {"mode": "I"}
-    _tensor_cls = TensorMammo
+    OpenCV decodes the cache faster than PIL's mode 'I' (PILImageBW's mode 'L' would clip to 8 bits), which also
+    widens to int32: twice the bytes between reader processes and to the GPU (bench/loader_throughput.py).
+    """
+    return TensorMammo(torch.from_numpy(read_png(path))[None])
 
 
 def Mammo16Block() -> TransformBlock:
-    """Block for 16-bit grey images: opened in mode 'I', scaled by 1/65535 to floats in [0, 1]."""
-    return TransformBlock(type_tfms=PILMammo16.create, batch_tfms=IntToFloatTensor(div=65535))
+    """Block for 16-bit grey images: read as uint16, scaled by 1/65535 to floats in [0, 1]."""
+    return TransformBlock(type_tfms=open_mammo16, batch_tfms=IntToFloatTensor(div=65535))
 
 
 class VerticalFlip(RandTransform):

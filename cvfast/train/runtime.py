@@ -70,7 +70,7 @@ class Runtime:
         device = self.torch_device
         gpu = device.type == "cuda"
         workers = self.workers if self.workers is not None else (min(8, max(1, (os.cpu_count() or 2) // max(1, num_distrib()) - 1)) if gpu else 0)
-        return dict(num_workers=workers, pin_memory=gpu, device=device, persistent_workers=workers > 0)
+        return dict(num_workers=workers, pin_memory=gpu, device=device)  # fastai starts its workers anew each epoch anyway
 
 
 def apply_runtime(learn: Learner, runtime: Runtime) -> Learner:
