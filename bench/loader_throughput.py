@@ -5,7 +5,7 @@ All measured in the same run on the same working-size 16-bit images (a DATA fold
 - model consumption: training images/s of the whole-image model (resnet50 body + ResNet top [512-512-1024], the
   paper's), forward + backward + fastai Adam step on in-memory tensors -- the baseline every other row is divided by;
 - decode in one process: the 16-bit PNG cache as the training DataLoader reads it (cvfast.data.blocks.open_mammo16:
-  read_png, OpenCV, uint16), the same files through PIL mode 'I' (fastai's PILImageBW path, int32; what the loader
+  read_png, OpenCV, int32), the same files through PIL mode 'I' (fastai's PILImageBW path, int32; what the loader
   used before this benchmark), and a uint16 .npy cache (np.load(mmap_mode='r') + copy);
 - the real training input pipeline: `whole_image_dataloaders(DATA, num_workers=w)`, one epoch of its train
   DataLoader, w = 0, 1, 2: as on CPU (decode + collate + the paper's augmentation and normalisation as batch
@@ -246,7 +246,7 @@ def main() -> None:
     r["decode_png"] = best_rate(lambda: [open_mammo16(p) for p in pngs], n, args.repeats)
     r["decode_pil"] = best_rate(lambda: [image2tensor(PILMode16.create(p)) for p in pngs], n, args.repeats)
     r["decode_npy"] = best_rate(lambda: [np.array(np.load(p, mmap_mode="r")) for p in npys], n, args.repeats)
-    rows = [(f"decode, 16-bit PNG cache as the DataLoader reads it (OpenCV -> uint16 tensor), 1 process ({png_mb:.1f} MB/image)",
+    rows = [(f"decode, 16-bit PNG cache as the DataLoader reads it (OpenCV -> int32 tensor), 1 process ({png_mb:.1f} MB/image)",
              r["decode_png"]),
             ("decode, same PNGs through PIL mode 'I' (fastai's PILImageBW path -> int32 tensor), 1 process", r["decode_pil"]),
             (f"decode, uint16 .npy cache, np.load(mmap) + copy, 1 process ({npy_mb:.1f} MB/image)", r["decode_npy"])]

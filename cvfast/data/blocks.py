@@ -33,12 +33,12 @@ class TensorMammo(TensorImageBW):
 
 
 def open_mammo16(path: str | Path) -> TensorMammo:
-    """A cached 16-bit grey image as a 1xHxW uint16 tensor (scaled to floats by the batch transform, on the device).
+    """A cached 16-bit grey image as a 1xHxW int32 tensor (scaled to floats by the batch transform, on the device).
 
-    OpenCV decodes the cache faster than PIL's mode 'I' (PILImageBW's mode 'L' would clip to 8 bits), which also
-    widens to int32: twice the bytes between reader processes and to the GPU (bench/loader_throughput.py).
+    OpenCV decodes the cache faster than PIL's mode 'I' (bench/loader_throughput.py; PILImageBW's mode 'L' would clip
+    to 8 bits). int32, not uint16: torch cannot pass uint16 tensors between DataLoader worker processes.
     """
-    return TensorMammo(torch.from_numpy(read_png(path))[None])
+    return TensorMammo(torch.from_numpy(read_png(path).astype(np.int32))[None])
 
 
 def Mammo16Block() -> TransformBlock:

@@ -42,8 +42,6 @@ class Runtime:
     @property
     def torch_device(self) -> torch.device:
         """The device to train on; under torchrun/accelerate each process takes the GPU of its local rank."""
-        if self.device is None and num_distrib() > 1 and torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         try:
             device = torch.device(self.device) if self.device else default_device()
         except RuntimeError as e:
@@ -52,6 +50,8 @@ class Runtime:
             raise CvfastError(f"device {self.device!r}: no CUDA GPU is visible to torch")
         if device.type == "mps" and not torch.backends.mps.is_available():
             raise CvfastError(f"device {self.device!r}: MPS is not available")
+        if device.type == "cuda" and num_distrib() > 1 and (self.device is None or device.index is None):
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         return device
 
     @property
