@@ -1,8 +1,10 @@
-"""Writing a benchmark's section into BENCHMARKS.md between its markers (shared by the bench scripts)."""
+"""Shared by the bench scripts: timing, and writing a benchmark's section into BENCHMARKS.md between its markers."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
+from typing import Callable
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "BENCHMARKS.md"
 HEADER = "# Benchmarks\n\nEvery figure is a ratio against a baseline measured in the same run.\n\n"
@@ -37,3 +39,13 @@ if __name__ == "__main__":  # python -m bench._results NAME FILE: put a section 
         sys.exit("usage: python -m bench._results NAME SECTION.md")
     write_section(sys.argv[1], Path(sys.argv[2]).read_text())
     print(f"{BENCHMARKS}: section {sys.argv[1]} updated")
+
+
+def best_rate(fn: Callable[[], object], n: int, repeats: int = 1) -> float:
+    """Images per second of fn() over n images: the best of `repeats` timed runs (the least disturbed one)."""
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return n / min(times)

@@ -40,7 +40,7 @@ warnings.filterwarnings("ignore")
 from fastai.vision.core import PILImageBW, image2tensor  # noqa: E402
 from fasttransform import Pipeline  # noqa: E402
 
-from bench._results import publish  # noqa: E402
+from bench._results import best_rate, publish  # noqa: E402
 from cvfast.data.blocks import open_mammo16, whole_image_dataloaders  # noqa: E402
 from cvfast.data.ingest import prepare_csv  # noqa: E402
 from cvfast.data.ingest.common import PrepareOptions  # noqa: E402
@@ -111,16 +111,6 @@ def plural(k: int) -> str:
 def times(x: float) -> str:
     """A ratio with sensible precision: 2.35x, 23.5x, 235x."""
     return f"{x:.2f}x" if x < 10 else f"{x:.1f}x" if x < 100 else f"{x:.0f}x"
-
-
-def best_rate(fn, n: int, repeats: int) -> float:
-    """Images per second of fn() over n images: the best of `repeats` timed runs (the least disturbed one)."""
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return n / min(times)
 
 
 def loader_rate(data: Path, bs: int, workers: int, batch_tfms: bool, repeats: int) -> tuple[float, float, int]:

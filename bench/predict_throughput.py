@@ -17,7 +17,6 @@ import datetime
 import os
 import platform
 import sys
-import time
 import warnings
 from pathlib import Path
 
@@ -28,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 warnings.filterwarnings("ignore")
 
-from bench._results import publish  # noqa: E402
+from bench._results import best_rate, publish  # noqa: E402
 from cvfast.data.blocks import whole_image_dataloaders  # noqa: E402
 from cvfast.data.ingest import prepare_ddsm  # noqa: E402
 from cvfast.data.ingest.common import PrepareOptions  # noqa: E402
@@ -54,16 +53,6 @@ def build(work: Path, arch: str, size: tuple[int, int], images: int) -> tuple[Pa
     learn = whole_image_learner(whole_image_dataloaders(data, bs=2, augment=False), patch)
     export_model(learn, work / "model")
     return work / "model", [r for _, r in rows.iterrows()]
-
-
-def rate(fn, n: int, repeats: int = 1) -> float:
-    """Images per second of fn() over n images: the best of `repeats` timed runs (the least disturbed one)."""
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return n / min(times)
 
 
 def measure(args: argparse.Namespace, size: tuple[int, int]) -> list[str]:
@@ -114,14 +103,14 @@ def measure(args: argparse.Namespace, size: tuple[int, int]) -> list[str]:
     repeats = 2 if size[0] >= 1024 else 3
     table, overheads = [], []
     for bs in args.bs:
-        ceiling = rate(bare(bs), n, repeats)
+        ceiling = best_rate(bare(bs), n, repeats)
         table.append((f"bare forward pass, batch {bs}, on preprocessed in-memory tensors (ceiling)", ceiling, n, ceiling))
         for workers in (0, 1):
-            r = rate(cvfast_predict(bs, workers), n, repeats)
+            r = best_rate(cvfast_predict(bs, workers), n, repeats)
             where = "files read in the main process" if workers == 0 else "1 DataLoader worker reading files"
             table.append((f"cvfast predict, batch {bs}, {where}", r, n, ceiling))
             overheads.append((ceiling / r - 1, bs, workers, r))
-    loop = rate(learn_predict_loop, len(loop_rows), repeats)
+    loop = best_rate(learn_predict_loop, len(loop_rows), repeats)
     table.append(("fastai learn.predict() loop, one image at a time", loop, len(loop_rows), None))
     worst = max(overheads)
     best = max(o[3] for o in overheads)
