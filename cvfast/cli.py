@@ -266,7 +266,8 @@ def patch(data: Annotated[Path, typer.Option("--data", help="Patch set folder fr
     patch_set = check_patch_set(data)["spec"]["name"]
     default = f"patch-{patch_set}-{arch}" if f"patch-{patch_set}-{arch}" in recipe_paths() else f"patch-{patch_set}-resnet50"
     r = _resolve(default, recipe, {"model": {"arch": arch, "pretrained": pretrained, "head": head}, "data": {"bs": bs, "size": size}}, epochs_scale, quick)
-    _print_metrics(train_patch(r, data, out, weights=weights, resume=resume, runtime=_runtime(device, precision, channels_last, compile, workers)), "patch classifier")
+    runtime = _runtime(device, precision, channels_last, compile, workers)
+    _print_metrics(train_patch(r, data, out, weights=weights, resume=resume, runtime=runtime), "patch classifier")
 
 
 class Top(str, Enum):
@@ -294,7 +295,8 @@ def whole(patch: Annotated[Path, typer.Option("--patch", help="Patch model: fold
     default = f"whole-{top.value if top else 'resnet'}{'-heatmap' if heatmap else ''}"
     r = _resolve(default, recipe, {"model": {"top": top.value if top else None, "heatmap": heatmap},
                                    "data": {"bs": bs, "size": list(_size(size)) if size else None, "grad_acc": grad_acc}}, epochs_scale, quick)
-    _print_metrics(train_whole(r, data, patch, out, resume=resume, runtime=_runtime(device, precision, channels_last, compile, workers)), "whole-image classifier")
+    runtime = _runtime(device, precision, channels_last, compile, workers)
+    _print_metrics(train_whole(r, data, patch, out, resume=resume, runtime=runtime), "whole-image classifier")
 
 
 class TransferDataset(str, Enum):
@@ -322,7 +324,8 @@ def finetune(source: Annotated[Path, typer.Option("--from", help="Whole-image mo
 
     r = _resolve("finetune-inbreast", recipe, {"data": {"bs": bs, "size": list(_size(size)) if size else None, "grad_acc": grad_acc,
                                                         "dataset": dataset.value}}, epochs_scale, quick)
-    _print_metrics(run_finetune(r, data, source, out, scratch=scratch, resume=resume, runtime=_runtime(device, precision, channels_last, compile, workers)), f"fine-tuned on {dataset.value}")
+    runtime = _runtime(device, precision, channels_last, compile, workers)
+    _print_metrics(run_finetune(r, data, source, out, scratch=scratch, resume=resume, runtime=runtime), f"fine-tuned on {dataset.value}")
 
 
 @app.command("lr-find")

@@ -42,7 +42,7 @@ def open_mammo16(path: str | Path) -> TensorMammo:
 
 
 def Mammo16Block() -> TransformBlock:
-    """Block for 16-bit grey images: read as uint16, scaled by 1/65535 to floats in [0, 1]."""
+    """Block for 16-bit grey images: read as integers, scaled by 1/65535 to floats in [0, 1] on the device."""
     return TransformBlock(type_tfms=open_mammo16, batch_tfms=IntToFloatTensor(div=65535))
 
 

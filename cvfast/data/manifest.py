@@ -72,15 +72,16 @@ def read_manifest(data: str | Path) -> pd.DataFrame:
     missing = [c for c in MANIFEST_COLUMNS if c not in df.columns]
     if missing:
         raise CvfastError(f"{path}: not a cvfast manifest, columns {missing} are missing")
-    _check_rows(df, path)
+    _parse_rows(df, path)
     root = path.parent
     df["path"] = [str(root / p) for p in df["path"]]
     df["abnormalities"] = [[{**a, "mask": str(root / a["mask"]) if a.get("mask") else ""} for a in abns] for abns in df["abnormalities"]]
     return df
 
 
-def _check_rows(df: pd.DataFrame, path: Path) -> None:
-    """Refuse a hand-edited manifest that would train wrongly: unknown split or label, unparsable ROIs, a leaky patient."""
+def _parse_rows(df: pd.DataFrame, path: Path) -> None:
+    """Parse labels and abnormalities in place; refuse a hand-edited manifest that would train wrongly (unknown split or
+    label, unparsable ROIs, a patient in two splits), naming the row."""
     def row(i: int) -> str:
         return f"{path} row {i + 2} (image {df['image_id'].iloc[i]})"  # row 1 is the header
 
