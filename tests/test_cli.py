@@ -1,4 +1,4 @@
-"""The command line end to end: synth -> prepare -> patches, and the demo."""
+"""The command line end to end: synth -> prepare -> patches, the training commands, and the demo."""
 
 from __future__ import annotations
 
@@ -51,3 +51,28 @@ def test_recipes_list_and_show():
     assert r.returncode == 0 and 'top = "vgg"' in r.stdout and "heatmap = true" in r.stdout
     r = run_cli("recipes", "show", "nope")
     assert r.returncode == 1 and "not found" in r.stderr
+
+
+def test_training_commands_chain_and_lr_find(ddsm_data, inbreast_data, s10, tmp_path):
+    r = run_cli("patch", "--data", str(s10), "--recipe", "demo-patch", "--epochs-scale", "0.25", "--out", str(tmp_path / "p"))
+    assert r.returncode == 0, r.stderr
+    assert "test_accuracy" in r.stdout and (tmp_path / "p" / "model.safetensors").is_file()
+    r = run_cli("whole", "--patch", str(tmp_path / "p"), "--data", str(ddsm_data), "--recipe", "demo-whole",
+                "--epochs-scale", "0.05", "--out", str(tmp_path / "w"))
+    assert r.returncode == 0, r.stderr
+    r = run_cli("finetune", "--from", str(tmp_path / "w" / "model.json"), "--data", str(inbreast_data), "--dataset", "inbreast",
+                "--recipe", "demo-finetune", "--epochs-scale", "0.1", "--out", str(tmp_path / "f"))
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "f" / "recipe.json").read_text())["data"]["dataset"] == "inbreast"
+    r = run_cli("lr-find", "--recipe", "demo-whole", "--data", str(ddsm_data), "--model", str(tmp_path / "p"),
+                "--out", str(tmp_path / "lr.png"))
+    assert r.returncode == 0, r.stderr
+    assert "valley" in r.stdout or "steep" in r.stdout
+    r = run_cli("whole", "--patch", str(tmp_path / "w"), "--data", str(ddsm_data), "--recipe", "demo-whole", "--out", str(tmp_path / "x"))
+    assert r.returncode == 1 and "needs a patch classifier" in r.stderr
+    # a paper recipe's top and heatmap are kept unless a flag says otherwise; --size wins over --quick
+    r = run_cli("whole", "--patch", str(tmp_path / "p"), "--data", str(ddsm_data), "--recipe", "whole-vgg-heatmap",
+                "--size", "256x192", "--bs", "8", "--quick", "--epochs-scale", "0.04", "--out", str(tmp_path / "v"))
+    assert r.returncode == 0, r.stderr
+    resolved = json.loads((tmp_path / "v" / "recipe.json").read_text())
+    assert (resolved["model"]["top"], resolved["model"]["heatmap"], resolved["data"]["size"]) == ("vgg", True, [256, 192])

@@ -106,32 +106,6 @@ def test_lr_find_on_every_learner(demo, s10, tmp_path):
         assert (tmp_path / "lr.png").stat().st_size > 5000
 
 
-def test_cli_chain_and_lr_find(demo, s10, tmp_path):
-    out, _ = demo
-    r = run_cli("patch", "--data", str(s10), "--recipe", "demo-patch", "--epochs-scale", "0.25", "--out", str(tmp_path / "p"))
-    assert r.returncode == 0, r.stderr
-    assert "test_accuracy" in r.stdout and (tmp_path / "p" / "model.safetensors").is_file()
-    r = run_cli("whole", "--patch", str(tmp_path / "p"), "--data", str(out / "data" / "ddsm"), "--recipe", "demo-whole",
-                "--epochs-scale", "0.05", "--out", str(tmp_path / "w"))
-    assert r.returncode == 0, r.stderr
-    r = run_cli("finetune", "--from", str(tmp_path / "w" / "model.json"), "--data", str(out / "data" / "inbreast"), "--dataset", "inbreast",
-                "--recipe", "demo-finetune", "--epochs-scale", "0.1", "--out", str(tmp_path / "f"))
-    assert r.returncode == 0, r.stderr
-    assert json.loads((tmp_path / "f" / "recipe.json").read_text())["data"]["dataset"] == "inbreast"
-    r = run_cli("lr-find", "--recipe", "demo-whole", "--data", str(out / "data" / "ddsm"), "--model", str(tmp_path / "p"),
-                "--out", str(tmp_path / "lr.png"))
-    assert r.returncode == 0, r.stderr
-    assert "valley" in r.stdout or "steep" in r.stdout
-    r = run_cli("whole", "--patch", str(tmp_path / "w"), "--data", str(out / "data" / "ddsm"), "--recipe", "demo-whole", "--out", str(tmp_path / "x"))
-    assert r.returncode == 1 and "needs a patch classifier" in r.stderr
-    # a paper recipe's top and heatmap are kept unless a flag says otherwise; --size wins over --quick
-    r = run_cli("whole", "--patch", str(tmp_path / "p"), "--data", str(out / "data" / "ddsm"), "--recipe", "whole-vgg-heatmap",
-                "--size", "256x192", "--bs", "8", "--quick", "--epochs-scale", "0.04", "--out", str(tmp_path / "v"))
-    assert r.returncode == 0, r.stderr
-    resolved = json.loads((tmp_path / "v" / "recipe.json").read_text())
-    assert (resolved["model"]["top"], resolved["model"]["heatmap"], resolved["data"]["size"]) == ("vgg", True, [256, 192])
-
-
 def test_scratch_control_trains_its_batchnorm(demo):
     from torch import nn
 
