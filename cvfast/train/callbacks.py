@@ -12,11 +12,12 @@ import numpy as np
 
 from fastai.callback.core import Callback, CancelFitException
 from fastai.callback.tracker import EarlyStoppingCallback, SaveModelCallback
-from fastai.torch_core import distrib_barrier, get_model, rank_distrib
+from fastai.torch_core import distrib_barrier, get_model
 from torch import nn
 
 from cvfast.data.read import atomic_write_bytes
 from cvfast.errors import CvfastError
+from cvfast.train.runtime import is_main_process
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +105,7 @@ class EpochCheckpoint(Callback):
 
     def _checkpoint(self, values: dict, stopped: bool) -> None:
         self.recorded = self.epoch
-        if rank_distrib():  # data parallel: rank 0 writes for all
+        if not is_main_process():  # data parallel: rank 0 writes for all
             return
         epoch = self.offset + self.epoch
         self.dir.mkdir(parents=True, exist_ok=True)

@@ -131,15 +131,10 @@ class BackendDistributedDL(DistributedDL):
         dist.broadcast(t, rank)
         return t.cpu().tolist()
 
-    @property
-    def shard(self) -> list[int]:
-        """This rank's item indices of the current epoch (disjoint across ranks up to the padding of the last batch)."""
-        return list(self._shard)
-
     def get_idxs(self):
-        """This rank's slice of the epoch's order (fastai's), remembered as `shard`."""
-        self._shard = super().get_idxs()
-        return self._shard
+        """This rank's slice of the epoch's order (fastai's), kept as `shard`: disjoint across ranks up to the last batch's padding."""
+        self.shard = super().get_idxs()
+        return self.shard
 
 
 class DataParallel(DistributedTrainer):
@@ -155,9 +150,9 @@ def data_parallel(learn: Learner) -> Iterator[Learner]:
     if num_distrib() <= 1:
         yield learn
         return
-    gpu = learn.dls.device is not None and torch.device(learn.dls.device).type == "cuda"
-    # SyncBatchNorm needs CUDA; on CPU (gloo) each rank keeps its own batch statistics
-    cb = DataParallel(sync_bn=gpu, cpu=not gpu)
+    # BatchNorm statistics stay per process (the paper's batch of 2 per GPU; the body's are held): SyncBatchNorm would
+    # need CUDA and would stay in the exported model
+    cb = DataParallel(sync_bn=False, cpu=learn.dls.device.type != "cuda")
     learn.add_cb(cb)
     log.info("rank %d of %d: data-parallel training (%s)", rank_distrib(), num_distrib(), dist.get_backend())
     try:
