@@ -275,8 +275,6 @@ def _leaky_manifest(ctx: Ctx) -> tuple[list[str], str]:
 def _missing_cache_file(ctx: Ctx) -> tuple[list[str], str]:
     data = ctx.data_copy()
     df = pd.read_csv(data / "manifest.csv", dtype=str, keep_default_na=False)
-    gone = ctx.tmp / "moved.png"
-    shutil.copy(df.loc[df["split"] == "train", "path"].iloc[0], gone)
     df.loc[df.index[df["split"] == "train"][0], "path"] = str(ctx.tmp / "deleted.png")
     df.to_csv(data / "manifest.csv", index=False)
     return ["whole", "--patch", str(ctx.patch_model), "--data", str(data), "--recipe", "demo-whole", "--out", str(ctx.tmp / "m")], \
@@ -306,8 +304,10 @@ def _not_an_image(ctx: Ctx, name: str = "scan.dcm") -> Path:
     return ctx.tmp / name
 
 
-def _with_ok_png(ctx: Ctx) -> None:
-    _csv_site(ctx, {"path": ["ok1.png"], "label": ["1"]})
+def _predict_with_unreadable(ctx: Ctx) -> tuple[list[str], str]:
+    _csv_site(ctx, {"path": ["ok1.png"], "label": ["1"]})  # writes ok1.png
+    bad = _not_an_image(ctx)
+    return ["predict", str(ctx.whole_model), str(ctx.tmp / "ok1.png"), str(bad), "--out", str(ctx.tmp / "p.csv")], str(bad)
 
 
 CATALOGUE = [
@@ -360,9 +360,7 @@ CATALOGUE = [
     Bad("model weights changed after export", _tampered),
     Bad("model path that is not a model", lambda c: (
         ["predict", str(_not_an_image(c, "model.json")), str(c.tmp), "--out", str(c.tmp / "p.csv")], "model.json: not a cvfast model sidecar")),
-    Bad("unreadable image among the inputs", lambda c: (
-        (_with_ok_png(c), ["predict", str(c.whole_model), str(c.tmp / "ok1.png"), str(_not_an_image(c)), "--out", str(c.tmp / "p.csv")])[1],
-        str(c.tmp / "scan.dcm")), rejects="p.rejects.csv"),
+    Bad("unreadable image among the inputs", _predict_with_unreadable, rejects="p.rejects.csv"),
     Bad("heatmap of a file that is not an image", lambda c: (
         ["heatmap", str(c.patch_model), str(_not_an_image(c)), "--out", str(c.tmp / "h.png")], str(c.tmp / "scan.dcm"))),
     Bad("predictions without a label column", lambda c: (
