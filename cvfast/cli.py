@@ -9,6 +9,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Annotated, Callable, Optional
 
+import click
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
@@ -26,31 +27,55 @@ console = Console(stderr=True)
 warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*is deprecated", category=FutureWarning)
 
 
+VERBOSE = {"on": False}  # set by --verbose: unexpected failures then print their traceback
+
+
 def handles_errors(fn: Callable) -> Callable:
-    """Turn CvfastError (and OSError) into a one-line message and exit code 1 (never a bare traceback for bad input)."""
+    """One line and exit code 1 for every failure of a command (a traceback only with --verbose), never a bare traceback.
+
+    CvfastError and OSError carry their own wording (the file or row); any other exception is a failure cvfast did not
+    foresee: it is named with its type, and --verbose shows where it came from.
+    """
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        """Call the command; report CvfastError and exit 1."""
+        """Call the command; report failures and exit 1."""
         try:
             return fn(*args, **kwargs)
+        except (typer.Exit, typer.Abort, click.ClickException):
+            raise
         except CvfastError as e:
-            console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)  # "[stages]" is text, not markup
-            raise typer.Exit(1) from None
+            _error(str(e))
         except OSError as e:  # disk full, read-only or unwritable output, ...: the file and the reason, not a traceback
-            console.print(f"[bold red]error:[/] {escape(f'{e.filename}: ' if e.filename else '')}{escape(str(e.strerror or e))}",
-                          highlight=False, soft_wrap=True)
-            raise typer.Exit(1) from None
+            _error(f"{f'{e.filename}: ' if e.filename else ''}{e.strerror or e}")
+        except Exception as e:
+            if VERBOSE["on"]:
+                console.print_exception()
+            _error(f"{type(e).__name__}: {e} (unexpected; run `cvfast --verbose ...` for the traceback)")
 
     return wrapper
 
 
+def _error(message: str) -> None:
+    """Print one error line (as text: "[stages]" is not markup) and exit 1."""
+    console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+    raise typer.Exit(1)
+
+
+def _at_least(minimum: float, **options) -> None:
+    """Refuse option values below a minimum, naming the option (--seed -1 would reach numpy as a traceback)."""
+    for name, value in options.items():
+        if value is not None and value < minimum:
+            raise CvfastError(f"--{name.replace('_', '-')} {value}: must be at least {minimum}")
+
+
 @app.callback()
-def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
+def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging, and tracebacks of unexpected failures.")] = False,
          quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Warnings and errors only.")] = False) -> None:
     """Set up logging for every command."""
     import os
 
+    VERBOSE["on"] = verbose
     # data parallel (torchrun / accelerate launch): rank 0 tells the story, the others only warn
     level = logging.DEBUG if verbose else logging.WARNING if quiet or int(os.environ.get("RANK", 0)) else logging.INFO
     logging.basicConfig(level=level, format="%(message)s", handlers=[RichHandler(console=console, show_path=False)], force=True)
@@ -83,6 +108,8 @@ def synth(out: Annotated[Path, typer.Argument(help="Output folder (gets ddsm/, i
     """Generate synthetic mammograms in the CBIS-DDSM and INbreast layouts."""
     from cvfast.data.synth import synthesize
 
+    _at_least(0, seed=seed)
+    _at_least(1, patients=patients)
     truth = synthesize(out, patients=patients, seed=seed, size=size)
     console.print(f"wrote {len(truth['ddsm']['images'])} DDSM-like and {len(truth['inbreast']['images'])} INbreast-like images to {out}")
 
@@ -102,6 +129,7 @@ def _opts(out: Path, size: str, workers: int | None, seed: int, valid_frac: floa
         raise CvfastError(f"--valid-frac {valid_frac} / --test-frac {test_frac}: each in [0, 1) and together below 1")
     if workers is not None and workers < 1:
         raise CvfastError(f"--workers {workers}: must be at least 1")
+    _at_least(0, seed=seed)
     return PrepareOptions(out=out, size=_size(size), workers=workers, seed=seed, valid_frac=valid_frac, test_frac=test_frac)
 
 
@@ -174,6 +202,8 @@ def patches(data: Annotated[Path, typer.Argument(help="A prepared DATA folder (w
 
     from cvfast.data.sample import PATCH_SETS, make_patches
 
+    _at_least(0, seed=seed, n_roi=n_roi, n_background=n_background)
+    _at_least(1, workers=workers)
     spec = replace(PATCH_SETS[set_.value], size=size, seed=seed)
     if n_roi is not None:
         spec = replace(spec, n_roi=n_roi)
@@ -442,6 +472,7 @@ def predict(model: Annotated[Path, typer.Argument(help="Model: folder, model.jso
 
     if bs < 1 or workers < 0:
         raise CvfastError(f"--bs {bs} / --workers {workers}: batch size at least 1, workers at least 0")
+    device = str(_runtime(device, "fp32", None, False, None).torch_device)  # a clear error for --device cuda without a GPU
     result = run_predict([model, *(ensemble or [])], inputs, tta=tta, bs=bs, num_workers=workers, device=device, split=split)
     if result.rejects:
         _rejects_table(result.rejects, f"{len(result.rejects)} inputs not predicted")
@@ -468,6 +499,7 @@ def evaluate(preds: Annotated[Path, typer.Argument(help="Predictions CSV from `c
     from cvfast.infer.evaluate import EvalSettings, evaluate_to, report_markdown
 
     specs = tuple(specificity or (0.8, 0.9))
+    _at_least(0, seed=seed)
     if n_boot < 100 or not all(0 < v < 1 for v in specs):
         raise CvfastError(f"--n-boot {n_boot} / --specificity {specs}: at least 100 resamples, specificities strictly between 0 and 1")
     settings = EvalSettings(by=by.value, agg=agg.value, split=None if split == "all" else split,
@@ -490,13 +522,11 @@ def heatmap(model: Annotated[Path, typer.Argument(help="Patch model (sliding win
             alpha: Annotated[float, typer.Option(help="Opacity of the heatmap over the image.")] = 0.45,
             device: Annotated[Optional[str], typer.Option(help="cpu, cuda, ... (default: the best available).")] = None) -> None:
     """Draw where a model looks, over the mammogram (the overlay keeps the image's aspect)."""
-    from fastai.torch_core import default_device
-
     from cvfast.infer.heatmap import heatmap as make_heatmap, save_overlay
 
     if not 0 <= alpha <= 1 or bs < 1:
         raise CvfastError(f"--alpha {alpha} / --bs {bs}: alpha in [0, 1], batch size at least 1")
-    hm = make_heatmap(model, image, _size(size) if size else None, stride, bs, device or default_device())
+    hm = make_heatmap(model, image, _size(size) if size else None, stride, bs, _runtime(device, "fp32", None, False, None).torch_device)
     paths = save_overlay(hm, out, map_, alpha)
     console.print(f"{hm.kind} heatmap ({', '.join(hm.maps)}) -> {', '.join(map(str, paths))}")
 
@@ -528,6 +558,9 @@ def demo(out: Annotated[Path, typer.Option(help="Folder for everything the demo 
          train: Annotated[bool, typer.Option(help="Train the models (--no-train: data stages only).")] = True) -> None:
     """End-to-end demo on built-in synthetic data: data stages, patch -> whole -> transfer, held-out AUCs."""
     from cvfast.demo import run_demo
+
+    _at_least(0, seed=seed)
+    _at_least(8, patch_size=patch_size)
 
     run_demo(out, patients=patients, synth_size=synth_size, size=_size(size), patch_size=patch_size, seed=seed, train=train)
     Console().print((out / "report.md").read_text())

@@ -110,7 +110,7 @@ def test_partial_download_missing_csvs_still_ingests(ddsm_copy, tmp_path, caplog
 def test_non_image_and_bad_rows_in_csv_route(tmp_path):
     img = (np.random.default_rng(0).random((80, 60)) * 65535).astype(np.uint16)
     write_png(tmp_path / "a.png", img)
-    write_png(tmp_path / "b.png", img)
+    write_png(tmp_path / "b.png", img[::-1].copy())  # another image (identical pixels would be one image twice)
     (tmp_path / "c.png").write_text("not an image at all")
     pd.DataFrame({"path": ["a.png", "b.png", "c.png", "missing.png", "a.png"], "label": ["1", "0", "1", "0", "maybe"],
                   "patient_id": ["p1", "p2", "p3", "p4", "p5"]}).to_csv(tmp_path / "labels.csv", index=False)

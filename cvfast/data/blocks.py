@@ -150,6 +150,10 @@ def _dataloaders(df: pd.DataFrame, classes: list[str], label_col: str, bs: int, 
     `size` other than the files' size resizes on the fly (a batch transform, train and valid alike). `mean` is a
     trained model's stored mean grey (default: computed on the train split).
     """
+    n_train = int((~df["is_valid"]).sum())
+    if n_train < bs:  # fastai drops the last incomplete training batch: with fewer images than a batch, nothing trains
+        raise CvfastError(f"the train split has {n_train} {'patches' if classes == PATCH_CLASSES else 'images'} for a batch of {bs}: "
+                          "lower --bs, or give the train split more data")
     mean = mean if mean is not None else mean_grey(df.loc[~df["is_valid"], "path"].tolist(), seed=seed or 0)
     resize_to = tuple(size) if size is not None and tuple(size) != tuple(file_size) else None
     if augment:

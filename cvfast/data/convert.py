@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import multiprocessing as mp
@@ -16,6 +17,7 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from cvfast.data.paths import inside, read_json, safe_stem
 from cvfast.data.read import WORKING_SIZE, atomic_write_bytes, read_mammogram, resize, resize_mask, write_png
 from cvfast.errors import CvfastError
 
@@ -36,11 +38,33 @@ class RoiSpec:
 
 @dataclass
 class ImageJob:
-    """One image to convert: its id, source file and ROIs."""
+    """One image to convert: its id, source file, ROIs and the safe stem of its cache files (from its id)."""
 
     image_id: str
     source: str
     rois: list[RoiSpec] = field(default_factory=list)
+    stem: str = ""  # set by the caller from paths.unique_stems; safe_stem(image_id) when empty
+
+    def __post_init__(self):
+        self.stem = self.stem or safe_stem(self.image_id)
+
+    def outputs(self) -> list[str]:
+        """The cache files this job writes, relative to the DATA folder."""
+        return [self.image_path, self.record_path, *(self.mask_path(r.abnormality_id) for r in self.rois)]
+
+    @property
+    def image_path(self) -> str:
+        """The working-size image, relative to the DATA folder."""
+        return f"images/{self.stem}.png"
+
+    @property
+    def record_path(self) -> str:
+        """The finished-image record, relative to the DATA folder."""
+        return f"{RECORDS_DIR}/{self.stem}.json"
+
+    def mask_path(self, abnormality_id: int) -> str:
+        """One ROI's working-size mask, relative to the DATA folder."""
+        return f"masks/{self.stem}_{int(abnormality_id)}.png"
 
 
 def default_workers() -> int:
@@ -88,30 +112,36 @@ def job_key(job: ImageJob, size: tuple[int, int]) -> str:
 def convert_one(job: ImageJob, data_dir: str, size: tuple[int, int]) -> dict:
     """Convert one image and its ROI masks into the cache; return its record (with per-ROI rejects)."""
     data_dir = Path(data_dir)
-    record_path = data_dir / RECORDS_DIR / f"{job.image_id}.json"
+    record_path = inside(data_dir, job.record_path)
     key = job_key(job, size)
     if record_path.is_file():
-        record = json.loads(record_path.read_text())
-        outputs = [record["path"], *record["masks"].values()]
-        if record.get("key") == key and all((data_dir / p).is_file() for p in outputs):
-            return record
+        try:
+            record = read_json(record_path, "conversion record")
+            outputs = [record["path"], *record["masks"].values()]
+            if record.get("key") == key and all((data_dir / p).is_file() for p in outputs) and "pixels_sha256" in record:
+                return record
+        except (CvfastError, KeyError, AttributeError, TypeError):
+            pass  # a damaged record: convert the image again
     mammo = read_mammogram(job.source)
-    rel = f"images/{job.image_id}.png"
-    write_png(data_dir / rel, resize(mammo.pixels, size))
+    rel = job.image_path
+    working = resize(mammo.pixels, size)
+    write_png(inside(data_dir, rel), working)
     masks, rejects = {}, []
     for roi in job.rois:
         try:
             full = _circle_mask(roi, mammo.pixels.shape) if roi.circle else _mask_from_candidates(roi, mammo.pixels.shape)
             if not full.any():
                 raise CvfastError(f"{job.source}: ROI of abnormality {roi.abnormality_id} is empty")
-            mrel = f"masks/{job.image_id}_{roi.abnormality_id}.png"
-            write_png(data_dir / mrel, resize_mask(full, size))
+            mrel = job.mask_path(roi.abnormality_id)
+            write_png(inside(data_dir, mrel), resize_mask(full, size))
             masks[str(roi.abnormality_id)] = mrel
         except CvfastError as e:
             rejects.append({"source": job.source, "row": f"{job.image_id} abnormality {roi.abnormality_id}", "reason": str(e)})
     record = {"image_id": job.image_id, "key": key, "path": rel, "source": job.source, "orig_height": int(mammo.pixels.shape[0]),
               "orig_width": int(mammo.pixels.shape[1]), "laterality": mammo.laterality, "view": mammo.view,
-              "patient_id": mammo.patient_id, "masks": masks, "rejects": rejects}
+              "patient_id": mammo.patient_id, "masks": masks, "rejects": rejects,
+              # the working-size pixels' digest: the same image under two names or patients is found by it
+              "pixels_sha256": hashlib.sha256(np.ascontiguousarray(working).tobytes()).hexdigest()}
     atomic_write_bytes(record_path, json.dumps(record).encode())
     return record
 
@@ -160,7 +190,7 @@ def convert_all(jobs: list[ImageJob], data_dir: str | Path, size: tuple[int, int
     for sub in ("images", "masks", RECORDS_DIR):  # temporaries of a killed run; finished files are never .tmp
         for tmp in (data_dir / sub).glob(".*.tmp"):
             tmp.unlink(missing_ok=True)
-    done = sum((data_dir / RECORDS_DIR / f"{j.image_id}.json").is_file() for j in jobs)
+    done = sum((data_dir / j.record_path).is_file() for j in jobs)
     if done:
         log.info("resuming: %d of %d images already converted (re-done where their sources or ROIs changed)", done, len(jobs))
     records, rejects = {}, []

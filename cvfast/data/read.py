@@ -41,9 +41,12 @@ def read_mammogram(path: str | os.PathLike) -> Mammogram:
     path = Path(path)
     if not path.is_file():
         raise CvfastError(f"{path}: no such file")
-    if path.suffix.lower() in RASTER_SUFFIXES:
-        return read_raster(path)
-    return read_dicom(path)
+    try:
+        return read_raster(path) if path.suffix.lower() in RASTER_SUFFIXES else read_dicom(path)
+    except CvfastError:
+        raise
+    except Exception as e:  # a decoder's own failure (PIL's DecompressionBombError, a plugin's RuntimeError, ...)
+        raise CvfastError(f"{path}: cannot be decoded ({type(e).__name__}: {e})") from None
 
 
 def _output_range(ds: pydicom.Dataset, voi_applied: bool) -> tuple[float, float]:

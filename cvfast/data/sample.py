@@ -10,8 +10,11 @@ Every image uses its own RNG seeded from (seed, image_id), so the output does no
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import logging
+import shutil
 import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,7 +26,8 @@ from skimage.filters import threshold_otsu
 from skimage.measure import label as label_components
 
 from cvfast.data.convert import default_workers, parallel_map
-from cvfast.data.manifest import MANIFEST_NAME, PATCH_CLASSES, manifest_digest, read_manifest, rejects_frame, write_csv
+from cvfast.data.manifest import MANIFEST_NAME, PATCH_CLASSES, REJECTS_NAME, manifest_digest, read_manifest, rejects_frame, write_csv
+from cvfast.data.paths import inside, read_json, refuse_overwrite, unique_stems
 from cvfast.data.read import atomic_write_bytes, read_png, write_png
 from cvfast.errors import CvfastError
 
@@ -138,9 +142,9 @@ def _image_seed(seed: int, image_id: str) -> np.random.Generator:
     return np.random.default_rng([seed, zlib.crc32(image_id.encode())])
 
 
-def patches_for_image(args: tuple[dict, str, PatchSetSpec]) -> tuple[list[dict], list[dict]]:
-    """Cut one image's patches (written as 16-bit PNGs); return patch rows and rejects."""
-    row, out_dir, spec = args
+def patches_for_image(args: tuple[dict, str, PatchSetSpec, str, str]) -> tuple[list[dict], list[dict]]:
+    """Cut one image's patches (written as 16-bit PNGs under OUT/CUT/); return patch rows and rejects."""
+    row, out_dir, spec, cut, stem = args
     out = Path(out_dir)
     rows, rejects = [], []
     try:
@@ -171,25 +175,42 @@ def patches_for_image(args: tuple[dict, str, PatchSetSpec]) -> tuple[list[dict],
                             "reason": f"only {len(bg)} of {spec.n_background} background patches fit clear of the ROIs"})
         planned += [("background", "bg", c) for c in bg]
     for k, (cls, tag, (cy, cx)) in enumerate(planned):
-        rel = f"{cls}/{row['image_id']}_{tag}_{k:02d}.png"
-        write_png(out / rel, crop(img, cy, cx, spec.size))
+        rel = f"{cut}/{cls}/{stem}_{tag}_{k:02d}.png"
+        write_png(inside(out, rel), crop(img, cy, cx, spec.size))
         rows.append({"patch_id": f"{row['image_id']}_{tag}_{k:02d}", "path": rel, "label": cls, "class_idx": PATCH_CLASSES.index(cls),
                      "image_id": row["image_id"], "patient_id": row["patient_id"], "split": row["split"], "cy": cy, "cx": cx})
     return rows, rejects
 
 
 def check_patch_set(folder: str | Path) -> dict:
-    """Read patchset.json and refuse a patch set whose DATA manifest changed since (its splits may be stale)."""
+    """Read patchset.json; refuse a set whose patches.csv is not the one it describes (an interrupted re-cut) or whose
+    DATA manifest changed since (its splits may be stale)."""
     folder = Path(folder)
     info_path = folder / "patchset.json"
     if not info_path.is_file():
         raise CvfastError(f"{folder}: no patchset.json; run `cvfast patches DATA` first")
-    info = json.loads(info_path.read_text())
+    info = read_json(info_path, "patch set description")
+    for key in ("classes", "spec", "source", "manifest_sha256", "patches_sha256"):
+        if key not in info:
+            raise CvfastError(f"{info_path}: no {key!r}; re-cut the set with `cvfast patches`")
+    csv = folder / PATCH_MANIFEST
+    if not csv.is_file() or hashlib.sha256(csv.read_bytes()).hexdigest() != info["patches_sha256"]:
+        raise CvfastError(f"{csv}: is not the patch list {info_path.name} describes (a re-cut was interrupted, or the file was "
+                          "edited); re-run `cvfast patches`")
     source = Path(info["source"])
     if (source / MANIFEST_NAME).is_file() and manifest_digest(source) != info["manifest_sha256"]:
         raise CvfastError(f"{folder}: {source / MANIFEST_NAME} changed since these patches were cut (splits may differ, "
                           f"leaking patients across splits); re-run `cvfast patches {source}`")
     return info
+
+
+def _cut_name(spec: PatchSetSpec, manifest_sha256: str) -> str:
+    """The sub-folder of one cut's patch files: a digest of its settings and its DATA manifest.
+
+    A re-cut with other settings writes into a new sub-folder, so until the new patches.csv and patchset.json are in
+    place the old set stays whole; equal settings and data give equal files, so rewriting in place is safe.
+    """
+    return "cut-" + hashlib.sha256(json.dumps([asdict(spec), manifest_sha256], sort_keys=True).encode()).hexdigest()[:10]
 
 
 def make_patches(data: str | Path, spec: PatchSetSpec, out: str | Path | None = None, workers: int | None = None) -> pd.DataFrame:
@@ -205,19 +226,31 @@ def make_patches(data: str | Path, spec: PatchSetSpec, out: str | Path | None = 
     shape = read_png(df["path"].iloc[0]).shape
     if spec.size > min(shape):
         raise CvfastError(f"--size {spec.size}: patches larger than the cached images ({shape[0]}x{shape[1]})")
+    digest = manifest_digest(data_dir)
+    cut = _cut_name(spec, digest)
+    side_files = [out / REJECTS_NAME, out / PATCH_MANIFEST, out / "patchset.json"]
+    inputs = [data_dir / MANIFEST_NAME, data_dir / REJECTS_NAME, *df["path"], *(a["mask"] for abns in df["abnormalities"] for a in abns if a.get("mask"))]
+    refuse_overwrite(side_files, inputs, hint="a patch set needs its own folder; choose another --out")
     for tmp in out.rglob(".*.tmp") if out.is_dir() else []:  # temporaries of a killed run; finished files are never .tmp
         tmp.unlink(missing_ok=True)
+    stems = unique_stems(df["image_id"])
     # images without any ROI still give background patches, as in the paper's S10 (normals help the background class)
-    items = [(r, str(out), spec) for r in df.to_dict("records")]
+    items = [(r, str(out), spec, cut, stems[r["image_id"]]) for r in df.to_dict("records")]
     rows, rejects = [], []
     for r, rej in parallel_map(patches_for_image, items, workers or default_workers(), f"patches {spec.name}", chunksize=4):
         rows += r
         rejects += rej
     patches = pd.DataFrame(rows, columns=["patch_id", "path", "label", "class_idx", "image_id", "patient_id", "split", "cy", "cx"])
-    write_csv(rejects_frame(rejects), out / "rejects.csv")
-    write_csv(patches, out / PATCH_MANIFEST)
-    info = {"classes": PATCH_CLASSES, "spec": asdict(spec), "source": str(data_dir), "manifest_sha256": manifest_digest(data_dir),
+    write_csv(rejects_frame(rejects), out / REJECTS_NAME)
+    buf = io.StringIO()
+    patches.to_csv(buf, index=False)
+    atomic_write_bytes(out / PATCH_MANIFEST, buf.getvalue().encode())
+    info = {"classes": PATCH_CLASSES, "spec": asdict(spec), "source": str(data_dir), "manifest_sha256": digest,
+            "patches_sha256": hashlib.sha256(buf.getvalue().encode()).hexdigest(), "cut": cut,
             "image_size": list(shape)}  # the working size the patches were cut from: where a heatmap slides
-    atomic_write_bytes(out / "patchset.json", json.dumps(info, indent=1).encode())
+    atomic_write_bytes(out / "patchset.json", json.dumps(info, indent=1).encode())  # the commit point of the new set
+    for old in out.glob("cut-*"):  # earlier cuts, no longer described by patches.csv
+        if old.name != cut and old.is_dir():
+            shutil.rmtree(old, ignore_errors=True)
     log.info("%d patches (%s) in %s", len(patches), ", ".join(f"{k}: {v}" for k, v in patches["label"].value_counts().items()), out)
     return patches

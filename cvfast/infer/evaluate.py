@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score, roc_curve
 
+from cvfast.data.paths import refuse_overwrite
 from cvfast.data.read import atomic_write_bytes
 from cvfast.errors import CvfastError
 from cvfast.infer.stats import at_threshold, calibration, delong_test, patient_bootstrap_aucs, thresholds_at
@@ -18,6 +19,7 @@ from cvfast.infer.stats import at_threshold, calibration, delong_test, patient_b
 log = logging.getLogger(__name__)
 
 LEVELS = ("image", "breast", "exam")
+REPORT_FILES = ("report.json", "report.md", "roc.png", "pr.png", "calibration.png")
 AGGREGATIONS = ("mean", "max")
 
 
@@ -47,10 +49,17 @@ def read_predictions(path: str | Path, labels: str | Path | None = None, score: 
     for col in ("image_id", score):
         if col not in df.columns:
             raise CvfastError(f"{path}: no {col!r} column; is this a `cvfast predict` output?")
+    _refuse_repeats(df, path, "prediction rows")
     if labels is not None:
-        lab = pd.read_csv(labels, dtype={"image_id": str})
+        try:
+            lab = pd.read_csv(labels, dtype={"image_id": str})
+        except FileNotFoundError:
+            raise CvfastError(f"{labels}: no such labels file") from None
+        except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+            raise CvfastError(f"{labels}: not a readable CSV ({e})") from None
         if not {"image_id", "label"} <= set(lab.columns):
             raise CvfastError(f"{labels}: a labels file needs image_id and label columns")
+        _refuse_repeats(lab, Path(labels), "labels")
         df = df.drop(columns=["label"], errors="ignore").merge(lab[["image_id", "label"]], on="image_id", how="left")
     if "label" not in df.columns:
         raise CvfastError(f"{path}: no 'label' column, so there is nothing to evaluate against. Predict on a manifest or a CSV "
@@ -68,6 +77,16 @@ def read_predictions(path: str | Path, labels: str | Path | None = None, score: 
         row = df.index[s.isna() | (s < 0) | (s > 1)][0]
         raise CvfastError(f"{path}: row {row + 2}: {score} {df.at[row, score]!r} is not a probability in [0, 1]")
     return df.assign(label=df["label"].astype(int), **{score: s})
+
+
+def _refuse_repeats(df: pd.DataFrame, path: Path, what: str) -> None:
+    """Refuse a file that lists an image_id twice: a repeated row would change n and the AUC silently."""
+    repeated = df["image_id"][df["image_id"].duplicated(keep=False)]
+    if len(repeated):
+        ids = sorted(repeated.astype(str).unique())
+        rows = ", ".join(str(i + 2) for i in repeated.index[:6])
+        raise CvfastError(f"{path}: {what} repeat image_id {', '.join(ids[:5])}{' ...' if len(ids) > 5 else ''} (rows {rows}); "
+                          "each image must appear once (de-duplicate the file, or give images distinct ids)")
 
 
 def aggregate(df: pd.DataFrame, by: str = "image", agg: str = "mean", score: str = "p_cancer") -> pd.DataFrame:
@@ -287,7 +306,10 @@ def report_markdown(report: dict) -> str:
 def evaluate_to(preds: str | Path, out: str | Path, settings: EvalSettings | None = None, compare: str | Path | None = None,
                 labels: str | Path | None = None) -> dict:
     """evaluate() and write its report and plots to OUT; returns the report."""
-    report, curves = _evaluate(preds, settings or EvalSettings(), compare, labels)
+    settings = settings or EvalSettings()
+    read = [p for p in (preds, compare, labels, settings.thresholds_from) if p is not None and Path(p).is_file()]
+    refuse_overwrite([Path(out) / name for name in REPORT_FILES], read, hint="choose another --out for the report")
+    report, curves = _evaluate(preds, settings, compare, labels)
     write_report(report, curves, out)
     return report
 

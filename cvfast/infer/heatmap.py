@@ -12,11 +12,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cvfast.data.paths import check_output_name, refuse_overwrite, safe_stem
 from cvfast.data.read import WORKING_SIZE, atomic_write_bytes, read_mammogram, resize
 from cvfast.errors import CvfastError
 from cvfast.infer.predict import MALIGNANT_PATCH_CLASSES, working_image
 from cvfast.models.whole import WholeImageClassifier
-from cvfast.train.export import load_model
+from cvfast.train.export import load_model, model_files
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +31,7 @@ class Heatmap:
     kind: str  # 'sliding-window' or 'cam'
     orig_shape: tuple[int, int]  # the source image's (height, width): the overlay's aspect
     info: dict = field(default_factory=dict)
+    inputs: list[str] = field(default_factory=list)  # the files it was made from: save_overlay never writes onto them
 
 
 def _image(source: str | Path | np.ndarray, size: tuple[int, int]) -> tuple[np.ndarray, tuple[int, int]]:
@@ -60,6 +62,9 @@ def sliding_window_heatmap(model: nn.Module, sidecar: dict, source: str | Path |
         raise CvfastError(f"--stride {stride}: must be at least 1")
     p, fed = int(sidecar.get("crop") or sidecar["size"][0]), int(sidecar["size"][0])  # window in image px; model input side
     stride = stride or max(1, p // 4)
+    if stride > p:  # windows further apart than their side would leave stripes no window covers, drawn as "no finding"
+        log.warning("--stride %d is larger than the %d-pixel window; using %d so that every pixel is covered", stride, p, p)
+        stride = p
     image, orig = _image(source, image_size)
     h, w = image.shape
     if h < p or w < p:
@@ -80,6 +85,7 @@ def sliding_window_heatmap(model: nn.Module, sidecar: dict, source: str | Path |
     for (y, x0), pr in zip(corners, probs):
         total[:, y:y + p, x0:x0 + p] += pr[:, None, None]
         count[y:y + p, x0:x0 + p] += 1
+    assert count.min() > 0, "every pixel is covered by a window"
     maps = {c: total[i] / count for i, c in enumerate(classes)}
     if all(c in maps for c in MALIGNANT_PATCH_CLASSES):
         maps["malignant"] = sum(maps[c] for c in MALIGNANT_PATCH_CLASSES)
@@ -121,10 +127,13 @@ def heatmap(model_path: str | Path, source: str | Path | np.ndarray, image_size:
     model, sidecar = load_model(model_path)
     if sidecar["kind"] == "patch":
         size = image_size or tuple(sidecar.get("source_size") or WORKING_SIZE)
-        return sliding_window_heatmap(model, sidecar, source, size, stride, bs, device)
-    if image_size is not None and tuple(image_size) != tuple(sidecar["size"]):
-        log.warning("a whole-image model sees images at its own size %s; --size ignored", sidecar["size"])
-    return class_activation_map(model, sidecar, source, device)
+        hm = sliding_window_heatmap(model, sidecar, source, size, stride, bs, device)
+    else:
+        if image_size is not None and tuple(image_size) != tuple(sidecar["size"]):
+            log.warning("a whole-image model sees images at its own size %s; --size ignored", sidecar["size"])
+        hm = class_activation_map(model, sidecar, source, device)
+    hm.inputs = [*map(str, model_files(model_path)), *([] if isinstance(source, np.ndarray) else [str(source)])]
+    return hm
 
 
 def overlay(hm: Heatmap, name: str, alpha: float = 0.45, height: int | None = None) -> np.ndarray:
@@ -147,11 +156,12 @@ def save_overlay(hm: Heatmap, out: str | Path, name: str | None = None, alpha: f
     """Write the overlay PNG(s): one map, or with name='all' every map as OUT_<map>.png."""
     from PIL import Image
 
-    out = Path(out)
+    out = check_output_name(out)
     names = list(hm.maps) if name == "all" else [name or ("malignant" if "malignant" in hm.maps else next(iter(hm.maps)))]
+    paths = [out.with_name(f"{out.stem}_{safe_stem(n)}{out.suffix}") if name == "all" else out for n in names]
+    refuse_overwrite(paths, hm.inputs, hint="choose another --out for the overlay")
     written = []
-    for n in names:
-        path = out.with_name(f"{out.stem}_{n}{out.suffix}") if name == "all" else out
+    for n, path in zip(names, paths):
         buf = io.BytesIO()
         Image.fromarray(overlay(hm, n, alpha)).save(buf, format="PNG")
         atomic_write_bytes(path, buf.getvalue())

@@ -10,6 +10,7 @@ import pandas as pd
 import pydicom
 
 from cvfast.data.manifest import MANIFEST_COLUMNS, MANIFEST_NAME, read_manifest
+from cvfast.data.paths import walk_files
 from cvfast.data.read import RASTER_SUFFIXES, norm_side
 from cvfast.errors import CvfastError
 
@@ -34,14 +35,15 @@ def _dicom_identity(path: Path) -> dict:
 
 
 def _from_folder(folder: Path) -> list[tuple[Path, str]]:
-    """Image files under a folder (recursively), with ids = their paths relative to it, suffix dropped."""
+    """Image files under a folder (recursively, symlinked folders followed), with ids = their paths relative to it, suffix dropped."""
     files, skipped = [], {}
-    prepared = {m.parent for m in folder.rglob(MANIFEST_NAME)}  # DATA folders inside: their masks are not mammograms
+    everything = list(walk_files(folder))
+    prepared = {p.parent for p in everything if p.name == MANIFEST_NAME}  # DATA folders inside: their masks are not mammograms
     if prepared:
         log.warning("%s: holds prepared DATA folders (%s), not read; give them as inputs themselves", folder,
                     ", ".join(str(p) for p in sorted(prepared)))
-    for p in sorted(folder.rglob("*")):
-        if not p.is_file() or p.name.startswith(".") or prepared.intersection(p.parents):
+    for p in everything:
+        if prepared.intersection(p.parents):
             continue
         if p.suffix.lower() in IMAGE_SUFFIXES:
             files.append((p, p.relative_to(folder).with_suffix("").as_posix()))

@@ -21,11 +21,12 @@ from fastai.torch_core import default_device
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import nn
 
-from cvfast.data.manifest import REJECT_COLUMNS
+from cvfast.data.manifest import MANIFEST_NAME, REJECT_COLUMNS, REJECTS_NAME
+from cvfast.data.paths import check_output_name, refuse_overwrite
 from cvfast.data.read import atomic_write_bytes, read_mammogram, resize
 from cvfast.errors import CvfastError
 from cvfast.infer.inputs import collect_inputs
-from cvfast.train.export import load_model
+from cvfast.train.export import load_model, model_files
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +114,7 @@ class Predictions:
     frame: pd.DataFrame
     rejects: list[dict] = field(default_factory=list)
     models: list[dict] = field(default_factory=list)
+    inputs: list[str] = field(default_factory=list)  # every file read: never written over by write_predictions
 
 
 def load_members(models: Sequence[str | Path]) -> list[tuple[nn.Module, dict]]:
@@ -162,9 +164,11 @@ def predict(models: Sequence[str | Path], inputs: Sequence[str | Path], tta: boo
     """Predict images with one model or an averaged ensemble; returns per-image probabilities and rejects."""
     members = load_members(models)
     df, rejects = collect_inputs(inputs, split=split)
+    read = [*(str(f) for m in models for f in model_files(m)), *map(str, inputs), *df["path"], *(r["source"] for r in rejects),
+            *(str(Path(i) / n) for i in inputs for n in (MANIFEST_NAME, REJECTS_NAME) if Path(i).is_dir())]
     classes = members[0][1]["classes"]
     if df.empty:
-        return Predictions(pd.DataFrame(columns=[*df.columns, *(f"p_{c}" for c in classes), "p_cancer"]), rejects, _describe(models, members))
+        return Predictions(pd.DataFrame(columns=[*df.columns, *(f"p_{c}" for c in classes), "p_cancer"]), rejects, _describe(models, members), read)
     probs, failed = predict_probabilities(members, df["path"].tolist(), tta=tta, bs=bs, num_workers=num_workers, device=device, progress=progress)
     for path, image_id in zip(df.loc[failed, "path"], df.loc[failed, "image_id"]):
         try:  # read again in this process for the reason (the worker that failed cannot return text)
@@ -180,7 +184,7 @@ def predict(models: Sequence[str | Path], inputs: Sequence[str | Path], tta: boo
         out[f"p_{c}"] = probs[:, i]
     if "cancer" not in classes:  # a patch model: cancer is either malignant class
         out["p_cancer"] = out[[f"p_{c}" for c in MALIGNANT_PATCH_CLASSES]].sum(axis=1)
-    return Predictions(out[~failed].reset_index(drop=True), rejects, _describe(models, members))
+    return Predictions(out[~failed].reset_index(drop=True), rejects, _describe(models, members), read)
 
 
 def _describe(models: Sequence[str | Path], members: Sequence[tuple[nn.Module, dict]]) -> list[dict]:
@@ -189,8 +193,9 @@ def _describe(models: Sequence[str | Path], members: Sequence[tuple[nn.Module, d
 
 
 def write_predictions(result: Predictions, out: str | Path) -> Path:
-    """Write the predictions CSV (and, when inputs were rejected, OUT.rejects.csv beside it) atomically."""
-    out = Path(out)
+    """Write the predictions CSV (and, when inputs were rejected, OUT.rejects.csv beside it) atomically; never onto an input."""
+    out = check_output_name(out)
+    refuse_overwrite([out, out.with_suffix(".rejects.csv")], result.inputs, hint="choose another --out for the predictions")
     buf = io.StringIO()
     result.frame.to_csv(buf, index=False, float_format="%.9g")  # 6 digits would round confident scores to 1 and tie them
     atomic_write_bytes(out, buf.getvalue().encode())
@@ -201,6 +206,7 @@ def write_predictions(result: Predictions, out: str | Path) -> Path:
 def write_rejects(result: Predictions, out: str | Path) -> Path:
     """OUT.rejects.csv listing the inputs not predicted (removed when there are none)."""
     path = Path(out).with_suffix(".rejects.csv")
+    refuse_overwrite([path], result.inputs, hint="choose another --out for the predictions")
     if result.rejects:
         buf = io.StringIO()
         pd.DataFrame(result.rejects, columns=REJECT_COLUMNS).to_csv(buf, index=False)

@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import math
 import os
+import random
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from fastai.callback.core import Callback, CancelFitException
 from fastai.callback.tracker import EarlyStoppingCallback, SaveModelCallback
 from fastai.torch_core import distrib_barrier, get_model
 from torch import nn
 
+from cvfast.data.paths import read_json
 from cvfast.data.read import atomic_write_bytes
 from cvfast.errors import CvfastError
 from cvfast.train.runtime import is_main_process
@@ -118,13 +122,51 @@ class EpochCheckpoint(Callback):
                     for cb in self.learn.cbs if isinstance(cb, (BestModel, EarlyStop))}
         atomic_write_bytes(self.dir / "progress.json", json.dumps({
             "fingerprint": self.fingerprint, "stage": self.stage_index, "checkpoint": f"{name}.pth",
-            "epochs_done": self.n_epoch + self.offset if stopped else epoch + 1, "trackers": trackers, "history": history}, indent=1).encode())
+            "epochs_done": self.n_epoch + self.offset if stopped else epoch + 1, "trackers": trackers, "history": history,
+            "rng": rng_state(self.learn)}, indent=1).encode())
         for old in self.dir.glob("s*e*.pth"):
             if old.name != f"{name}.pth":
                 old.unlink(missing_ok=True)
         log.info("stage %d epoch %d: %s%s", self.stage_index + 1, epoch + 1,
                  ", ".join(f"{k} {_num(v):.4f}" if isinstance(_num(v), float) else f"{k} {v}" for k, v in values.items()),
                  " (early stop)" if stopped else "")
+
+
+def rng_state(learn) -> dict:
+    """Every random state the next epoch draws from: Python's, NumPy's (fastai's weighted sampler), torch's (augmentation,
+    dropout, worker seeds) and each DataLoader's own shuffling RNG -- so a resumed run continues exactly as an
+    uninterrupted one would (JSON-safe, stored in progress.json beside the checkpoint it belongs to)."""
+    np_state = np.random.get_state()
+    state = {"python": _jsonable(random.getstate()),
+             "numpy": [np_state[0], np_state[1].tolist(), *map(_jsonable, np_state[2:])],
+             "torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode(),
+             "loaders": [_jsonable(dl.rng.getstate()) for dl in learn.dls.loaders]}
+    if torch.cuda.is_available():
+        state["cuda"] = [base64.b64encode(s.numpy().tobytes()).decode() for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def restore_rng_state(learn, state: dict | None) -> None:
+    """Put back the random states rng_state saved (a progress.json without them, from an older run: nothing to do)."""
+    if not state:
+        return
+    random.setstate(_tupled(state["python"]))
+    np.random.set_state((state["numpy"][0], np.array(state["numpy"][1], dtype=np.uint32), *state["numpy"][2:]))
+    torch.set_rng_state(torch.from_numpy(np.frombuffer(base64.b64decode(state["torch"]), dtype=np.uint8).copy()))
+    for dl, s in zip(learn.dls.loaders, state["loaders"]):
+        dl.rng.setstate(_tupled(s))
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all([torch.from_numpy(np.frombuffer(base64.b64decode(s), dtype=np.uint8).copy()) for s in state["cuda"]])
+
+
+def _jsonable(value):
+    """Tuples (of Python's RNG state) as lists, recursively."""
+    return [_jsonable(v) for v in value] if isinstance(value, (tuple, list)) else value
+
+
+def _tupled(value):
+    """Lists back to the tuples Python's random.setstate expects."""
+    return tuple(_tupled(v) for v in value) if isinstance(value, list) else value
 
 
 def _num(v):
@@ -136,9 +178,9 @@ def _num(v):
 
 
 def read_progress_raw(checkpoint_dir: Path) -> dict:
-    """progress.json as written, or {}."""
+    """progress.json as written, or {}; a damaged one is a clear error naming it."""
     f = Path(checkpoint_dir) / "progress.json"
-    return json.loads(f.read_text()) if f.is_file() else {}
+    return read_json(f, "training progress (delete it, or pass --no-resume, to start over)") if f.is_file() else {}
 
 
 def read_progress(out_dir: str | Path, fingerprint: str) -> dict | None:
@@ -150,4 +192,6 @@ def read_progress(out_dir: str | Path, fingerprint: str) -> dict | None:
     if p.get("fingerprint") != fingerprint:
         raise CvfastError(f"{d}: holds an unfinished run of a different recipe or data; use another --out, "
                           "pass --no-resume, or delete the folder")
+    if not all(isinstance(p.get(k), int) and not isinstance(p.get(k), bool) and p[k] >= 0 for k in ("stage", "epochs_done")):
+        raise CvfastError(f"{d / 'progress.json'}: stage / epochs_done are not epoch counts (edited?); delete it, or pass --no-resume")
     return p

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import warnings
 from pathlib import Path
@@ -12,6 +13,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from cvfast.data.blocks import WHOLE_IMAGE_CLASSES
+from cvfast.data.manifest import PATCH_CLASSES
 from cvfast.data.read import atomic_write_bytes
 from cvfast.errors import CvfastError
 from cvfast.models.body import create_body
@@ -46,8 +49,17 @@ def export_model(learn, out_dir: str | Path, recipe: dict | None = None, metrics
     os.replace(tmp_w, out / WEIGHTS)
     sidecar = {"format": FORMAT, "kind": model.spec["kind"], **model.info, "spec": model.spec,
                "weights": WEIGHTS, "weights_sha256": _sha256(out / WEIGHTS), "recipe": recipe or {}, "metrics": metrics or {}}
+    sidecar = json.loads(json.dumps(sidecar, default=str))  # tuples -> lists: the digest is of what a reader sees
+    sidecar["content_sha256"] = content_digest(sidecar)
     atomic_write_bytes(out / SIDECAR, json.dumps(sidecar, indent=1, default=str).encode())
     return {"pkl": out / PKL, "weights": out / WEIGHTS, "sidecar": out / SIDECAR}
+
+
+def model_files(path: str | Path) -> list[Path]:
+    """The files a model path stands for (folder, model.json, .safetensors or .pkl): what reading it reads."""
+    path = Path(path)
+    folder = path if path.is_dir() else path.parent
+    return [path, *(folder / n for n in (SIDECAR, WEIGHTS, PKL) if (folder / n).is_file())]
 
 
 def build_model(spec: dict) -> torch.nn.Module:
@@ -66,6 +78,63 @@ def build_model(spec: dict) -> torch.nn.Module:
     return model
 
 
+# what decides a model's outputs: covered by content_sha256 (recipe and metrics are notes about the run, not covered)
+CONTENT_FIELDS = ("format", "kind", "classes", "mean_grey", "size", "source_size", "crop", "spec", "weights", "weights_sha256")
+CLASSES = {"patch": PATCH_CLASSES, "whole": WHOLE_IMAGE_CLASSES}
+
+
+def content_digest(sidecar: dict) -> str:
+    """SHA-256 of the sidecar fields that decide the model's outputs (canonical JSON)."""
+    return hashlib.sha256(json.dumps({k: sidecar.get(k) for k in CONTENT_FIELDS}, sort_keys=True).encode()).hexdigest()
+
+
+def _pair(value, name: str, where: str) -> list[int]:
+    """A (height, width) of positive ints, or a clear error."""
+    if not (isinstance(value, list) and len(value) == 2 and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)):
+        raise CvfastError(f"{where}: {name} {value!r} is not [height, width] in pixels")
+    return value
+
+
+def check_info(info: dict, kind: str, where: str) -> None:
+    """Refuse preprocessing settings that would make a model's outputs meaningless (class order, mean grey, sizes)."""
+    if kind not in CLASSES:
+        raise CvfastError(f"{where}: kind {kind!r}, expected one of {sorted(CLASSES)}")
+    if list(info.get("classes") or []) != CLASSES[kind]:
+        raise CvfastError(f"{where}: classes {info.get('classes')!r}; a {kind} model outputs {CLASSES[kind]} in this order "
+                          "(an edited class order would silently change what p_cancer means)")
+    m = info.get("mean_grey")
+    if isinstance(m, bool) or not isinstance(m, (int, float)) or not math.isfinite(m) or not 0 <= m <= 1:
+        raise CvfastError(f"{where}: mean_grey {m!r} is not a grey value in [0, 1]")
+    _pair(list(info["size"]) if isinstance(info.get("size"), (list, tuple)) else info.get("size"), "size", where)
+    if info.get("source_size") is not None:
+        _pair(list(info["source_size"]) if isinstance(info["source_size"], (list, tuple)) else info["source_size"], "source_size", where)
+    crop = info.get("crop")
+    if crop is not None and (isinstance(crop, bool) or not isinstance(crop, int) or crop < 1):
+        raise CvfastError(f"{where}: crop {crop!r} is not a patch side in pixels")
+
+
+def check_sidecar(sidecar, path: Path) -> dict:
+    """A model.json checked whole: its format, its content digest, and every field the outputs depend on."""
+    if not isinstance(sidecar, dict) or sidecar.get("format") != FORMAT:
+        raise CvfastError(f"{path}: not a cvfast model sidecar (expected a JSON object with format {FORMAT})")
+    if "content_sha256" in sidecar:
+        if sidecar["content_sha256"] != content_digest(sidecar):
+            raise CvfastError(f"{path}: its content does not match its checksum (content_sha256): a field that decides the outputs "
+                              f"({', '.join(CONTENT_FIELDS[1:])}) was edited or damaged; re-export the model")
+    else:
+        log.warning("%s: written before model.json carried a content checksum; its fields are checked one by one", path)
+    spec = sidecar.get("spec")
+    if not isinstance(spec, dict) or spec.get("kind") != sidecar.get("kind"):
+        raise CvfastError(f"{path}: spec {str(spec)[:60]!r} does not describe a {sidecar.get('kind')!r} model")
+    check_info(sidecar, sidecar.get("kind"), str(path))
+    weights = sidecar.get("weights")
+    if not isinstance(weights, str) or Path(weights).name != weights or weights in ("", ".", ".."):
+        raise CvfastError(f"{path}: weights {weights!r} must be a file name next to {path.name}")
+    if not isinstance(sidecar.get("weights_sha256"), str):
+        raise CvfastError(f"{path}: no weights_sha256")
+    return sidecar
+
+
 def load_model(path: str | Path) -> tuple[torch.nn.Module, dict]:
     """Load a model from a model folder, its model.json, or a .pkl (with a warning); return (model, sidecar)."""
     path = Path(path)
@@ -79,16 +148,21 @@ def load_model(path: str | Path) -> tuple[torch.nn.Module, dict]:
         path = path.with_name(SIDECAR)
     try:
         sidecar = json.loads(path.read_text())
-        assert sidecar.get("format") == FORMAT
-    except (json.JSONDecodeError, UnicodeDecodeError, AssertionError):
+    except (json.JSONDecodeError, UnicodeDecodeError):
         raise CvfastError(f"{path}: not a cvfast model sidecar (expected JSON with format {FORMAT})") from None
+    sidecar = check_sidecar(sidecar, path)
     weights = path.parent / sidecar["weights"]
     if not weights.is_file():
         raise CvfastError(f"{weights}: weights file missing next to {path.name}")
     if _sha256(weights) != sidecar["weights_sha256"]:
         raise CvfastError(f"{weights}: SHA-256 does not match {path.name}; the file is corrupt or was replaced")
-    model = build_model(sidecar["spec"])
-    model.load_state_dict(load_file(str(weights)))
+    try:
+        model = build_model(sidecar["spec"])
+        model.load_state_dict(load_file(str(weights)))
+    except CvfastError as e:
+        raise CvfastError(f"{path}: {e}") from None
+    except Exception as e:  # a spec that builds no model, or weights of another architecture
+        raise CvfastError(f"{path}: its spec and weights do not make a model ({type(e).__name__}: {str(e)[:200]})") from None
     model.info = {k: sidecar[k] for k in ("classes", "mean_grey", "size", "source_size", "crop") if k in sidecar}
     return model.eval(), sidecar
 
@@ -104,4 +178,7 @@ def _load_pickle(path: Path) -> tuple[torch.nn.Module, dict]:
     except Exception as e:
         raise CvfastError(f"{path}: cannot load this learner pickle ({type(e).__name__}: {e})") from None
     model = learn.model
+    if not isinstance(getattr(model, "spec", None), dict) or not isinstance(getattr(model, "info", None), dict):
+        raise CvfastError(f"{path}: this learner's model carries no cvfast spec/info; not a cvfast model")
+    check_info(model.info, model.spec.get("kind"), str(path))
     return model.eval(), {"kind": model.spec["kind"], **model.info, "spec": model.spec}

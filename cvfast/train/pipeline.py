@@ -15,11 +15,15 @@ from fastai.learner import Learner
 from fastai.torch_core import distrib_barrier, set_seed
 
 from cvfast.data.blocks import patch_dataloaders, whole_image_dataloaders
+from cvfast.data.manifest import MANIFEST_NAME, REJECTS_NAME
+from cvfast.data.paths import refuse_overwrite
 from cvfast.data.read import atomic_write_bytes
+from cvfast.data.sample import PATCH_MANIFEST
 from cvfast.errors import CvfastError
-from cvfast.train.callbacks import BestModel, EarlyStop, EpochCheckpoint, HoldBodyBatchNorm, read_progress, read_progress_raw
+from cvfast.train.callbacks import (BestModel, EarlyStop, EpochCheckpoint, HoldBodyBatchNorm, read_progress, read_progress_raw,
+                                    restore_rng_state)
 from cvfast.infer.heldout import heldout_patch_metrics, heldout_whole_metrics
-from cvfast.train.export import build_model, export_model, load_model
+from cvfast.train.export import PKL, SIDECAR, WEIGHTS, build_model, export_model, load_model, model_files
 from cvfast.train.learners import learner_for, patch_learner, whole_image_learner
 from cvfast.train.recipes import fingerprint
 from cvfast.train.runtime import Runtime, apply_runtime, data_parallel, export_ready, is_main_process, this_process_only
@@ -58,6 +62,7 @@ def train_schedule(learn: Learner, stages: list[Stage], out: Path, recipe: dict,
         start, trackers = 0, {}
         if progress and i == progress["stage"]:
             learn.load((ckpt / progress["checkpoint"]).with_suffix("").resolve(), with_opt=True)  # after begin_stage: same groups
+            restore_rng_state(learn, progress.get("rng"))  # the same data order and augmentation as an uninterrupted run
             start, trackers, progress = progress["epochs_done"], progress.get("trackers", {}), None
             log.info("resuming at stage %d (%s), epoch %d of %d", i + 1, stage.name, start + 1, stage.epochs)
         if start >= stage.epochs:
@@ -177,6 +182,16 @@ def finetune_learner_from_recipe(recipe: dict, data: str | Path, source: str | P
     return apply_runtime(learner_for(_whole_dls(recipe, data, runtime), build_model(sidecar["spec"]) if scratch else model, path=Path(out)), runtime)
 
 
+def _refuse_overwriting_inputs(out: Path, data: str | Path, model: str | Path | None = None) -> None:
+    """A model folder must not be (or write over) the model or data it is trained from: `whole --patch M --out M` would
+    replace the patch model while reading it."""
+    data = Path(data)
+    folder = data if data.is_dir() else data.parent
+    inputs = [*(folder / n for n in (MANIFEST_NAME, REJECTS_NAME, PATCH_MANIFEST, "patchset.json")), *(model_files(model) if model else [])]
+    outputs = [out / n for n in (PKL, WEIGHTS, SIDECAR, "recipe.json")]
+    refuse_overwrite(outputs, inputs, hint="train into a new --out folder")
+
+
 def _train(learn: Learner, stages: list[Stage], out: Path, recipe: dict, extra: Callable[[], dict], cbs=None, resume: bool = True) -> TrainResult:
     """Train (data-parallel under torchrun / accelerate launch), then validate and export on rank 0 only."""
     with learn.no_bar(), learn.no_logging():  # epochs are logged by EpochCheckpoint instead: readable in terminals, logs, notebooks
@@ -192,6 +207,7 @@ def train_patch(recipe: dict, patches: str | Path, out: str | Path, weights: str
                 runtime: Runtime | None = None) -> TrainResult:
     """Step 1: the patch classifier on a patch set (S1/S10); returns the trained learner and its metrics (empty on ranks > 0)."""
     out = Path(out)
+    _refuse_overwriting_inputs(out, patches, weights)
     learn, init = patch_learner_from_recipe(recipe, patches, out, weights, runtime)
     stages = _schedule(recipe, init == "random")
     recipe = {**recipe, "init": init, "inputs": _inputs(patches=patches, weights=weights), "resolved_stages": describe(stages)}
@@ -202,6 +218,7 @@ def train_whole(recipe: dict, data: str | Path, patch: str | Path, out: str | Pa
                 runtime: Runtime | None = None) -> TrainResult:
     """Step 2: convert a trained patch classifier into the whole-image classifier and train it end to end."""
     out = Path(out)
+    _refuse_overwriting_inputs(out, data, patch)
     learn = whole_learner_from_recipe(recipe, data, patch, out, runtime)
     stages = _schedule(recipe, False)
     recipe = {**recipe, "inputs": _inputs(data=data, patch_model=patch), "resolved_stages": describe(stages)}
@@ -215,6 +232,7 @@ def finetune(recipe: dict, data: str | Path, source: str | Path, out: str | Path
     scratch=True trains the same architecture from random init with the same budget (the paper's control).
     """
     out = Path(out)
+    _refuse_overwriting_inputs(out, data, source)
     learn = finetune_learner_from_recipe(recipe, data, source, out, scratch, runtime)
     stages = _schedule(recipe, scratch)
     recipe = {**recipe, "inputs": _inputs(data=data, source_model=source), "scratch": scratch, "resolved_stages": describe(stages)}

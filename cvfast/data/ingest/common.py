@@ -6,11 +6,13 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable
 
 import pandas as pd
 
 from cvfast.data.convert import ImageJob, convert_all
-from cvfast.data.manifest import REJECTS_NAME, assign_splits, rejects_frame, write_csv, write_manifest
+from cvfast.data.manifest import MANIFEST_NAME, REJECTS_NAME, assign_splits, rejects_frame, write_csv, write_manifest
+from cvfast.data.paths import file_identity, refuse_overwrite, unique_stems
 from cvfast.data.read import WORKING_SIZE
 from cvfast.errors import CvfastError
 
@@ -37,18 +39,28 @@ def check_source(source: str | Path, what: str) -> Path:
     return p
 
 
-def finish(dataset: str, images: dict[str, dict], jobs: list[ImageJob], rejects: list[dict], opts: PrepareOptions) -> pd.DataFrame:
+def finish(dataset: str, images: dict[str, dict], jobs: list[ImageJob], rejects: list[dict], opts: PrepareOptions,
+           inputs: Iterable[str | Path] = ()) -> pd.DataFrame:
     """Convert the jobs, build and write the manifest and rejects.csv; raise when nothing usable remains.
 
     `images` maps image_id -> patient_id, side, view, label, abnormalities (without masks), optional split
-    and extra columns; side/view may be None and are then taken from the DICOM header.
+    and extra columns; side/view may be None and are then taken from the DICOM header. `inputs`: the label
+    files read (CSVs, sheets), protected like the images from being written over.
     """
+    stems = unique_stems(j.image_id for j in jobs)
+    for j in jobs:
+        j.stem = stems[j.image_id]
+    sources = [f for j in jobs for f in (j.source, *(c for r in j.rois for c in r.candidates))]
+    outputs = [opts.out / MANIFEST_NAME, opts.out / REJECTS_NAME, *(opts.out / rel for j in jobs for rel in j.outputs())]
+    refuse_overwrite(outputs, [*inputs, *sources], hint="the cache would replace the source; choose an --out that holds no source files")
+    jobs, dup_rejects = _unique_sources(jobs, images)
     try:
         opts.out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise CvfastError(f"{opts.out}: cannot create the output folder ({e.strerror or e})") from None
     records, conv_rejects = convert_all(jobs, opts.out, opts.size, opts.workers)
-    rejects = rejects + conv_rejects
+    records, same_pixels = _unique_pixels(records, images)
+    rejects = rejects + dup_rejects + conv_rejects + same_pixels
     rows = []
     for image_id, meta in images.items():
         rec = records.get(image_id)
@@ -73,3 +85,49 @@ def finish(dataset: str, images: dict[str, dict], jobs: list[ImageJob], rejects:
     df["split"] = assign_splits(df, opts.seed, opts.valid_frac, opts.test_frac)
     write_manifest(df, opts.out)
     return df
+
+
+def _keep_one(groups: dict, images: dict[str, dict], what: str) -> tuple[set[str], list[dict]]:
+    """For groups of image ids that are one image: keep the first when they agree on patient and label, none when not."""
+    dropped, rejects = set(), []
+    for ids in groups.values():
+        if len(ids) < 2:
+            continue
+        ids = sorted(ids)
+        patients = sorted({str(images[i]["patient_id"]) for i in ids})
+        labels = {images[i]["label"] for i in ids}
+        keep = ids[0] if len(patients) == 1 and len(labels) == 1 else None
+        for i in ids:
+            if i == keep:
+                continue
+            dropped.add(i)
+            others = ", ".join(x for x in ids if x != i)
+            reason = (f"{what} as image {keep} of the same patient; counted once" if keep else
+                      f"{what} as {others}, with other patients or labels (patients {', '.join(patients)}; labels "
+                      f"{', '.join(map(str, sorted(labels)))}): which is right is unknown, so none of them is used "
+                      "(it would leak across splits or carry two labels)")
+            rejects.append({"source": images[i].get("_source", ""), "row": i, "reason": reason})
+    return dropped, rejects
+
+
+def _unique_sources(jobs: list[ImageJob], images: dict[str, dict]) -> tuple[list[ImageJob], list[dict]]:
+    """Drop jobs whose source file is another job's (the same file listed twice, or under two patients)."""
+    groups: dict[tuple, list[str]] = {}
+    for j in jobs:
+        groups.setdefault(file_identity(j.source), []).append(j.image_id)
+        images[j.image_id]["_source"] = j.source
+    dropped, rejects = _keep_one(groups, images, "the same source file")
+    for i in dropped:
+        images.pop(i, None)
+    return [j for j in jobs if j.image_id not in dropped], rejects
+
+
+def _unique_pixels(records: dict[str, dict], images: dict[str, dict]) -> tuple[dict[str, dict], list[dict]]:
+    """Drop images whose working-size pixels equal another's (a copy of one file under another name)."""
+    groups: dict[str, list[str]] = {}
+    for i, rec in records.items():
+        groups.setdefault(rec["pixels_sha256"], []).append(i)
+    dropped, rejects = _keep_one(groups, images, "identical pixels")
+    for meta in images.values():
+        meta.pop("_source", None)
+    return {i: r for i, r in records.items() if i not in dropped}, rejects

@@ -61,4 +61,4 @@ def prepare_csv(source: str | Path, opts: PrepareOptions) -> pd.DataFrame:
             meta["split"] = split
         images[image_id] = meta
         jobs.append(ImageJob(image_id, str(path)))
-    return finish("csv", images, jobs, rejects, opts)
+    return finish("csv", images, jobs, rejects, opts, inputs=[source])

@@ -19,6 +19,7 @@ import pandas as pd
 from cvfast.data.convert import ImageJob, RoiSpec
 from cvfast.data.ingest.common import PrepareOptions, check_source, finish
 from cvfast.data.manifest import abnormality
+from cvfast.data.paths import walk_files
 from cvfast.errors import CvfastError
 
 log = logging.getLogger(__name__)
@@ -51,8 +52,8 @@ def _folder(csv_path_value: str) -> str:
 
 
 def _dicoms(folder: Path) -> list[str]:
-    """All DICOM files below a folder, sorted."""
-    return sorted(str(p) for p in folder.rglob("*.dcm"))
+    """All DICOM files below a folder (symlinked sub-folders followed), sorted."""
+    return sorted(str(p) for p in walk_files(folder, {".dcm"}))
 
 
 def read_case_csv(path: Path) -> pd.DataFrame:
@@ -84,6 +85,7 @@ def prepare_ddsm(source: str | Path, opts: PrepareOptions) -> pd.DataFrame:
     rois: dict[str, list[RoiSpec]] = {}
     sources: dict[str, str] = {}
     rejects: list[dict] = []
+    seen_rows: dict[tuple, tuple[str, tuple]] = {}  # (image, kind, abnormality id) -> (where, what the row says)
     for (kind, split), csv_path in sorted(csvs.items()):
         df = read_case_csv(csv_path)
         for i, row in df.iterrows():
@@ -110,8 +112,17 @@ def prepare_ddsm(source: str | Path, opts: PrepareOptions) -> pd.DataFrame:
                                     "label": 0, "abnormalities": []}
                 rois[image_id] = []
             meta = images[image_id]
-            abn_id = len(meta["abnormalities"]) + 1
             mask_folder = _folder(row["ROI mask file path"])
+            key, says = (image_id, kind, row["abnormality id"].strip()), (pathology, mask_folder, split)
+            if key in seen_rows:  # one abnormality listed twice (hand-merged CSVs): count it once
+                first, first_says = seen_rows[key]
+                reason = (f"abnormality {key[2]} of {image_id} already listed at {first}; counted once" if says == first_says else
+                          f"abnormality {key[2]} of {image_id} listed again with other values than at {first} "
+                          f"({first_says} vs {says}); the first row is used")
+                rejects.append({"source": str(csv_path), "row": where, "reason": reason})
+                continue
+            seen_rows[key] = (f"{csv_path.name} row {i + 2}", says)
+            abn_id = len(meta["abnormalities"]) + 1
             crop_folder = _folder(row.get("cropped image file path", "")) or mask_folder
             candidates = sorted({f for fo in (mask_folder, crop_folder) if fo in folders for f in _dicoms(folders[fo])})
             if candidates:
@@ -126,4 +137,4 @@ def prepare_ddsm(source: str | Path, opts: PrepareOptions) -> pd.DataFrame:
             if split == "test":
                 meta["split"] = "test"
     jobs = [ImageJob(i, sources[i], rois[i]) for i in sorted(images)]
-    return finish("cbis-ddsm", images, jobs, rejects, opts)
+    return finish("cbis-ddsm", images, jobs, rejects, opts, inputs=csvs.values())

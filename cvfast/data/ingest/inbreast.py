@@ -16,6 +16,7 @@ import pandas as pd
 from cvfast.data.convert import ImageJob
 from cvfast.data.ingest.common import PrepareOptions, check_source, finish
 from cvfast.data.manifest import abnormality
+from cvfast.data.paths import walk_files
 from cvfast.errors import CvfastError
 
 log = logging.getLogger(__name__)
@@ -68,7 +69,7 @@ def prepare_inbreast(source: str | Path, opts: PrepareOptions, positive: tuple[s
     sheet = read_sheet(sheet_path)
     files: dict[str, Path] = {}
     rejects: list[dict] = []
-    for f in sorted(source.rglob("*.dcm")):
+    for f in walk_files(source, {".dcm"}):  # AllDICOMs is often a symlink on clusters
         parts = f.stem.split("_")
         if len(parts) < 2 or not parts[0].isdigit():
             rejects.append({"source": str(f), "row": "", "reason": "file name does not follow <File Name>_<hash>_MG_<side>_<view>_ANON.dcm"})
@@ -109,4 +110,4 @@ def prepare_inbreast(source: str | Path, opts: PrepareOptions, positive: tuple[s
         jobs.append(ImageJob(name, str(f)))
     for name in sorted(set(files) - used):
         rejects.append({"source": str(files[name]), "row": "", "reason": f"not in {sheet_path.name} (no label)"})
-    return finish("inbreast", images, jobs, rejects, opts)
+    return finish("inbreast", images, jobs, rejects, opts, inputs=[sheet_path])

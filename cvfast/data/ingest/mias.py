@@ -38,7 +38,11 @@ def parse_info(path: Path) -> tuple[dict[str, list[dict]], list[dict]]:
             rejects.append({"source": str(path), "row": f"line {n}", "reason": f"cannot parse {line.strip()!r}"})
             continue
         entry = {"tissue": m[2].upper(), "class": cls, "severity": (m[4] or "").upper(),
-                 "circle": (float(m[5]), float(m[6]), float(m[7])) if m[5] else None}
+                 "circle": (float(m[5]), float(m[6]), float(m[7])) if m[5] else None, "line": n}
+        same = [e for e in rows.get(m[1].lower(), []) if {**e, "line": n} == entry]
+        if same:  # one abnormality listed twice: count it once
+            rejects.append({"source": str(path), "row": f"line {n}", "reason": f"repeats line {same[0]['line']} ({line.strip()!r}); counted once"})
+            continue
         rows.setdefault(m[1].lower(), []).append(entry)
     return rows, rejects
 
@@ -73,4 +77,4 @@ def prepare_mias(source: str | Path, opts: PrepareOptions) -> pd.DataFrame:
         rejects.append({"source": str(files[ref]), "row": "", "reason": "not listed in Info.txt (no label)"})
     if no_coords:
         log.info("%d abnormalities without coordinates (%s): kept for image labels, no ROI mask", len(no_coords), ", ".join(no_coords))
-    return finish("mini-mias", images, jobs, rejects, opts)
+    return finish("mini-mias", images, jobs, rejects, opts, inputs=[info])

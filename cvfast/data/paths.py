@@ -1,0 +1,147 @@
+"""Paths made from data, and the guards every writer uses: safe file names, folder walks, no write onto an input.
+
+One place for three rules (users' files are sacred, their inputs untrusted):
+- a file name derived from data (image, patient or abnormality ids, uids, stems) goes through `safe_stem` /
+  `unique_stems` and is joined under its output folder with `inside`, so no id can leave --out;
+- folders are searched with `walk_files`, which follows symlinked folders (clusters link datasets in) and
+  stops at loops;
+- before a command writes, `refuse_overwrite` checks that none of its outputs is one of its inputs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from cvfast.errors import CvfastError
+
+# what a stem may hold as it is: portable on every file system, no separators, no leading dot, no NUL
+PLAIN_STEM = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,119}$")
+MAX_STEM = 120
+
+
+def _digest(text: str) -> str:
+    """A short, stable digest of an id (keeps sanitised names distinct)."""
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:10]
+
+
+def safe_stem(text: str) -> str:
+    """A file-name stem for an id: the id itself when it is plain, else a slug of it plus a digest of the original.
+
+    `../../x` -> `x-<digest>`; an absolute path, separators, NUL, control characters or a very long id
+    likewise; two ids never share a stem unless they are equal (the digest is of the whole original).
+    """
+    text = str(text)
+    if PLAIN_STEM.match(text) and not text.endswith("."):
+        return text
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._-")[: MAX_STEM - 11] or "id"
+    return f"{slug}-{_digest(text)}"
+
+
+def unique_stems(ids: Iterable[str]) -> dict[str, str]:
+    """Safe stems for a set of ids, distinct even on case-insensitive file systems (macOS, Windows).
+
+    Ids whose stems differ only by case all get a digest suffix, so `P1` and `p1` never share a file.
+    """
+    ids = list(dict.fromkeys(map(str, ids)))
+    stems = {i: safe_stem(i) for i in ids}
+    by_fold: dict[str, list[str]] = {}
+    for i, s in stems.items():
+        by_fold.setdefault(s.casefold(), []).append(i)
+    for group in by_fold.values():
+        if len(group) > 1:
+            for i in group:
+                stems[i] = f"{stems[i][: MAX_STEM - 11]}-{_digest(i)}"
+    return stems
+
+
+def inside(root: str | os.PathLike, relative: str | os.PathLike) -> Path:
+    """ROOT/RELATIVE, refused when it would resolve outside ROOT (the last line of defence behind safe_stem)."""
+    root = Path(root)
+    target = root / relative
+    real_root, real = os.path.realpath(root), os.path.realpath(target)
+    if os.path.commonpath([real_root, real]) != real_root:
+        raise CvfastError(f"{relative}: would be written outside the output folder {root}; refused")
+    return target
+
+
+def walk_files(root: str | os.PathLike, suffixes: Iterable[str] | None = None) -> Iterator[Path]:
+    """Files below ROOT (sorted, hidden names skipped), following symlinked folders; a folder reached twice is read once."""
+    suffixes = {s.lower() for s in suffixes} if suffixes is not None else None
+    seen: set[tuple[int, int]] = set()
+
+    def visit(folder: Path) -> Iterator[Path]:
+        try:
+            st = folder.stat()
+        except OSError:
+            return  # a dangling link
+        if (st.st_dev, st.st_ino) in seen:
+            return  # a link loop, or a folder linked in twice
+        seen.add((st.st_dev, st.st_ino))
+        try:
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError:
+            return
+        for e in entries:
+            if e.name.startswith("."):
+                continue
+            p = Path(e.path)
+            if e.is_dir():  # follows symlinks
+                yield from visit(p)
+            elif e.is_file() and (suffixes is None or p.suffix.lower() in suffixes):
+                yield p
+
+    yield from visit(Path(root))
+
+
+def file_identity(path: str | os.PathLike) -> tuple:
+    """What makes two paths the same file: the inode when it exists, else the resolved path."""
+    try:
+        st = os.stat(path)
+        return ("inode", st.st_dev, st.st_ino)
+    except OSError:
+        return ("path", os.path.realpath(path))
+
+
+def refuse_overwrite(outputs: Iterable[str | os.PathLike], inputs: Iterable[str | os.PathLike], hint: str = "choose another --out") -> None:
+    """Raise CvfastError when any output path is (a link to, or the same file as) an input file."""
+    known: dict[tuple, str] = {}
+    for p in inputs:
+        known.setdefault(file_identity(p), str(p))
+        known.setdefault(("path", os.path.realpath(p)), str(p))
+    for out in outputs:
+        for key in (file_identity(out), ("path", os.path.realpath(out))):
+            if key in known:
+                raise CvfastError(f"{out}: writing it would overwrite the input {known[key]}; refused ({hint})")
+
+
+# the files that make a prepared DATA folder, a patch set or a model folder what it is: a predictions CSV, a report or
+# an overlay never takes one of these names (`predict --out DATA/manifest.csv` would destroy a DATA folder)
+RESERVED_NAMES = frozenset({"manifest.csv", "rejects.csv", "patches.csv", "patchset.json", "model.json", "model.pkl",
+                            "model.safetensors", "recipe.json", "progress.json", "Info.txt", "INbreast.csv", "INbreast.xls", "INbreast.xlsx"})
+
+
+def check_output_name(path: str | os.PathLike) -> Path:
+    """PATH, unless its name is one of a cvfast folder's own files (RESERVED_NAMES) or a dataset's label sheet."""
+    path = Path(path)
+    if path.name in RESERVED_NAMES or re.search(r"_case_description_(train|test)_set\.csv$", path.name, re.I):
+        raise CvfastError(f"{path}: that name belongs to a DATA folder, patch set, model or dataset file; choose another --out name")
+    return path
+
+
+def read_json(path: str | os.PathLike, what: str) -> dict:
+    """A JSON object from a side file, or a CvfastError naming the file (truncated, not JSON, not an object)."""
+    path = Path(path)
+    try:
+        value = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CvfastError(f"{path}: {what} not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CvfastError(f"{path}: {what} is not valid JSON (truncated or edited?): {e}") from None
+    if not isinstance(value, dict):
+        raise CvfastError(f"{path}: {what} must be a JSON object, got {type(value).__name__}")
+    return value
