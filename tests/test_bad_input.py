@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from dataclasses import replace
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pandas as pd
 import pytest
@@ -381,6 +383,187 @@ def _resplit_patch_set(ctx: Ctx) -> Path:
     return data / "patches_s10"
 
 
+# --- issue 10: what an adversarial user found (each reproduced on the code before the fix) and the siblings of each class
+
+def _site_with_copies(ctx: Ctx, paths: list[str], patients: list[str], labels: list[str] | None = None) -> list[str]:
+    """prepare csv over ok1/ok2 (and a byte copy of ok1 as copy.png) listed as PATHS under PATIENTS."""
+    csv = _csv_site(ctx, {"path": paths, "label": labels or ["1", "0", "1", "0"][: len(paths)], "patient_id": patients,
+                          "image_id": [f"img{i}" for i in range(len(paths))]})
+    shutil.copy(ctx.tmp / "ok1.png", ctx.tmp / "copy.png")
+    return ["prepare", "csv", str(csv), "--out", str(ctx.tmp / "out"), "--size", "64x48", "--valid-frac", "0", "--test-frac", "0"]
+
+
+def _ddsm_repeated_row(src: Path) -> str:
+    csv = src / "mass_case_description_train_set.csv"
+    df = pd.read_csv(csv, dtype=str, keep_default_na=False)
+    pd.concat([df, df.iloc[[0]]]).to_csv(csv, index=False)
+    return f"already listed at {csv.name} row 2; counted once"
+
+
+def _mias_repeated_line(ctx: Ctx) -> tuple[list[str], str]:
+    src = ctx.tmp / "mias"
+    src.mkdir()
+    rng = np.random.default_rng(1)
+    for n in (1, 2):
+        cv2.imwrite(str(src / f"mdb00{n}.png"), (rng.random((128, 128)) * 255).astype(np.uint8))
+    (src / "Info.txt").write_text("mdb001 G CIRC B 60 60 10\nmdb001 G CIRC B 60 60 10\nmdb002 F NORM\n")
+    return ["prepare", "mias", str(src), "--out", str(ctx.tmp / "out"), "--size", "64x64", "--valid-frac", "0", "--test-frac", "0"], "repeats line 1"
+
+
+def _edited_sidecar(ctx: Ctx, edit: Callable[[dict], object], keep_digest: bool = False) -> Path:
+    """A copy of the whole model whose model.json was edited by hand (content digest left as it was, or dropped)."""
+    model = Path(shutil.copytree(ctx.whole_model, ctx.tmp / "edited_model"))
+    side = json.loads((model / "model.json").read_text())
+    if not keep_digest:
+        side.pop("content_sha256")
+    new = edit(side)
+    (model / "model.json").write_text(json.dumps(side if new is None else new))
+    return model
+
+
+def _predict_with(model: Path, ctx: Ctx) -> list[str]:
+    _csv_site(ctx, {"path": ["ok1.png"], "label": ["1"]})
+    return ["predict", str(model), str(ctx.tmp / "ok1.png"), "--out", str(ctx.tmp / "p.csv")]
+
+
+def _swap_classes(side: dict) -> None:
+    side["classes"] = side["classes"][::-1]
+
+
+def _recipe_with(ctx: Ctx, old: str, new: str) -> Path:
+    from cvfast.train.recipes import recipe_paths
+
+    return _recipe_file(ctx, recipe_paths()["demo-patch"].read_text().replace(old, new, 1))
+
+
+def _damaged_patch_set(ctx: Ctx, name: str, text: str) -> Path:
+    folder = Path(shutil.copytree(ctx.patches, ctx.tmp / "patches"))
+    (folder / name).write_text(text)
+    return folder
+
+
+def _damaged_progress(ctx: Ctx) -> Path:
+    out = ctx.tmp / "m"
+    (out / "checkpoints").mkdir(parents=True)
+    (out / "checkpoints" / "progress.json").write_text('{"fingerprint": "abc", "stage": ')
+    return out
+
+
+def _decompression_bomb(ctx: Ctx) -> Path:
+    """A valid PNG header claiming 30000 x 30000 pixels: PIL refuses it with its own DecompressionBombError."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 30000, 30000, 8, 0, 0, 0, 0)) + \
+        chunk(b"IDAT", zlib.compress(b"\0" * 30001)) + chunk(b"IEND", b"")
+    (ctx.tmp / "bomb.png").write_bytes(png)
+    return ctx.tmp / "bomb.png"
+
+
+def _evaluate_labels(ctx: Ctx, labels: dict | str) -> list[str]:
+    preds = _predictions(ctx, {"path": ["a", "b", "c"], "image_id": ["a", "b", "c"], "patient_id": ["1", "2", "3"], "p_cancer": [0.1, 0.5, 0.9]})
+    lab = ctx.tmp / "labels.csv"
+    lab.write_text(labels) if isinstance(labels, str) else pd.DataFrame(labels).to_csv(lab, index=False)
+    return ["evaluate", str(preds), "--labels", str(lab), "--out", str(ctx.tmp / "r")]
+
+
+def _site_in_its_own_folder(ctx: Ctx) -> tuple[list[str], str]:
+    site = ctx.tmp / "site"
+    (site / "images").mkdir(parents=True)
+    img = (np.random.default_rng(0).random((80, 60)) * 65535).astype(np.uint16)
+    write_png(site / "images" / "a.png", img)
+    write_png(site / "images" / "b.png", img[::-1].copy())
+    pd.DataFrame({"path": ["images/a.png", "images/b.png"], "label": ["1", "0"]}).to_csv(site / "labels.csv", index=False)
+    return ["prepare", "csv", str(site / "labels.csv"), "--out", str(site)], f"would overwrite the input {site / 'images' / 'a.png'}"
+
+
+CATALOGUE += [
+    # inputs written over (issue 10.1)
+    Bad("prepare csv with --out at the site folder, whose images/ holds the sources", _site_in_its_own_folder),
+    Bad("patches with --out at the DATA folder (its rejects.csv)", lambda c: (
+        ["patches", str(c.data), "--size", str(PATCH), "--out", str(c.data)], "would overwrite the input")),
+    Bad("predict --out a DATA folder's manifest.csv", lambda c: (
+        ["predict", str(c.whole_model), str(c.data), "--out", str(c.data / "manifest.csv")], "belongs to a DATA folder")),
+    Bad("predict --out onto one of its input images", lambda c: (
+        [*_predict_with(c.whole_model, c)[:-1], str(c.tmp / "ok1.png")], "would overwrite the input")),
+    Bad("whole-image training into the patch model's own folder", lambda c: (
+        ["whole", "--patch", str(c.patch_model), "--data", str(c.data), "--recipe", "demo-whole", "--out", str(c.patch_model)],
+        "would overwrite the input")),
+    Bad("heatmap --out onto the image it reads", lambda c: (
+        ["heatmap", str(c.patch_model), str(_csv_site(c, {"path": ["ok1.png"], "label": ["1"]}).with_name("ok1.png")),
+         "--out", str(c.tmp / "ok1.png")], "would overwrite the input")),
+    # silent leakage and double counting (issue 10.3)
+    Bad("one source file under two patients", lambda c: (
+        _site_with_copies(c, ["ok1.png", "ok1.png", "ok2.png"], ["a", "b", "c"]), "the same source file"), rejects="out/rejects.csv"),
+    Bad("one source file twice under one patient", lambda c: (
+        _site_with_copies(c, ["ok1.png", "./ok1.png", "ok2.png"], ["a", "a", "c"], ["1", "1", "0"]), "counted once"), rejects="out/rejects.csv"),
+    Bad("a byte copy of an image under another patient", lambda c: (
+        _site_with_copies(c, ["ok1.png", "copy.png", "ok2.png"], ["a", "b", "c"]), "identical pixels"), rejects="out/rejects.csv"),
+    Bad("a repeated abnormality row in a CBIS-DDSM CSV", lambda c: _ddsm_with(c, _ddsm_repeated_row), rejects="out/rejects.csv"),
+    Bad("a repeated line in mini-MIAS Info.txt", _mias_repeated_line, rejects="out/rejects.csv"),
+    Bad("predictions with a repeated image", lambda c: (
+        ["evaluate", str(_predictions(c, {"path": ["a", "b", "b", "c"], "image_id": ["a", "b", "b", "c"], "patient_id": ["1", "2", "2", "3"],
+                                          "label": [0, 1, 1, 1], "p_cancer": [0.1, 0.5, 0.5, 0.9]})), "--out", str(c.tmp / "r")],
+        "repeat image_id b (rows 3, 4)")),
+    Bad("--labels with a repeated id", lambda c: (_evaluate_labels(c, {"image_id": ["a", "b", "c", "c"], "label": [0, 1, 1, 1]}), "repeat image_id c")),
+    Bad("--labels with conflicting labels for one id", lambda c: (_evaluate_labels(c, {"image_id": ["a", "b", "c", "c"], "label": [0, 1, 1, 0]}),
+                                                                 "repeat image_id c")),
+    Bad("--labels that is not a CSV", lambda c: (_evaluate_labels(c, 'image_id,label\n"a,0\n'), "labels.csv: not a readable CSV")),
+    # model files checked whole (issue 10.4)
+    Bad("model.json with the class order swapped", lambda c: (_predict_with(_edited_sidecar(c, _swap_classes, keep_digest=True), c),
+                                                            "does not match its checksum")),
+    Bad("model.json with the class order swapped and its checksum removed", lambda c: (_predict_with(_edited_sidecar(c, _swap_classes), c),
+                                                                                    "classes ['cancer', 'no_cancer']")),
+    Bad("model.json with a NaN mean grey", lambda c: (_predict_with(_edited_sidecar(c, lambda s: s.update(mean_grey=float("nan"))), c),
+                                                    "mean_grey nan")),
+    Bad("model.json with a text mean grey", lambda c: (_predict_with(_edited_sidecar(c, lambda s: s.update(mean_grey="0.3")), c), "mean_grey '0.3'")),
+    Bad("model.json without a size", lambda c: (_predict_with(_edited_sidecar(c, lambda s: s.pop("size") and None), c), "size None")),
+    Bad("model.json with a negative size", lambda c: (_predict_with(_edited_sidecar(c, lambda s: s.update(size=[-4, 96])), c), "size [-4, 96]")),
+    Bad("model.json without a spec", lambda c: (_predict_with(_edited_sidecar(c, lambda s: s.pop("spec") and None), c), "does not describe a 'whole' model")),
+    Bad("model.json of an unknown kind", lambda c: (_predict_with(_edited_sidecar(c, lambda s: s.update(kind="detector")), c), "'detector'")),
+    Bad("model.json naming weights outside its folder", lambda c: (_predict_with(_edited_sidecar(c, lambda s: s.update(weights="../x.safetensors")), c),
+                                                                 "must be a file name")),
+    Bad("model.json whose spec names another architecture", lambda c: (
+        _predict_with(_edited_sidecar(c, lambda s: s["spec"]["patch"].update(arch="test_efficientnet")), c), "do not make a model")),
+    Bad("model.json that is a JSON list", lambda c: (_predict_with(_edited_sidecar(c, lambda s: [s]), c), "not a cvfast model sidecar")),
+    Bad("model.json edited in a field that changes the outputs", lambda c: (
+        _predict_with(_edited_sidecar(c, lambda s: s.update(mean_grey=0.9), keep_digest=True), c), "does not match its checksum")),
+    # the message says what is wrong (issue 10.5)
+    Bad("a train split smaller than one batch", lambda c: (
+        ["patch", "--data", str(c.patches), "--recipe", "demo-patch", "--bs", "100000", "--out", str(c.tmp / "m")], "for a batch of 100000")),
+    Bad("a negative seed to prepare", lambda c: (
+        ["prepare", "csv", str(_csv_site(c, {"path": ["ok1.png"], "label": ["1"]})), "--out", str(c.tmp / "o"), "--seed", "-1"], "--seed -1")),
+    Bad("a negative seed to synth", lambda c: (["synth", str(c.tmp / "s"), "--seed", "-3"], "--seed -3")),
+    Bad("a negative seed to patches", lambda c: (["patches", str(c.data), "--seed", "-1", "--out", str(c.tmp / "p")], "--seed -1")),
+    Bad("--device cuda on predict without a GPU", lambda c: ([*_predict_with(c.whole_model, c), "--device", "cuda"], "no CUDA GPU")),
+    Bad("--device cuda on heatmap without a GPU", lambda c: (
+        ["heatmap", str(c.patch_model), str(_csv_site(c, {"path": ["ok1.png"], "label": ["1"]}).with_name("ok1.png")), "--device", "cuda",
+         "--out", str(c.tmp / "h.png")], "no CUDA GPU")),
+    Bad("a device name torch does not know", lambda c: ([*_predict_with(c.whole_model, c), "--device", "gpu7"], "device 'gpu7'")),
+    Bad("a recipe value of the wrong type", lambda c: (
+        ["patch", "--data", str(c.patches), "--recipe", str(_recipe_with(c, "lr = 1e-3", 'lr = "fast"')), "--out", str(c.tmp / "m")],
+        "lr = 'fast' is not a valid")),
+    Bad("a recipe with a misspelt key", lambda c: (
+        ["patch", "--data", str(c.patches), "--recipe", str(_recipe_with(c, "epochs = 1", "epoch = 1")), "--out", str(c.tmp / "m")],
+        "unknown key 'epoch'")),
+    Bad("a recipe batch size of zero", lambda c: (
+        ["patch", "--data", str(c.patches), "--recipe", str(_recipe_with(c, "bs = 64", "bs = 0")), "--out", str(c.tmp / "m")], "bs = 0")),
+    Bad("a truncated patchset.json", lambda c: (
+        ["patch", "--data", str(_damaged_patch_set(c, "patchset.json", '{"classes": [')), "--recipe", "demo-patch", "--out", str(c.tmp / "m")],
+        "patchset.json: patch set description is not valid JSON")),
+    Bad("a patches.csv edited after the cut", lambda c: (
+        ["patch", "--data", str(_damaged_patch_set(c, "patches.csv", "patch_id,path,label\n")), "--recipe", "demo-patch",
+         "--out", str(c.tmp / "m")], "is not the patch list patchset.json describes")),
+    Bad("a truncated progress.json in the model folder", lambda c: (
+        ["patch", "--data", str(c.patches), "--recipe", "demo-patch", "--out", str(_damaged_progress(c))], "progress.json: training progress")),
+    Bad("an image whose decoder raises its own error type", lambda c: (
+        ["heatmap", str(c.patch_model), str(_decompression_bomb(c)), "--out", str(c.tmp / "h.png")], "bomb.png")),
+]
+
+
 @pytest.fixture(scope="module")
 def models(s10, ddsm_data, tmp_path_factory) -> tuple[Path, Path]:
     """An untrained tiny patch model and the whole-image model built on it, exported as training would."""
@@ -406,3 +589,30 @@ def test_bad_input_catalogue(case, small_synth, ddsm_data, s10, models, tmp_path
         assert says in " | ".join(rejects.astype(str).agg(" ".join, axis=1)), rejects.to_string()
     else:
         assert r.exit_code != 0 and "error:" in out and says in out, out
+
+
+def test_an_unforeseen_failure_is_one_line_and_verbose_shows_its_traceback(tmp_path, monkeypatch):
+    import cvfast.infer.evaluate as evaluate_module
+
+    def broken(*args, **kwargs):
+        raise ValueError("something cvfast did not foresee")
+
+    monkeypatch.setattr(evaluate_module, "evaluate_to", broken)
+    preds = tmp_path / "p.csv"
+    pd.DataFrame({"image_id": ["a", "b"], "patient_id": ["1", "2"], "label": [0, 1], "p_cancer": [0.2, 0.7]}).to_csv(preds, index=False)
+    quiet = CliRunner().invoke(app, ["evaluate", str(preds)], env={"COLUMNS": "400"})
+    assert quiet.exit_code == 1 and isinstance(quiet.exception, SystemExit)
+    assert "error: ValueError: something cvfast did not foresee" in quiet.output and "--verbose" in quiet.output
+    assert "Traceback" not in quiet.output
+    loud = CliRunner().invoke(app, ["--verbose", "evaluate", str(preds)], env={"COLUMNS": "400"})
+    assert loud.exit_code == 1 and "Traceback" in loud.output and "broken" in loud.output
+
+
+def test_a_users_own_hidden_tmp_files_in_out_survive_a_rerun(tmp_path):
+    img = (np.random.default_rng(0).random((80, 60)) * 65535).astype(np.uint16)
+    write_png(tmp_path / "a.png", img)
+    pd.DataFrame({"path": ["a.png"], "label": ["1"]}).to_csv(tmp_path / "l.csv", index=False)
+    (tmp_path / "out" / "images").mkdir(parents=True)
+    (tmp_path / "out" / "images" / ".my-notes.tmp").write_text("mine")
+    prepare_csv(tmp_path / "l.csv", PrepareOptions(out=tmp_path / "out", size=(64, 48), workers=1, valid_frac=0, test_frac=0))
+    assert (tmp_path / "out" / "images" / ".my-notes.tmp").read_text() == "mine"

@@ -18,7 +18,7 @@ import numpy as np
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from cvfast.data.paths import inside, read_json, safe_stem
-from cvfast.data.read import WORKING_SIZE, atomic_write_bytes, read_mammogram, resize, resize_mask, write_png
+from cvfast.data.read import TEMP_GLOB, WORKING_SIZE, atomic_write_bytes, read_mammogram, resize, resize_mask, write_png
 from cvfast.errors import CvfastError
 
 log = logging.getLogger(__name__)
@@ -188,7 +188,7 @@ def convert_all(jobs: list[ImageJob], data_dir: str | Path, size: tuple[int, int
     """Convert every job (skipping finished ones); return records by image_id and the rejects."""
     data_dir = Path(data_dir)
     for sub in ("images", "masks", RECORDS_DIR):  # temporaries of a killed run; finished files are never .tmp
-        for tmp in (data_dir / sub).glob(".*.tmp"):
+        for tmp in (data_dir / sub).glob(TEMP_GLOB):
             tmp.unlink(missing_ok=True)
     done = sum((data_dir / j.record_path).is_file() for j in jobs)
     if done:

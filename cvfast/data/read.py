@@ -195,11 +195,15 @@ def resize_mask(mask: np.ndarray, size: tuple[int, int] = WORKING_SIZE) -> np.nd
     return out
 
 
+TEMP_PREFIX = ".cvfast-"  # temporaries of a killed run are removed by this prefix: never a user's own hidden files
+TEMP_GLOB = f"{TEMP_PREFIX}*.tmp"
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write bytes to path via a temporary file in the same folder and os.replace, so no partial file appears."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{TEMP_PREFIX}{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)

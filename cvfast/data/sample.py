@@ -14,6 +14,7 @@ import hashlib
 import io
 import json
 import logging
+import re
 import shutil
 import zlib
 from dataclasses import asdict, dataclass
@@ -28,7 +29,7 @@ from skimage.measure import label as label_components
 from cvfast.data.convert import default_workers, parallel_map
 from cvfast.data.manifest import MANIFEST_NAME, PATCH_CLASSES, REJECTS_NAME, manifest_digest, read_manifest, rejects_frame, write_csv
 from cvfast.data.paths import inside, read_json, refuse_overwrite, unique_stems
-from cvfast.data.read import atomic_write_bytes, read_png, write_png
+from cvfast.data.read import TEMP_GLOB, atomic_write_bytes, read_png, write_png
 from cvfast.errors import CvfastError
 
 log = logging.getLogger(__name__)
@@ -231,7 +232,7 @@ def make_patches(data: str | Path, spec: PatchSetSpec, out: str | Path | None = 
     side_files = [out / REJECTS_NAME, out / PATCH_MANIFEST, out / "patchset.json"]
     inputs = [data_dir / MANIFEST_NAME, data_dir / REJECTS_NAME, *df["path"], *(a["mask"] for abns in df["abnormalities"] for a in abns if a.get("mask"))]
     refuse_overwrite(side_files, inputs, hint="a patch set needs its own folder; choose another --out")
-    for tmp in out.rglob(".*.tmp") if out.is_dir() else []:  # temporaries of a killed run; finished files are never .tmp
+    for tmp in out.rglob(TEMP_GLOB) if out.is_dir() else []:  # temporaries of a killed run; finished files are never .tmp
         tmp.unlink(missing_ok=True)
     stems = unique_stems(df["image_id"])
     # images without any ROI still give background patches, as in the paper's S10 (normals help the background class)
@@ -250,7 +251,7 @@ def make_patches(data: str | Path, spec: PatchSetSpec, out: str | Path | None = 
             "image_size": list(shape)}  # the working size the patches were cut from: where a heatmap slides
     atomic_write_bytes(out / "patchset.json", json.dumps(info, indent=1).encode())  # the commit point of the new set
     for old in out.glob("cut-*"):  # earlier cuts, no longer described by patches.csv
-        if old.name != cut and old.is_dir():
+        if old.name != cut and old.is_dir() and re.fullmatch(r"cut-[0-9a-f]{10}", old.name):
             shutil.rmtree(old, ignore_errors=True)
     log.info("%d patches (%s) in %s", len(patches), ", ".join(f"{k}: {v}" for k, v in patches["label"].value_counts().items()), out)
     return patches

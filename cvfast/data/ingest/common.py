@@ -88,12 +88,11 @@ def finish(dataset: str, images: dict[str, dict], jobs: list[ImageJob], rejects:
 
 
 def _keep_one(groups: dict, images: dict[str, dict], what: str) -> tuple[set[str], list[dict]]:
-    """For groups of image ids that are one image: keep the first when they agree on patient and label, none when not."""
+    """For groups of image ids that are one image: keep the first listed when they agree on patient and label, none when not."""
     dropped, rejects = set(), []
     for ids in groups.values():
         if len(ids) < 2:
             continue
-        ids = sorted(ids)
         patients = sorted({str(images[i]["patient_id"]) for i in ids})
         labels = {images[i]["label"] for i in ids}
         keep = ids[0] if len(patients) == 1 and len(labels) == 1 else None
