@@ -51,7 +51,8 @@ def handles_errors(fn: Callable) -> Callable:
         except Exception as e:
             if VERBOSE["on"]:
                 console.print_exception()
-            _error(f"{type(e).__name__}: {e} (unexpected; run `cvfast --verbose ...` for the traceback)")
+            text = " ".join(str(e).split())  # one line, whatever the library put in its message
+            _error(f"{type(e).__name__}: {text[:300]}{'...' if len(text) > 300 else ''} (unexpected; run `cvfast --verbose ...` for the traceback)")
 
     return wrapper
 
@@ -371,6 +372,9 @@ def lr_find(recipe: Annotated[str, typer.Option(help="Recipe name or path (its k
     """Run fastai's lr_find on the learner a recipe builds; save the plot and print the suggestions."""
     import tempfile
 
+    from cvfast.data.blocks import data_files
+    from cvfast.data.paths import refuse_overwrite
+    from cvfast.train.export import model_files
     from cvfast.train.lr import find_lr
     from cvfast.train.pipeline import finetune_learner_from_recipe, patch_learner_from_recipe, whole_learner_from_recipe, whole_training_cbs
     from cvfast.train.recipes import load_recipe
@@ -383,6 +387,7 @@ def lr_find(recipe: Annotated[str, typer.Option(help="Recipe name or path (its k
     if r["kind"] != "patch" and model is None:
         raise CvfastError(f"--model is required for a {r['kind']} recipe")
     runtime = _runtime(device, precision, channels_last, compile, workers)
+    refuse_overwrite([out], [*data_files(data), *(model_files(model) if model else [])], hint="choose another --out for the plot")
     with tempfile.TemporaryDirectory() as tmp:
         if r["kind"] == "patch":
             learn = patch_learner_from_recipe(r, data, tmp, runtime=runtime)[0]

@@ -411,13 +411,17 @@ def _mias_repeated_line(ctx: Ctx) -> tuple[list[str], str]:
 
 
 def _edited_sidecar(ctx: Ctx, edit: Callable[[dict], object], keep_digest: bool = False) -> Path:
-    """A copy of the whole model whose model.json was edited by hand (content digest left as it was, or dropped)."""
+    """A copy of the whole model whose model.json was edited: by hand (its digest left as it was), or by a writer that
+    sealed meaningless content with a matching digest (then the field checks must refuse it)."""
+    from cvfast.train.export import content_digest
+
     model = Path(shutil.copytree(ctx.whole_model, ctx.tmp / "edited_model"))
     side = json.loads((model / "model.json").read_text())
-    if not keep_digest:
-        side.pop("content_sha256")
     new = edit(side)
-    (model / "model.json").write_text(json.dumps(side if new is None else new))
+    side = side if new is None else new
+    if not keep_digest and isinstance(side, dict):
+        side["content_sha256"] = content_digest(side)
+    (model / "model.json").write_text(json.dumps(side))
     return model
 
 
@@ -461,6 +465,40 @@ def _decompression_bomb(ctx: Ctx) -> Path:
         chunk(b"IDAT", zlib.compress(b"\0" * 30001)) + chunk(b"IEND", b"")
     (ctx.tmp / "bomb.png").write_bytes(png)
     return ctx.tmp / "bomb.png"
+
+
+def _bad_rng(ctx: Ctx) -> Path:
+    """A model folder of a real run interrupted after its first epoch, whose progress.json then lost most of its random state."""
+    from fastai.callback.core import Callback
+    from fastai.learner import defaults
+
+    from cvfast.train.pipeline import train_patch
+    from cvfast.train.recipes import load_recipe, resolve
+
+    class Interrupted(Callback):
+        order = 99
+
+        def after_epoch(self):
+            raise KeyboardInterrupt("stands for a kill after the first epoch")
+
+    out, saved = ctx.tmp / "m", defaults.callbacks
+    defaults.callbacks = [*saved, Interrupted]
+    try:
+        train_patch(resolve(load_recipe("demo-patch"), {}, epochs_scale=0.25), ctx.patches, out)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        defaults.callbacks = saved
+    progress = json.loads((out / "checkpoints" / "progress.json").read_text())
+    progress["rng"]["python"] = [3, [1, 2], None]
+    (out / "checkpoints" / "progress.json").write_text(json.dumps(progress))
+    return out
+
+
+def _someones_data(ctx: Ctx) -> Path:
+    (ctx.tmp / "dl" / "ddsm").mkdir(parents=True)
+    (ctx.tmp / "dl" / "ddsm" / "mass_case_description_train_set.csv").write_text("patient_id\nP_00001\n")
+    return ctx.tmp / "dl"
 
 
 def _evaluate_labels(ctx: Ctx, labels: dict | str) -> list[str]:
@@ -515,8 +553,10 @@ CATALOGUE += [
     # model files checked whole (issue 10.4)
     Bad("model.json with the class order swapped", lambda c: (_predict_with(_edited_sidecar(c, _swap_classes, keep_digest=True), c),
                                                             "does not match its checksum")),
-    Bad("model.json with the class order swapped and its checksum removed", lambda c: (_predict_with(_edited_sidecar(c, _swap_classes), c),
-                                                                                    "classes ['cancer', 'no_cancer']")),
+    Bad("model.json with the class order swapped and sealed again", lambda c: (_predict_with(_edited_sidecar(c, _swap_classes), c),
+                                                                            "classes ['cancer', 'no_cancer']")),
+    Bad("model.json whose checksum was removed", lambda c: (
+        _predict_with(_edited_sidecar(c, lambda s: s.pop("content_sha256") and None, keep_digest=True), c), "has no content_sha256")),
     Bad("model.json with a NaN mean grey", lambda c: (_predict_with(_edited_sidecar(c, lambda s: s.update(mean_grey=float("nan"))), c),
                                                     "mean_grey nan")),
     Bad("model.json with a text mean grey", lambda c: (_predict_with(_edited_sidecar(c, lambda s: s.update(mean_grey="0.3")), c), "mean_grey '0.3'")),
@@ -559,6 +599,28 @@ CATALOGUE += [
          "--out", str(c.tmp / "m")], "is not the patch list patchset.json describes")),
     Bad("a truncated progress.json in the model folder", lambda c: (
         ["patch", "--data", str(c.patches), "--recipe", "demo-patch", "--out", str(_damaged_progress(c))], "progress.json: training progress")),
+    Bad("a saved random state in progress.json that does not fit", lambda c: (
+        ["patch", "--data", str(c.patches), "--recipe", "demo-patch", "--epochs-scale", "0.25", "--out", str(_bad_rng(c))],
+        "saved random state cannot be restored")),
+    Bad("--labels with a label that is not 0 or 1", lambda c: (_evaluate_labels(c, {"image_id": ["a", "b", "c"], "label": [0, "yes", 1]}),
+                                                              "labels.csv: row 3 (image_id b): label 'yes'")),
+    Bad("--labels whose ids differ only by surrounding spaces", lambda c: (
+        _evaluate_labels(c, {"image_id": ["a", "b", "c", " c"], "label": [0, 1, 1, 1]}), "repeat image_id c")),
+    Bad("predict --split that no input has", lambda c: (["predict", str(c.whole_model), str(c.data), "--split", "tset", "--out", str(c.tmp / "p.csv")],
+                                                       "--split tset: no input has that split")),
+    # writers that read one thing and were pointed at another's files (siblings of issue 10.1)
+    Bad("show --out onto one of the patches it reads", lambda c: (
+        ["show", str(c.patch_model), "--data", str(c.patches), "--out", str(c.patches / pd.read_csv(c.patches / "patches.csv")["path"][0])],
+        "lies in")),
+    Bad("heatmap --out into a DATA folder's image cache", lambda c: (
+        ["heatmap", str(c.patch_model), str(sorted((c.data / "images").glob("*.png"))[0]), "--out", str(c.data / "images" / "other.png")],
+        "the cache of a cvfast DATA folder")),
+    Bad("lr-find --out onto a patch it trains on", lambda c: (
+        ["lr-find", "--recipe", "demo-patch", "--data", str(c.patches), "--out", str(c.tmp / "lr.png")][:-1] +
+        [str(c.patches / pd.read_csv(c.patches / "patches.csv")["path"][0])], "refused")),
+    Bad("patches --out another DATA folder", lambda c: (
+        ["patches", str(c.data), "--size", str(PATCH), "--out", str(c.data_copy())], "is a prepared DATA folder")),
+    Bad("synth into a folder that holds someone's dataset", lambda c: (["synth", str(_someones_data(c))], "not written by `cvfast synth`")),
     Bad("an image whose decoder raises its own error type", lambda c: (
         ["heatmap", str(c.patch_model), str(_decompression_bomb(c)), "--out", str(c.tmp / "h.png")], "bomb.png")),
 ]

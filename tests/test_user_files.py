@@ -294,3 +294,26 @@ def test_a_stride_beyond_the_window_leaves_no_uncovered_pixel(tiny_models, ddsm_
     for name, m in wide.maps.items():
         assert np.isfinite(m).all() and m.max() > 0, name
         np.testing.assert_array_equal(m, flush.maps[name])
+
+
+def test_a_data_folder_whose_cache_folder_is_a_symlink_works(tmp_path):
+    site = _site(tmp_path / "site")
+    (tmp_path / "big_disk" / "images").mkdir(parents=True)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "images").symlink_to(tmp_path / "big_disk" / "images", target_is_directory=True)
+    df = prepare_csv(site / "labels.csv", PrepareOptions(out=tmp_path / "data", size=(64, 48), workers=1, valid_frac=0, test_frac=0.3))
+    assert len(df) == 6 and len(list((tmp_path / "big_disk" / "images").glob("*.png"))) == 6
+
+
+def test_a_cache_of_an_older_cvfast_is_resumed_not_converted_again(tmp_path):
+    site = _site(tmp_path / "site")
+    opts = PrepareOptions(out=tmp_path / "data", size=(64, 48), workers=1, valid_frac=0, test_frac=0.3)
+    prepare_csv(site / "labels.csv", opts)
+    for record in (tmp_path / "data" / ".records").glob("*.json"):  # records as written before they carried a pixel digest
+        r = json.loads(record.read_text())
+        r.pop("pixels_sha256")
+        record.write_text(json.dumps(r))
+    cached = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "data" / "images").glob("*.png")}
+    prepare_csv(site / "labels.csv", opts)
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "data" / "images").glob("*.png")} == cached
+    assert all("pixels_sha256" in json.loads(r.read_text()) for r in (tmp_path / "data" / ".records").glob("*.json"))

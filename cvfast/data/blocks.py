@@ -14,9 +14,10 @@ from fastai.data.block import CategoryBlock, DataBlock, TransformBlock
 from fastai.data.core import DataLoaders
 from fastai.data.transforms import ColReader, ColSplitter, IntToFloatTensor, Normalize
 from fastai.vision.augment import AffineCoordTfm, RandTransform, aug_transforms
+from fastai.torch_core import num_distrib
 from fastai.vision.core import TensorImage, TensorImageBW
 
-from cvfast.data.manifest import PATCH_CLASSES, read_manifest
+from cvfast.data.manifest import MANIFEST_NAME, PATCH_CLASSES, REJECTS_NAME, read_manifest
 from cvfast.data.read import read_png
 from cvfast.data.sample import PATCH_MANIFEST, check_patch_set
 from cvfast.errors import CvfastError
@@ -150,10 +151,11 @@ def _dataloaders(df: pd.DataFrame, classes: list[str], label_col: str, bs: int, 
     `size` other than the files' size resizes on the fly (a batch transform, train and valid alike). `mean` is a
     trained model's stored mean grey (default: computed on the train split).
     """
-    n_train = int((~df["is_valid"]).sum())
-    if n_train < bs:  # fastai drops the last incomplete training batch: with fewer images than a batch, nothing trains
-        raise CvfastError(f"the train split has {n_train} {'patches' if classes == PATCH_CLASSES else 'images'} for a batch of {bs}: "
-                          "lower --bs, or give the train split more data")
+    n_train, ranks = int((~df["is_valid"]).sum()), max(1, num_distrib())
+    if n_train < bs * ranks:  # fastai drops the last incomplete training batch: with fewer images than a batch, nothing trains
+        per = f" ({ranks} data-parallel processes, each a batch of {bs})" if ranks > 1 else ""
+        raise CvfastError(f"the train split has {n_train} {'patches' if classes == PATCH_CLASSES else 'images'} for a batch of "
+                          f"{bs}{per}: lower --bs, or give the train split more data")
     mean = mean if mean is not None else mean_grey(df.loc[~df["is_valid"], "path"].tolist(), seed=seed or 0)
     resize_to = tuple(size) if size is not None and tuple(size) != tuple(file_size) else None
     if augment:
@@ -204,6 +206,20 @@ def whole_image_dataloaders(data: str | Path, bs: int = 2, augment: bool = True,
     df = _with_valid(df, str(data)).assign(target=lambda d: [WHOLE_IMAGE_CLASSES[v] for v in d["label"]])
     file_size = read_png(df["path"].iloc[0]).shape
     return _dataloaders(df, WHOLE_IMAGE_CLASSES, "target", bs, augment, balance, file_size, size, num_workers, seed, mean, **kwargs)
+
+
+def data_files(data: str | Path) -> list[Path]:
+    """The files a DATA folder (manifest, rejects, cached images and masks) or a patch set (patches.csv, patchset.json,
+    rejects, patches) consists of: what a command reading it must never write over."""
+    path = Path(data)
+    folder = path if path.is_dir() else path.parent
+    files = [folder / n for n in (MANIFEST_NAME, REJECTS_NAME, PATCH_MANIFEST, "patchset.json")]
+    if (folder / MANIFEST_NAME).is_file():
+        df = read_manifest(folder)
+        files += [Path(p) for p in df["path"]] + [Path(a["mask"]) for abns in df["abnormalities"] for a in abns if a.get("mask")]
+    if (folder / PATCH_MANIFEST).is_file():
+        files += [folder / p for p in pd.read_csv(folder / PATCH_MANIFEST, usecols=["path"])["path"]]
+    return files
 
 
 def save_batch_grid(dls: DataLoaders, path: str | Path, max_n: int = 16) -> Path:

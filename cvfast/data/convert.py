@@ -18,7 +18,7 @@ import numpy as np
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from cvfast.data.paths import inside, read_json, safe_stem
-from cvfast.data.read import TEMP_GLOB, WORKING_SIZE, atomic_write_bytes, read_mammogram, resize, resize_mask, write_png
+from cvfast.data.read import TEMP_GLOB, WORKING_SIZE, atomic_write_bytes, read_mammogram, read_png, resize, resize_mask, write_png
 from cvfast.errors import CvfastError
 
 log = logging.getLogger(__name__)
@@ -118,7 +118,10 @@ def convert_one(job: ImageJob, data_dir: str, size: tuple[int, int]) -> dict:
         try:
             record = read_json(record_path, "conversion record")
             outputs = [record["path"], *record["masks"].values()]
-            if record.get("key") == key and all((data_dir / p).is_file() for p in outputs) and "pixels_sha256" in record:
+            if record.get("key") == key and all((data_dir / p).is_file() for p in outputs):
+                if "pixels_sha256" not in record:  # a record of an older cvfast: the digest from the cache, not a re-conversion
+                    record["pixels_sha256"] = _pixels_digest(read_png(data_dir / record["path"]))
+                    atomic_write_bytes(record_path, json.dumps(record).encode())
                 return record
         except (CvfastError, KeyError, AttributeError, TypeError):
             pass  # a damaged record: convert the image again
@@ -141,9 +144,14 @@ def convert_one(job: ImageJob, data_dir: str, size: tuple[int, int]) -> dict:
               "orig_width": int(mammo.pixels.shape[1]), "laterality": mammo.laterality, "view": mammo.view,
               "patient_id": mammo.patient_id, "masks": masks, "rejects": rejects,
               # the working-size pixels' digest: the same image under two names or patients is found by it
-              "pixels_sha256": hashlib.sha256(np.ascontiguousarray(working).tobytes()).hexdigest()}
+              "pixels_sha256": _pixels_digest(working)}
     atomic_write_bytes(record_path, json.dumps(record).encode())
     return record
+
+
+def _pixels_digest(pixels: np.ndarray) -> str:
+    """SHA-256 of working-size pixels (what makes two cache entries the same image)."""
+    return hashlib.sha256(np.ascontiguousarray(pixels).tobytes()).hexdigest()
 
 
 def _run_job(args: tuple[ImageJob, str, tuple[int, int]]) -> tuple[str, dict | None, str | None]:

@@ -22,6 +22,7 @@ from cvfast.errors import CvfastError
 # what a stem may hold as it is: portable on every file system, no separators, no leading dot, no NUL
 PLAIN_STEM = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,119}$")
 MAX_STEM = 120
+DEVICE_NAMES = re.compile(r"^(con|prn|aux|nul|com[0-9]|lpt[0-9])(\..*)?$", re.I)  # Windows refuses these as file names
 
 
 def _digest(text: str) -> str:
@@ -36,7 +37,7 @@ def safe_stem(text: str) -> str:
     likewise; two ids never share a stem unless they are equal (the digest is of the whole original).
     """
     text = str(text)
-    if PLAIN_STEM.match(text) and not text.endswith("."):
+    if PLAIN_STEM.match(text) and not text.endswith(".") and not DEVICE_NAMES.match(text):
         return text
     slug = re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._-")[: MAX_STEM - 11] or "id"
     return f"{slug}-{_digest(text)}"
@@ -60,13 +61,12 @@ def unique_stems(ids: Iterable[str]) -> dict[str, str]:
 
 
 def inside(root: str | os.PathLike, relative: str | os.PathLike) -> Path:
-    """ROOT/RELATIVE, refused when it would resolve outside ROOT (the last line of defence behind safe_stem)."""
-    root = Path(root)
-    target = root / relative
-    real_root, real = os.path.realpath(root), os.path.realpath(target)
-    if os.path.commonpath([real_root, real]) != real_root:
-        raise CvfastError(f"{relative}: would be written outside the output folder {root}; refused")
-    return target
+    """ROOT/RELATIVE, refused when RELATIVE could leave ROOT (absolute, or climbing with ..): the last line of defence
+    behind safe_stem. Judged on the path as written, so an images/ folder that is a symlink to another disk is fine."""
+    rel = os.path.normpath(str(relative))
+    if os.path.isabs(rel) or rel == ".." or rel.startswith(".." + os.sep) or "\x00" in rel:
+        raise CvfastError(f"{relative!r}: would be written outside the output folder {root}; refused")
+    return Path(root) / rel
 
 
 def walk_files(root: str | os.PathLike, suffixes: Iterable[str] | None = None) -> Iterator[Path]:
@@ -125,11 +125,19 @@ RESERVED_NAMES = frozenset({"manifest.csv", "rejects.csv", "patches.csv", "patch
                             "model.safetensors", "recipe.json", "progress.json", "Info.txt", "INbreast.csv", "INbreast.xls", "INbreast.xlsx"})
 
 
+# sub-folders holding a prepared DATA folder's cache or a patch set's patches (beside its manifest.csv / patchset.json)
+CACHE_FOLDERS = re.compile(r"^(images|masks|\.records|cut-[0-9a-f]{10}|checkpoints)$")
+
+
 def check_output_name(path: str | os.PathLike) -> Path:
-    """PATH, unless its name is one of a cvfast folder's own files (RESERVED_NAMES) or a dataset's label sheet."""
+    """PATH, unless it names one of a cvfast folder's own files (RESERVED_NAMES), a dataset's label sheet, or lies in a
+    DATA folder's cache or a patch set's patches (a heatmap saved over a cached image would corrupt training data)."""
     path = Path(path)
     if path.name in RESERVED_NAMES or re.search(r"_case_description_(train|test)_set\.csv$", path.name, re.I):
         raise CvfastError(f"{path}: that name belongs to a DATA folder, patch set, model or dataset file; choose another --out name")
+    for folder in path.parents:
+        if CACHE_FOLDERS.match(folder.name) and any((folder.parent / n).is_file() for n in ("manifest.csv", "patchset.json", "model.json")):
+            raise CvfastError(f"{path}: lies in {folder}, the cache of a cvfast DATA folder, patch set or model; choose another --out")
     return path
 
 

@@ -229,9 +229,12 @@ def make_patches(data: str | Path, spec: PatchSetSpec, out: str | Path | None = 
         raise CvfastError(f"--size {spec.size}: patches larger than the cached images ({shape[0]}x{shape[1]})")
     digest = manifest_digest(data_dir)
     cut = _cut_name(spec, digest)
+    was_patch_set = (out / "patchset.json").is_file()
     side_files = [out / REJECTS_NAME, out / PATCH_MANIFEST, out / "patchset.json"]
     inputs = [data_dir / MANIFEST_NAME, data_dir / REJECTS_NAME, *df["path"], *(a["mask"] for abns in df["abnormalities"] for a in abns if a.get("mask"))]
     refuse_overwrite(side_files, inputs, hint="a patch set needs its own folder; choose another --out")
+    if (out / MANIFEST_NAME).is_file():
+        raise CvfastError(f"{out}: is a prepared DATA folder (it has {MANIFEST_NAME}); a patch set needs a folder of its own")
     for tmp in out.rglob(TEMP_GLOB) if out.is_dir() else []:  # temporaries of a killed run; finished files are never .tmp
         tmp.unlink(missing_ok=True)
     stems = unique_stems(df["image_id"])
@@ -253,5 +256,8 @@ def make_patches(data: str | Path, spec: PatchSetSpec, out: str | Path | None = 
     for old in out.glob("cut-*"):  # earlier cuts, no longer described by patches.csv
         if old.name != cut and old.is_dir() and re.fullmatch(r"cut-[0-9a-f]{10}", old.name):
             shutil.rmtree(old, ignore_errors=True)
+    for legacy in PATCH_CLASSES if was_patch_set else []:  # a set cut before cut-* sub-folders kept its patches in <class>/
+        if (out / legacy).is_dir():
+            shutil.rmtree(out / legacy, ignore_errors=True)
     log.info("%d patches (%s) in %s", len(patches), ", ".join(f"{k}: {v}" for k, v in patches["label"].value_counts().items()), out)
     return patches

@@ -403,6 +403,9 @@ def synth_inbreast(out: Path, patients: int, seed: int, size: tuple[int, int]) -
 def synthesize(out: str | Path, patients: int = 24, seed: int = 0, size: str = "tiny") -> dict:
     """Generate both layouts under OUT/ddsm and OUT/inbreast; write and return OUT/ground_truth.json."""
     out = Path(out)
+    occupied = [p for sub in ("ddsm", "inbreast") if (out / sub).is_dir() for p in (out / sub).iterdir()]
+    if occupied and not (out / "ground_truth.json").is_file():  # someone's data, not an earlier synth run's: keep it
+        raise CvfastError(f"{out}: already holds {occupied[0]} (not written by `cvfast synth`); choose an empty --out")
     if patients < 2:
         raise CvfastError(f"--patients {patients}: need at least 2 patients for a train/test split")
     if size in SIZE_PRESETS:

@@ -49,6 +49,7 @@ def read_predictions(path: str | Path, labels: str | Path | None = None, score: 
     for col in ("image_id", score):
         if col not in df.columns:
             raise CvfastError(f"{path}: no {col!r} column; is this a `cvfast predict` output?")
+    df["image_id"] = df["image_id"].str.strip()  # " P_1" and "P_1" are one image, not two
     _refuse_repeats(df, path, "prediction rows")
     if labels is not None:
         try:
@@ -59,7 +60,14 @@ def read_predictions(path: str | Path, labels: str | Path | None = None, score: 
             raise CvfastError(f"{labels}: not a readable CSV ({e})") from None
         if not {"image_id", "label"} <= set(lab.columns):
             raise CvfastError(f"{labels}: a labels file needs image_id and label columns")
+        lab["image_id"] = lab["image_id"].str.strip()
         _refuse_repeats(lab, Path(labels), "labels")
+        values = pd.to_numeric(lab["label"], errors="coerce")
+        bad = ~values.isin([0, 1])
+        if bad.any():
+            row = lab.index[bad][0]
+            raise CvfastError(f"{labels}: row {row + 2} (image_id {lab.at[row, 'image_id']}): label {lab.at[row, 'label']!r}, expected 0 or 1")
+        lab["label"] = values.astype(int)
         df = df.drop(columns=["label"], errors="ignore").merge(lab[["image_id", "label"]], on="image_id", how="left")
     if "label" not in df.columns:
         raise CvfastError(f"{path}: no 'label' column, so there is nothing to evaluate against. Predict on a manifest or a CSV "

@@ -107,6 +107,9 @@ def collect_inputs(sources: Sequence[str | Path], split: str | None = None) -> t
     if split is not None:
         if "split" not in df.columns:
             raise CvfastError(f"--split {split}: the inputs have no split column (only manifests and CSVs with one do)")
+        present = sorted(df["split"].dropna().astype(str).unique())
+        if split not in present:
+            raise CvfastError(f"--split {split}: no input has that split (splits present: {', '.join(present) or 'none'})")
         df = df[df["split"] == split]
     df["path"] = [str(Path(p).resolve()) for p in df["path"]]  # one spelling per file, for the duplicate check
     repeated = int(df["path"].duplicated().sum())

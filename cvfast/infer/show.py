@@ -10,8 +10,8 @@ import fastai.callback.progress  # noqa: F401  (Learner.no_bar)
 from fastai.interpret import ClassificationInterpretation
 from fastai.learner import Learner
 
-from cvfast.data.blocks import WHOLE_IMAGE_CLASSES, patch_dataloaders, whole_image_dataloaders
-from cvfast.data.manifest import MANIFEST_NAME, REJECTS_NAME, read_manifest
+from cvfast.data.blocks import WHOLE_IMAGE_CLASSES, data_files, patch_dataloaders, whole_image_dataloaders
+from cvfast.data.manifest import read_manifest
 from cvfast.data.paths import check_output_name, refuse_overwrite
 from cvfast.data.read import atomic_write_bytes
 from cvfast.data.sample import PATCH_MANIFEST
@@ -60,8 +60,7 @@ def show(model_path: str | Path, data: str | Path, out: str | Path, view: str = 
 
     if view not in VIEWS:
         raise CvfastError(f"--view {view}: expected one of {', '.join(VIEWS)}")
-    data_files = [Path(data) / n for n in (MANIFEST_NAME, REJECTS_NAME, PATCH_MANIFEST)] if Path(data).is_dir() else [data]
-    refuse_overwrite([check_output_name(out)], [*model_files(model_path), *data_files], hint="choose another --out for the grid")
+    refuse_overwrite([check_output_name(out)], [*model_files(model_path), *data_files(data)], hint="choose another --out for the grid")
     learn = model_learner(model_path, data, bs=bs, augment=view == "batch")
     if view == "batch":
         learn.dls.show_batch(max_n=n, figsize=(10, 10))

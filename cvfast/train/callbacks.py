@@ -140,7 +140,7 @@ def rng_state(learn) -> dict:
     state = {"python": _jsonable(random.getstate()),
              "numpy": [np_state[0], np_state[1].tolist(), *map(_jsonable, np_state[2:])],
              "torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode(),
-             "loaders": [_jsonable(dl.rng.getstate()) for dl in learn.dls.loaders]}
+             "loaders": [_jsonable(_base(dl).rng.getstate()) for dl in learn.dls.loaders]}
     if torch.cuda.is_available():
         state["cuda"] = [base64.b64encode(s.numpy().tobytes()).decode() for s in torch.cuda.get_rng_state_all()]
     return state
@@ -150,13 +150,22 @@ def restore_rng_state(learn, state: dict | None) -> None:
     """Put back the random states rng_state saved (a progress.json without them, from an older run: nothing to do)."""
     if not state:
         return
-    random.setstate(_tupled(state["python"]))
-    np.random.set_state((state["numpy"][0], np.array(state["numpy"][1], dtype=np.uint32), *state["numpy"][2:]))
-    torch.set_rng_state(torch.from_numpy(np.frombuffer(base64.b64decode(state["torch"]), dtype=np.uint8).copy()))
-    for dl, s in zip(learn.dls.loaders, state["loaders"]):
-        dl.rng.setstate(_tupled(s))
-    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all([torch.from_numpy(np.frombuffer(base64.b64decode(s), dtype=np.uint8).copy()) for s in state["cuda"]])
+    try:
+        random.setstate(_tupled(state["python"]))
+        np.random.set_state((state["numpy"][0], np.array(state["numpy"][1], dtype=np.uint32), *state["numpy"][2:]))
+        torch.set_rng_state(torch.from_numpy(np.frombuffer(base64.b64decode(state["torch"]), dtype=np.uint8).copy()))
+        for dl, s in zip(learn.dls.loaders, state["loaders"]):
+            _base(dl).rng.setstate(_tupled(s))
+        if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all([torch.from_numpy(np.frombuffer(base64.b64decode(s), dtype=np.uint8).copy()) for s in state["cuda"]])
+    except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as e:
+        raise CvfastError(f"progress.json: its saved random state cannot be restored ({type(e).__name__}: {e}); "
+                          "delete it, or pass --no-resume, to start over") from None
+
+
+def _base(dl):
+    """The DataLoader that shuffles: under data parallel fastai wraps it in a DistributedDL (`.dl`)."""
+    return getattr(dl, "dl", dl)
 
 
 def _jsonable(value):
@@ -187,7 +196,10 @@ def read_progress(out_dir: str | Path, fingerprint: str) -> dict | None:
     """progress.json of an interrupted run with the same recipe (and its checkpoint present), or None."""
     d = Path(out_dir) / "checkpoints"
     p = read_progress_raw(d)
-    if not p or p.get("done") or not (d / p.get("checkpoint", "")).is_file():
+    if not p or p.get("done"):
+        return None
+    if not isinstance(p.get("checkpoint"), str) or not (d / p["checkpoint"]).is_file():
+        log.warning("%s names checkpoint %r, which is not there: training starts over", d / "progress.json", p.get("checkpoint"))
         return None
     if p.get("fingerprint") != fingerprint:
         raise CvfastError(f"{d}: holds an unfinished run of a different recipe or data; use another --out, "

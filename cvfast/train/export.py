@@ -117,12 +117,17 @@ def check_sidecar(sidecar, path: Path) -> dict:
     """A model.json checked whole: its format, its content digest, and every field the outputs depend on."""
     if not isinstance(sidecar, dict) or sidecar.get("format") != FORMAT:
         raise CvfastError(f"{path}: not a cvfast model sidecar (expected a JSON object with format {FORMAT})")
-    if "content_sha256" in sidecar:
-        if sidecar["content_sha256"] != content_digest(sidecar):
-            raise CvfastError(f"{path}: its content does not match its checksum (content_sha256): a field that decides the outputs "
-                              f"({', '.join(CONTENT_FIELDS[1:])}) was edited or damaged; re-export the model")
-    else:
-        log.warning("%s: written before model.json carried a content checksum; its fields are checked one by one", path)
+    if "content_sha256" not in sidecar:
+        raise CvfastError(f"{path}: has no content_sha256 (written before cvfast checked model files whole, or edited); if you "
+                          f"trust its content, seal it with `python -m cvfast.train.export {path.parent}`")
+    if sidecar["content_sha256"] != content_digest(sidecar):
+        raise CvfastError(f"{path}: its content does not match its checksum (content_sha256): a field that decides the outputs "
+                          f"({', '.join(CONTENT_FIELDS[1:])}) was edited or damaged; re-export the model")
+    return check_fields(sidecar, path)
+
+
+def check_fields(sidecar: dict, path: Path) -> dict:
+    """Every field of a sidecar that the outputs depend on, checked one by one."""
     spec = sidecar.get("spec")
     if not isinstance(spec, dict) or spec.get("kind") != sidecar.get("kind"):
         raise CvfastError(f"{path}: spec {str(spec)[:60]!r} does not describe a {sidecar.get('kind')!r} model")
@@ -182,3 +187,29 @@ def _load_pickle(path: Path) -> tuple[torch.nn.Module, dict]:
         raise CvfastError(f"{path}: this learner's model carries no cvfast spec/info; not a cvfast model")
     check_info(model.info, model.spec.get("kind"), str(path))
     return model.eval(), {"kind": model.spec["kind"], **model.info, "spec": model.spec}
+
+
+def seal(folder: str | Path) -> Path:
+    """Add content_sha256 to a trusted model.json written before sidecars carried one (its fields are checked first)."""
+    path = Path(folder)
+    path = path / SIDECAR if path.is_dir() else path
+    try:
+        sidecar = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CvfastError(f"{path}: cannot read it as JSON ({e})") from None
+    if not isinstance(sidecar, dict) or sidecar.get("format") != FORMAT:
+        raise CvfastError(f"{path}: not a cvfast model sidecar (expected a JSON object with format {FORMAT})")
+    check_fields(sidecar, path)
+    sidecar["content_sha256"] = content_digest(sidecar)
+    atomic_write_bytes(path, json.dumps(sidecar, indent=1).encode())
+    load_model(path)  # the weights must fit too
+    return path
+
+
+if __name__ == "__main__":  # python -m cvfast.train.export MODEL_FOLDER: seal an older model.json you trust
+    import sys
+
+    try:
+        print(f"sealed {seal(sys.argv[1])}")
+    except (CvfastError, IndexError) as e:
+        sys.exit(f"error: {e if isinstance(e, CvfastError) else 'usage: python -m cvfast.train.export MODEL_FOLDER'}")

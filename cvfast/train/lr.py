@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import logging
 from pathlib import Path
 
@@ -9,6 +10,8 @@ from fastai.callback.schedule import minimum, slide, steep, valley  # noqa: F401
 from fastai.callback.training import BnFreeze
 from fastai.learner import Learner
 
+from cvfast.data.paths import check_output_name
+from cvfast.data.read import atomic_write_bytes
 from cvfast.errors import CvfastError
 from cvfast.train.schedule import Stage, begin_stage
 
@@ -21,6 +24,8 @@ def find_lr(learn: Learner, stage: Stage | None = None, num_it: int = 100, plot:
             cbs: list | None = None) -> dict[str, float]:
     """Run lr_find (in a stage's freeze state and BN policy, with the training callbacks `cbs`); return the
     suggestions and optionally save the plot."""
+    if plot is not None:
+        check_output_name(plot)  # before the run, not after it
     if num_it < MIN_ITERATIONS:
         log.warning("lr_find with num_it=%d records too few points; using %d", num_it, MIN_ITERATIONS)
         num_it = MIN_ITERATIONS
@@ -46,7 +51,8 @@ def find_lr(learn: Learner, stage: Stage | None = None, num_it: int = 100, plot:
         for name, value in suggestions.items():
             ax.axvline(value, linestyle=":", label=f"{name} {value:.1e}")
         ax.legend()
-        Path(plot).parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(plot, dpi=90, bbox_inches="tight")
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
         plt.close("all")
+        atomic_write_bytes(plot, buf.getvalue())
     return suggestions

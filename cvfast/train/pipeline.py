@@ -14,11 +14,9 @@ from fastai.callback.training import GradientAccumulation
 from fastai.learner import Learner
 from fastai.torch_core import distrib_barrier, set_seed
 
-from cvfast.data.blocks import patch_dataloaders, whole_image_dataloaders
-from cvfast.data.manifest import MANIFEST_NAME, REJECTS_NAME
+from cvfast.data.blocks import data_files, patch_dataloaders, whole_image_dataloaders
 from cvfast.data.paths import refuse_overwrite
 from cvfast.data.read import atomic_write_bytes
-from cvfast.data.sample import PATCH_MANIFEST
 from cvfast.errors import CvfastError
 from cvfast.train.callbacks import (BestModel, EarlyStop, EpochCheckpoint, HoldBodyBatchNorm, read_progress, read_progress_raw,
                                     restore_rng_state)
@@ -185,9 +183,7 @@ def finetune_learner_from_recipe(recipe: dict, data: str | Path, source: str | P
 def _refuse_overwriting_inputs(out: Path, data: str | Path, model: str | Path | None = None) -> None:
     """A model folder must not be (or write over) the model or data it is trained from: `whole --patch M --out M` would
     replace the patch model while reading it."""
-    data = Path(data)
-    folder = data if data.is_dir() else data.parent
-    inputs = [*(folder / n for n in (MANIFEST_NAME, REJECTS_NAME, PATCH_MANIFEST, "patchset.json")), *(model_files(model) if model else [])]
+    inputs = [*data_files(data), *(model_files(model) if model else [])]
     outputs = [out / n for n in (PKL, WEIGHTS, SIDECAR, "recipe.json")]
     refuse_overwrite(outputs, inputs, hint="train into a new --out folder")
 

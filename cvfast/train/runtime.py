@@ -159,4 +159,4 @@ def data_parallel(learn: Learner) -> Iterator[Learner]:
         yield learn
     finally:
         learn.remove_cb(cb)
-        distrib_barrier()
+    distrib_barrier()  # not after a failure: a rank that raised must exit (torchrun then stops the others), not wait here
