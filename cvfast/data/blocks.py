@@ -18,7 +18,7 @@ from fastai.torch_core import num_distrib
 from fastai.vision.core import TensorImage, TensorImageBW
 
 from cvfast.data.manifest import MANIFEST_NAME, PATCH_CLASSES, REJECTS_NAME, read_manifest
-from cvfast.data.read import read_png
+from cvfast.data.read import mean_grey, read_png
 from cvfast.data.sample import PATCH_MANIFEST, check_patch_set
 from cvfast.errors import CvfastError
 
@@ -99,26 +99,13 @@ class TrainOnlyAffine(AffineCoordTfm):
 def paper_augmentation(max_rotate: float = 25.0, min_zoom: float = 0.8, max_zoom: float = 1.2,
                        max_shift: float = 20 / 255, size: tuple[int, int] | None = None) -> list:
     """The paper's augmentation as batch transforms: h/v flips, rotation, zoom (one affine pass), intensity shift."""
+    # p_affine=1: rotation and zoom on every training image, as Keras' ImageDataGenerator does (fastai's default is 75%)
     affine = aug_transforms(size=size, do_flip=True, flip_vert=False, max_rotate=max_rotate, min_zoom=min_zoom,
-                            max_zoom=max_zoom, max_warp=0.0, max_lighting=0.0, p_lighting=0.0, pad_mode="zeros")
+                            max_zoom=max_zoom, max_warp=0.0, p_affine=1.0, max_lighting=0.0, p_lighting=0.0, pad_mode="zeros")
     if size is None:  # nothing to resize: validation batches need no resampling at all
         affine = [TrainOnlyAffine(aff_fs=t.aff_fs, coord_fs=t.coord_fs, mode=t.mode, pad_mode=t.pad_mode, mode_mask=t.mode_mask,
                                   align_corners=t.align_corners) for t in affine]
     return [*affine, VerticalFlip(), IntensityShift(max_shift)]
-
-
-def mean_grey(paths: list[str], max_files: int = 2000, seed: int = 0) -> float:
-    """Mean grey value in [0, 1] over (a deterministic sample of) the given 16-bit files: training files only."""
-    if not paths:
-        raise CvfastError("no training images to compute the mean grey value from")
-    rng = np.random.default_rng(seed)
-    pick = rng.choice(len(paths), min(max_files, len(paths)), replace=False)
-    total, count = 0.0, 0
-    for i in sorted(pick):
-        a = read_png(paths[i])
-        total += float(a.sum(dtype=np.float64)) / (65535.0 if a.dtype == np.uint16 else 255.0)
-        count += a.size
-    return total / count
 
 
 @dataclass
@@ -131,6 +118,7 @@ class DataInfo:
     kind: str  # 'patch' or 'whole'
     source_size: tuple[int, int] | None = None  # patch models: working size of the images the patches were cut from
     crop: int | None = None  # patch models: side of the cut patches (before any on-the-fly resize to `size`)
+    mean_source: str = "the train split"  # where mean_grey comes from (the paper: the whole-image training set's)
 
 
 def _with_valid(df: pd.DataFrame, where: str) -> pd.DataFrame:
@@ -145,7 +133,7 @@ def _with_valid(df: pd.DataFrame, where: str) -> pd.DataFrame:
 
 def _dataloaders(df: pd.DataFrame, classes: list[str], label_col: str, bs: int, augment: bool, balance: bool,
                  file_size: tuple[int, int], size: tuple[int, int] | None, num_workers: int, seed: int | None,
-                 mean: float | None = None, **kwargs) -> DataLoaders:
+                 mean: float | None = None, mean_source: str | None = None, **kwargs) -> DataLoaders:
     """Build the DataBlock over a DataFrame with absolute 'path' and label columns; attach DataInfo as dls.info.
 
     `size` other than the files' size resizes on the fly (a batch transform, train and valid alike). `mean` is a
@@ -156,7 +144,8 @@ def _dataloaders(df: pd.DataFrame, classes: list[str], label_col: str, bs: int, 
         per = f" ({ranks} data-parallel processes, each a batch of {bs})" if ranks > 1 else ""
         raise CvfastError(f"the train split has {n_train} {'patches' if classes == PATCH_CLASSES else 'images'} for a batch of "
                           f"{bs}{per}: lower --bs, or give the train split more data")
-    mean = mean if mean is not None else mean_grey(df.loc[~df["is_valid"], "path"].tolist(), seed=seed or 0)
+    given_mean = mean is not None
+    mean = mean if given_mean else mean_grey(df.loc[~df["is_valid"], "path"].tolist(), seed=seed or 0)
     resize_to = tuple(size) if size is not None and tuple(size) != tuple(file_size) else None
     if augment:
         geometry = paper_augmentation(size=resize_to)
@@ -175,13 +164,17 @@ def _dataloaders(df: pd.DataFrame, classes: list[str], label_col: str, bs: int, 
         dls = block.weighted_dataloaders(df, wgts=wgts, bs=bs, num_workers=num_workers, **kwargs)
     else:
         dls = block.dataloaders(df, bs=bs, num_workers=num_workers, **kwargs)
-    dls.info = DataInfo(classes=list(classes), mean_grey=mean, size=tuple(resize_to or file_size), kind="patch" if classes == PATCH_CLASSES else "whole")
+    dls.info = DataInfo(classes=list(classes), mean_grey=mean, size=tuple(resize_to or file_size), kind="patch" if classes == PATCH_CLASSES else "whole",
+                        mean_source=mean_source or ("given" if given_mean else "the train split"))
     return dls
 
 
 def patch_dataloaders(patches: str | Path, bs: int = 32, augment: bool = True, balance: bool = True, size: int | None = None,
                       num_workers: int = 0, seed: int | None = 0, mean: float | None = None, **kwargs) -> DataLoaders:
-    """DataLoaders for a patch set (folder from `cvfast patches` or its patches.csv): 5 classes, class-balanced."""
+    """DataLoaders for a patch set (folder from `cvfast patches` or its patches.csv): 5 classes, class-balanced.
+
+    The mean grey subtracted is the patch set's: the whole-image train split of the DATA folder it was cut from (the
+    paper's one value for patch and whole-image data), unless `mean` is given."""
     path = Path(patches)
     csv = path / PATCH_MANIFEST if path.is_dir() else path
     if not csv.is_file():
@@ -191,8 +184,10 @@ def patch_dataloaders(patches: str | Path, bs: int = 32, augment: bool = True, b
     df["path"] = [str(csv.parent / p) for p in df["path"]]
     df = _with_valid(df, str(csv))
     file_size = read_png(df["path"].iloc[0]).shape
+    source = None if mean is not None else f"the whole-image train split of {info['source']}"
+    mean = mean if mean is not None else float(info["mean_grey"])
     dls = _dataloaders(df, PATCH_CLASSES, "label", bs, augment, balance, file_size, (size, size) if size else None,
-                       num_workers, seed, mean, **kwargs)
+                       num_workers, seed, mean, mean_source=source, **kwargs)
     dls.info.source_size = tuple(info["image_size"]) if info.get("image_size") else None
     dls.info.crop = int(file_size[0])
     return dls
@@ -200,12 +195,14 @@ def patch_dataloaders(patches: str | Path, bs: int = 32, augment: bool = True, b
 
 def whole_image_dataloaders(data: str | Path, bs: int = 2, augment: bool = True, balance: bool = False,
                             size: tuple[int, int] | None = None, num_workers: int = 0, seed: int | None = 0, mean: float | None = None,
-                            **kwargs) -> DataLoaders:
-    """DataLoaders for whole images of a prepared DATA folder: label cancer / no_cancer."""
+                            mean_source: str | None = None, **kwargs) -> DataLoaders:
+    """DataLoaders for whole images of a prepared DATA folder: label cancer / no_cancer; mean grey of its train split
+    unless `mean` (e.g. the patch model's) is given."""
     df = read_manifest(data)
     df = _with_valid(df, str(data)).assign(target=lambda d: [WHOLE_IMAGE_CLASSES[v] for v in d["label"]])
     file_size = read_png(df["path"].iloc[0]).shape
-    return _dataloaders(df, WHOLE_IMAGE_CLASSES, "target", bs, augment, balance, file_size, size, num_workers, seed, mean, **kwargs)
+    return _dataloaders(df, WHOLE_IMAGE_CLASSES, "target", bs, augment, balance, file_size, size, num_workers, seed, mean,
+                        mean_source=mean_source or (None if mean is not None else f"the train split of {data}"), **kwargs)
 
 
 def data_files(data: str | Path) -> list[Path]:

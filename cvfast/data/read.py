@@ -236,3 +236,17 @@ def read_png(path: str | os.PathLike) -> np.ndarray:
     if arr is None:
         raise CvfastError(f"{path}: cannot read cached PNG")
     return arr
+
+
+def mean_grey(paths: list[str], max_files: int = 2000, seed: int = 0) -> float:
+    """Mean grey value in [0, 1] over (a deterministic sample of) the given 16-bit files: training files only."""
+    if not paths:
+        raise CvfastError("no training images to compute the mean grey value from")
+    rng = np.random.default_rng(seed)
+    pick = rng.choice(len(paths), min(max_files, len(paths)), replace=False)
+    total, count = 0.0, 0
+    for i in sorted(pick):
+        a = read_png(paths[i])
+        total += float(a.sum(dtype=np.float64)) / (65535.0 if a.dtype == np.uint16 else 255.0)
+        count += a.size
+    return total / count

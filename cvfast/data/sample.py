@@ -29,7 +29,7 @@ from skimage.measure import label as label_components
 from cvfast.data.convert import default_workers, parallel_map
 from cvfast.data.manifest import MANIFEST_NAME, PATCH_CLASSES, REJECTS_NAME, manifest_digest, read_manifest, rejects_frame, write_csv
 from cvfast.data.paths import inside, read_json, refuse_overwrite, unique_stems
-from cvfast.data.read import TEMP_GLOB, atomic_write_bytes, read_png, write_png
+from cvfast.data.read import TEMP_GLOB, atomic_write_bytes, mean_grey, read_png, write_png
 from cvfast.errors import CvfastError
 
 log = logging.getLogger(__name__)
@@ -191,7 +191,7 @@ def check_patch_set(folder: str | Path) -> dict:
     if not info_path.is_file():
         raise CvfastError(f"{folder}: no patchset.json; run `cvfast patches DATA` first")
     info = read_json(info_path, "patch set description")
-    for key in ("classes", "spec", "source", "manifest_sha256", "patches_sha256"):
+    for key in ("classes", "spec", "source", "manifest_sha256", "patches_sha256", "mean_grey"):
         if key not in info:
             raise CvfastError(f"{info_path}: no {key!r}; re-cut the set with `cvfast patches`")
     csv = folder / PATCH_MANIFEST
@@ -249,7 +249,10 @@ def make_patches(data: str | Path, spec: PatchSetSpec, out: str | Path | None = 
     buf = io.StringIO()
     patches.to_csv(buf, index=False)
     atomic_write_bytes(out / PATCH_MANIFEST, buf.getvalue().encode())
+    # the paper's one mean grey for patch and whole-image data: the whole-image training set's, train split only
+    train_images = df.loc[df["split"] == "train", "path"].tolist()
     info = {"classes": PATCH_CLASSES, "spec": asdict(spec), "source": str(data_dir), "manifest_sha256": digest,
+            "mean_grey": mean_grey(train_images), "mean_grey_images": len(train_images),
             "patches_sha256": hashlib.sha256(buf.getvalue().encode()).hexdigest(), "cut": cut,
             "image_size": list(shape)}  # the working size the patches were cut from: where a heatmap slides
     atomic_write_bytes(out / "patchset.json", json.dumps(info, indent=1).encode())  # the commit point of the new set

@@ -106,7 +106,7 @@ def class_activation_map(model: WholeImageClassifier, sidecar: dict, source: str
     model = model.to(device).eval()
     f = model.body(x)
     if model.heatmap is not None:
-        f = torch.relu(model.heatmap(f))
+        f = model.heatmap(f)
     f = model.top(f)
     fc = model.head[-1]
     cancer, normal = sidecar["classes"].index("cancer"), sidecar["classes"].index("no_cancer")

@@ -17,10 +17,12 @@ log = logging.getLogger(__name__)
 class Body(nn.Module):
     """A timm feature extractor returning its last feature map (features_only drops VGG's 119M-parameter MLP)."""
 
-    def __init__(self, net: nn.Module, arch: str):
+    def __init__(self, net: nn.Module, arch: str, input_std: list[float] | None = None):
         super().__init__()
         self.net, self.arch = net, arch
         self.out_channels = int(net.feature_info.channels()[-1])
+        self.reduction = int(net.feature_info.reduction()[-1])  # input pixels per feature cell
+        self.input_std = input_std  # the pretrained weights' per-channel std, folded into the first convolution
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Last feature map."""
@@ -30,9 +32,12 @@ class Body(nn.Module):
 def create_body(arch: str, weights: str | Path | None = None, pretrained: bool = False, in_chans: int = 1) -> Body:
     """A timm body: random init, hub weights (`pretrained=True`) or a local weights file (`weights=PATH`).
 
-    With in_chans=1 timm sums the first convolution's RGB filters, so ImageNet weights work on grey images.
+    Pretrained weights on 1-channel input: the first convolution becomes sum_c W_c / std_c over the RGB filters, so a
+    grey image minus its mean grey gives the activations the 3-channel net gives the replicated image normalised by the
+    weights' own std (timm's in_chans=1 sums the filters without the 1/std, starting every activation ~4.4x too small).
     """
-    kwargs = dict(features_only=True, out_indices=(-1,), in_chans=in_chans)
+    loaded = weights is not None or pretrained
+    kwargs = dict(features_only=True, out_indices=(-1,), in_chans=3 if loaded and in_chans == 1 else in_chans)
     if weights is not None:
         path = Path(weights)
         if not path.is_file():
@@ -48,7 +53,30 @@ def create_body(arch: str, weights: str | Path | None = None, pretrained: bool =
         if weights is None and not pretrained:
             raise
         raise CvfastError(f"{arch}: cannot load weights {weights or '(hub)'} ({type(e).__name__}: {e})") from None
+    if loaded and in_chans == 1:
+        return Body(net, arch, fold_input_std(net))
     return Body(net, arch)
+
+
+def fold_input_std(net: nn.Module) -> list[float]:
+    """Make a pretrained 3-channel net take one grey channel: first conv weight sum_c W_c / std_c (pretrained_cfg std).
+
+    Written here because timm's adapt_input_conv sums the RGB filters without the weights' normalisation.
+    """
+    cfg = net.pretrained_cfg
+    std = [float(v) for v in cfg.get("std", (1.0, 1.0, 1.0))]
+    first = cfg.get("first_conv")
+    names = [first] if isinstance(first, str) else list(first or [])
+    if not names:
+        raise CvfastError(f"{cfg.get('architecture', '?')}: its pretrained_cfg names no first_conv to take a grey channel")
+    name, conv = _resolve(net, names[0].removesuffix(".weight"))
+    if not isinstance(conv, nn.Conv2d) or conv.in_channels != 3:
+        raise CvfastError(f"{name}: expected the 3-channel first convolution of {cfg.get('architecture', '?')}")
+    with torch.no_grad():
+        w = (conv.weight / torch.tensor(std, dtype=conv.weight.dtype)[None, :, None, None]).sum(1, keepdim=True)
+    conv.weight = nn.Parameter(w)
+    conv.in_channels = 1
+    return std
 
 
 def _resolve(net: nn.Module, name: str) -> tuple[str, nn.Module]:

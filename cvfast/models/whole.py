@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from cvfast.errors import CvfastError
@@ -62,9 +63,9 @@ def _with_channels(top: nn.Sequential, channels: int) -> nn.Sequential:
 
 
 class WholeImageClassifier(nn.Module):
-    """patch body -> [heatmap: the patch head as a 1x1 conv + ReLU] -> new top blocks -> GAP -> FC."""
+    """patch body -> [heatmap: the patch classifier over every patch-sized window] -> new top blocks -> GAP -> FC."""
 
-    def __init__(self, body: Body, top: nn.Sequential, n_classes: int = 2, heatmap: nn.Conv2d | None = None, dropout: float = 0.5):
+    def __init__(self, body: Body, top: nn.Sequential, n_classes: int = 2, heatmap: nn.Module | None = None, dropout: float = 0.0):
         super().__init__()
         self.body, self.heatmap, self.top = body, heatmap, top
         self.head = paper_head(top.out_channels, n_classes, dropout)
@@ -73,27 +74,52 @@ class WholeImageClassifier(nn.Module):
         """Class logits for whole images of any size."""
         f = self.body(x)
         if self.heatmap is not None:
-            f = torch.relu(self.heatmap(f))  # ReLU, not softmax: the paper's heatmap variant
+            f = self.heatmap(f)
         return self.head(self.top(f))
 
 
-def heatmap_from_patch_head(patch: PatchClassifier) -> nn.Conv2d:
-    """The patch classifier's FC layer as a 1x1 convolution: a class heatmap over the whole image."""
+class PatchHeatmap(nn.Module):
+    """The reference's heatmap (dm_resnet.py add_top_layers): AveragePooling2D(window, stride 1) over the body's features
+    -- the patch classifier's global average pool over one patch-sized window --, the patch FC with its trained weights
+    as a 1x1 convolution, ReLU (not softmax), then MaxPooling2D(pool) (Keras: stride = pool, no padding)."""
+
+    def __init__(self, fc: nn.Linear, window: int, pool: int = 5):
+        super().__init__()
+        self.window, self.pool_size = int(window), int(pool)
+        self.avg = nn.AvgPool2d(self.window, stride=1)
+        self.fc = nn.Conv2d(fc.in_features, fc.out_features, 1)
+        with torch.no_grad():
+            self.fc.weight.copy_(fc.weight[:, :, None, None])
+            self.fc.bias.copy_(fc.bias)
+        self.out_channels = fc.out_features
+
+    def cells(self, features: torch.Tensor) -> torch.Tensor:
+        """The heatmap before the max-pool: ReLU(patch logits) of every window of the feature map."""
+        return torch.relu(self.fc(self.avg(features)))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """Max-pooled heatmap (a map smaller than the pool, as at toy sizes, is pooled by its own size)."""
+        h = self.cells(features)
+        k = min(self.pool_size, h.shape[-2], h.shape[-1])
+        return F.max_pool2d(h, k)
+
+
+def heatmap_from_patch_head(patch: PatchClassifier, window: int, pool: int = 5) -> PatchHeatmap:
+    """The patch classifier turned into the reference's heatmap layer over the whole image."""
     fc = patch.head[-1] if patch.head_kind == "paper" else None
     if not isinstance(fc, nn.Linear):
         raise CvfastError("the heatmap variant needs a patch model with the paper's head (GAP + one FC layer)")
-    conv = nn.Conv2d(fc.in_features, fc.out_features, 1)
-    with torch.no_grad():
-        conv.weight.copy_(fc.weight[:, :, None, None])
-        conv.bias.copy_(fc.bias)
-    return conv
+    return PatchHeatmap(fc, window, pool)
 
 
 def whole_from_patch(patch: PatchClassifier, top: str = "resnet", heatmap: bool = False, n_classes: int = 2,
                      widths: tuple[int, int, int] = (512, 512, 1024), stages: int = 2, units: int = 2,
-                     vgg_width: int = 512, vgg_convs: int = 3, dropout: float = 0.5) -> WholeImageClassifier:
+                     vgg_width: int = 512, vgg_convs: int = 3, dropout: float = 0.0, heatmap_window: int | None = None,
+                     heatmap_pool: int = 5) -> WholeImageClassifier:
     """Convert a patch classifier into the whole-image model (new top blocks randomly initialised)."""
-    hm = heatmap_from_patch_head(patch) if heatmap else None
+    if heatmap and not heatmap_window:
+        raise CvfastError("the heatmap variant needs heatmap_window: the feature cells one patch spans")
+    hm = heatmap_from_patch_head(patch, heatmap_window, heatmap_pool) if heatmap else None
     in_ch = hm.out_channels if hm is not None else patch.body.out_channels
     if top == "resnet":
         top_net = resnet_top(in_ch, tuple(widths), stages, units)

@@ -43,8 +43,10 @@ class HoldBodyBatchNorm(Callback):
 
 
 class BestModel(SaveModelCallback):
-    """SaveModelCallback on validation ROC AUC whose "best so far" survives a resume, and that only loads a
-    best model that exists (fastai's raises FileNotFoundError when no epoch ever improved, e.g. a NaN AUC)."""
+    """SaveModelCallback on validation ROC AUC whose "best so far" survives a resume and carries across stages.
+
+    Like the reference's AUC checkpointer, training goes on from the last epoch; the best epoch's weights are loaded
+    once, after the last stage (train_schedule), not at the end of every stage."""
 
     def __init__(self, best: float | None = None):
         super().__init__(monitor="roc_auc_score", comp=np.greater, fname="best", reset_on_fit=best is None)
@@ -52,11 +54,9 @@ class BestModel(SaveModelCallback):
             self.best = best
 
     def after_fit(self, **kwargs):
-        """Load the best epoch's weights if one was saved."""
+        """Wait for rank 0's best.pth under data parallel; warn when no epoch was ever saved as best."""
         distrib_barrier()  # under data parallel only rank 0 writes it: the others wait until it has
-        if (self.path / self.model_dir / f"{self.fname}.pth").is_file():
-            super().after_fit(**kwargs)
-        else:
+        if not (self.path / self.model_dir / f"{self.fname}.pth").is_file():
             log.warning("validation ROC AUC never improved (one class in the validation split?); keeping the last epoch")
 
 

@@ -71,6 +71,7 @@ def build_model(spec: dict) -> torch.nn.Module:
         patch = PatchClassifier(create_body(p["arch"]), p["n_classes"], p["head"], p.get("dropout", 0.0))
         patch.spec = p
         top = {k: spec[k] for k in ("top", "heatmap", "stages", "units", "vgg_width", "vgg_convs", "dropout")}
+        top |= {k: spec[k] for k in ("heatmap_window", "heatmap_pool") if spec.get(k) is not None}
         model = whole_from_patch(patch, n_classes=spec["n_classes"], widths=tuple(spec["widths"]), **top)
     else:
         raise CvfastError(f"unknown model kind {spec['kind']!r}")
@@ -168,7 +169,7 @@ def load_model(path: str | Path) -> tuple[torch.nn.Module, dict]:
         raise CvfastError(f"{path}: {e}") from None
     except Exception as e:  # a spec that builds no model, or weights of another architecture
         raise CvfastError(f"{path}: its spec and weights do not make a model ({type(e).__name__}: {str(e)[:200]})") from None
-    model.info = {k: sidecar[k] for k in ("classes", "mean_grey", "size", "source_size", "crop") if k in sidecar}
+    model.info = {k: sidecar[k] for k in ("classes", "mean_grey", "size", "source_size", "crop", "mean_grey_source") if k in sidecar}
     return model.eval(), sidecar
 
 

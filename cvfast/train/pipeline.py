@@ -23,6 +23,7 @@ from cvfast.train.callbacks import (BestModel, EarlyStop, EpochCheckpoint, HoldB
 from cvfast.infer.heldout import heldout_patch_metrics, heldout_whole_metrics
 from cvfast.train.export import PKL, SIDECAR, WEIGHTS, build_model, export_model, load_model, model_files
 from cvfast.train.learners import learner_for, patch_learner, whole_image_learner
+from cvfast.train.optim import optimizer_from, optimizer_settings
 from cvfast.train.recipes import fingerprint
 from cvfast.train.runtime import Runtime, apply_runtime, data_parallel, export_ready, is_main_process, this_process_only
 from cvfast.train.schedule import Stage, begin_stage, describe, fit_stage, random_init_schedule, stages_from
@@ -111,24 +112,34 @@ def whole_training_cbs(recipe: dict, hold_body_bn: bool = True) -> list:
 
 
 def _stage_cbs(recipe: dict, hold_body_bn: bool = True) -> Callable[[dict], list]:
-    """Per-stage callbacks: training ones, plus best-model selection and early stopping on validation AUC."""
-    patience = recipe.get("train", {}).get("early_stopping_patience")
+    """Per-stage callbacks: training ones, the best epoch on validation AUC kept across all stages (the reference's
+    AUC checkpointer), and early stopping."""
+    t = recipe.get("train", {})
+    patience, keep_best = t.get("early_stopping_patience"), t.get("keep_best", True)
+    last: dict = {}  # the previous stage's BestModel: its best AUC carries over to the next stage
 
     def make(trackers: dict) -> list:
         cbs = whole_training_cbs(recipe, hold_body_bn)
+        best = trackers.get("BestModel", {}).get("best")
+        if best is None and "best" in last:
+            best = last["best"].best
+        if keep_best or patience:
+            last["best"] = BestModel(best)
+            cbs.append(last["best"])
         if patience:
-            best, stop = trackers.get("BestModel", {}), trackers.get("EarlyStop", {})
-            cbs += [BestModel(best.get("best")), EarlyStop(patience, stop.get("best"), stop.get("wait", 0))]
+            stop = trackers.get("EarlyStop", {})
+            cbs.append(EarlyStop(patience, stop.get("best"), stop.get("wait", 0)))
         return cbs
 
     return make
 
 
-def _whole_dls(recipe: dict, data: str | Path, runtime: Runtime):
-    """Whole-image DataLoaders per the recipe's data section (no size: the cache's own size)."""
+def _whole_dls(recipe: dict, data: str | Path, runtime: Runtime, mean: float | None = None, mean_source: str | None = None):
+    """Whole-image DataLoaders per the recipe's data section (no size: the cache's own size); `mean`: a given mean grey."""
     d = recipe["data"]
     return whole_image_dataloaders(data, bs=d.get("bs", 2), size=tuple(d["size"]) if d.get("size") else None,
-                                   augment=d.get("augment", True), seed=recipe.get("train", {}).get("seed", 0), **runtime.loader_kwargs())
+                                   augment=d.get("augment", True), seed=recipe.get("train", {}).get("seed", 0), mean=mean,
+                                   mean_source=mean_source, **runtime.loader_kwargs())
 
 
 def _inputs(**paths) -> dict:
@@ -144,7 +155,7 @@ def patch_learner_from_recipe(recipe: dict, patches: str | Path, out: str | Path
     set_seed(seed)
     dls = patch_dataloaders(patches, bs=d.get("bs", 32), size=d.get("size"), augment=d.get("augment", True), seed=seed, **runtime.loader_kwargs())
     pretrained = bool(m.get("pretrained", False)) and weights is None
-    kwargs = dict(head=m.get("head", "paper"), dropout=m.get("dropout", 0.0), path=Path(out))
+    kwargs = dict(head=m.get("head", "paper"), dropout=m.get("dropout", 0.0), path=Path(out), opt_func=optimizer_from(recipe.get("train", {})))
     try:
         learn, init = patch_learner(dls, m["arch"], weights=weights, pretrained=pretrained, **kwargs), "file" if weights else "hub" if pretrained else "random"
     except CvfastError as e:
@@ -163,9 +174,12 @@ def whole_learner_from_recipe(recipe: dict, data: str | Path, patch: str | Path,
     if sidecar["kind"] != "patch":
         raise CvfastError(f"{patch}: is a {sidecar['kind']} model; the whole-image step needs a patch classifier")
     m, runtime = recipe["model"], runtime or Runtime()
-    learn = whole_image_learner(_whole_dls(recipe, data, runtime), patch_model, top=m.get("top", "resnet"), heatmap=m.get("heatmap", False),
+    # the paper's one mean grey: the patch model's (the whole-image train split of the DATA folder its patches were cut from)
+    dls = _whole_dls(recipe, data, runtime, mean=sidecar["mean_grey"], mean_source=f"the patch model's ({patch})")
+    learn = whole_image_learner(dls, patch_model, top=m.get("top", "resnet"), heatmap=m.get("heatmap", False),
                                 widths=tuple(m.get("widths", (512, 512, 1024))), stages=m.get("stages", 2), units=m.get("units", 2),
-                                vgg_width=m.get("vgg_width", 512), vgg_convs=m.get("vgg_convs", 3), dropout=m.get("dropout", 0.5), path=Path(out))
+                                vgg_width=m.get("vgg_width", 512), vgg_convs=m.get("vgg_convs", 3), dropout=m.get("dropout", 0.0),
+                                heatmap_pool=m.get("heatmap_pool", 5), path=Path(out), opt_func=optimizer_from(recipe.get("train", {})))
     return apply_runtime(learn, runtime)
 
 
@@ -177,7 +191,10 @@ def finetune_learner_from_recipe(recipe: dict, data: str | Path, source: str | P
     if sidecar["kind"] != "whole":
         raise CvfastError(f"{source}: is a {sidecar['kind']} model; fine-tuning needs a whole-image model (`cvfast whole`)")
     runtime = runtime or Runtime()
-    return apply_runtime(learner_for(_whole_dls(recipe, data, runtime), build_model(sidecar["spec"]) if scratch else model, path=Path(out)), runtime)
+    # the reference fine-tunes on INbreast with INbreast's own train mean (44.3 vs DDSM's 52.2 of 255)
+    dls = _whole_dls(recipe, data, runtime, mean_source=f"the train split of {data} (the target dataset's own)")
+    return apply_runtime(learner_for(dls, build_model(sidecar["spec"]) if scratch else model, path=Path(out),
+                                     opt_func=optimizer_from(recipe.get("train", {}))), runtime)
 
 
 def _refuse_overwriting_inputs(out: Path, data: str | Path, model: str | Path | None = None) -> None:
@@ -206,7 +223,8 @@ def train_patch(recipe: dict, patches: str | Path, out: str | Path, weights: str
     _refuse_overwriting_inputs(out, patches, weights)
     learn, init = patch_learner_from_recipe(recipe, patches, out, weights, runtime)
     stages = _schedule(recipe, init == "random")
-    recipe = {**recipe, "init": init, "inputs": _inputs(patches=patches, weights=weights), "resolved_stages": describe(stages)}
+    recipe = {**recipe, "init": init, "inputs": _inputs(patches=patches, weights=weights), "resolved_stages": describe(stages),
+              "optimizer": optimizer_settings(recipe.get("train", {}))}
     return _train(learn, stages, out, recipe, lambda: {"init": init, **heldout_patch_metrics(learn, patches)}, resume=resume)
 
 
@@ -217,7 +235,8 @@ def train_whole(recipe: dict, data: str | Path, patch: str | Path, out: str | Pa
     _refuse_overwriting_inputs(out, data, patch)
     learn = whole_learner_from_recipe(recipe, data, patch, out, runtime)
     stages = _schedule(recipe, False)
-    recipe = {**recipe, "inputs": _inputs(data=data, patch_model=patch), "resolved_stages": describe(stages)}
+    recipe = {**recipe, "inputs": _inputs(data=data, patch_model=patch), "resolved_stages": describe(stages),
+              "optimizer": optimizer_settings(recipe.get("train", {}))}
     return _train(learn, stages, out, recipe, lambda: heldout_whole_metrics(learn, data), cbs=_stage_cbs(recipe), resume=resume)
 
 
@@ -231,7 +250,8 @@ def finetune(recipe: dict, data: str | Path, source: str | Path, out: str | Path
     _refuse_overwriting_inputs(out, data, source)
     learn = finetune_learner_from_recipe(recipe, data, source, out, scratch, runtime)
     stages = _schedule(recipe, scratch)
-    recipe = {**recipe, "inputs": _inputs(data=data, source_model=source), "scratch": scratch, "resolved_stages": describe(stages)}
+    recipe = {**recipe, "inputs": _inputs(data=data, source_model=source), "scratch": scratch, "resolved_stages": describe(stages),
+              "optimizer": optimizer_settings(recipe.get("train", {}))}
     # the from-scratch control has no pretrained BatchNorm statistics to hold: its BN layers train normally
     return _train(learn, stages, out, recipe, lambda: heldout_whole_metrics(learn, data), cbs=_stage_cbs(recipe, hold_body_bn=not scratch),
                   resume=resume)

@@ -56,11 +56,14 @@ SCHEMA: dict[str, dict[str, tuple[tuple[str, ...], object]]] = {
     "model": {"arch": (("str",), None), "head": (("str",), lambda v: v in ("paper", "fastai")), "dropout": (("float",), lambda v: 0 <= v < 1),
               "pretrained": (("bool",), None), "top": (("str",), lambda v: v in ("resnet", "vgg")), "heatmap": (("bool",), None),
               "widths": (("int3",), None), "stages": (("int",), lambda v: v >= 1), "units": (("int",), lambda v: v >= 1),
-              "vgg_width": (("int",), lambda v: v >= 1), "vgg_convs": (("int",), lambda v: v >= 1)},
+              "vgg_width": (("int",), lambda v: v >= 1), "vgg_convs": (("int",), lambda v: v >= 1),
+              "heatmap_pool": (("int",), lambda v: v >= 1)},
     "data": {"bs": (("int",), lambda v: v >= 1), "size": (("int", "int2"), lambda v: isinstance(v, list) or v >= 8),
              "augment": (("bool",), None), "grad_acc": (("int",), lambda v: v >= 1), "dataset": (("str",), None)},
     "train": {"seed": (("int",), lambda v: v >= 0), "random_init_lr": (("float",), lambda v: v > 0), "bn_policy": (("str",), None),
-              "early_stopping_patience": (("int",), lambda v: v >= 0)},
+              "early_stopping_patience": (("int",), lambda v: v >= 0), "keep_best": (("bool",), None),
+              "weight_decay": (("str",), lambda v: v in ("l2", "decoupled")), "adam_beta1": (("float",), lambda v: 0 <= v < 1),
+              "adam_beta2": (("float",), lambda v: 0 <= v < 1), "adam_eps": (("float",), lambda v: v > 0)},
     "stages": {"name": (("str",), None), "epochs": (("int",), lambda v: v >= 0), "lr": (("float", "float3"), lambda v: all(x > 0 for x in (v if isinstance(v, list) else [v]))),
                "wd": (("float",), lambda v: v >= 0), "train": (("str",), None), "train_bn": (("bool",), None)},
 }
@@ -82,7 +85,7 @@ def _check_table(table: dict, section: str, where: str) -> None:
 
 def check_recipe(recipe: dict, where: str) -> None:
     """Validate a recipe's every table against SCHEMA (a wrong type is refused, not accepted: lr = "fast")."""
-    _check_table({k: v for k, v in recipe.items() if k not in ("quick", "init", "inputs", "resolved_stages", "scratch")}, "", where)
+    _check_table({k: v for k, v in recipe.items() if k not in ("quick", "init", "inputs", "resolved_stages", "scratch", "optimizer")}, "", where)
     for section in ("model", "data", "train"):
         if not isinstance(recipe.get(section, {}), dict):
             raise CvfastError(f"{where}: {section} must be a table [{section}]")
