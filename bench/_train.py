@@ -219,8 +219,8 @@ def flops_per_image(cfg: Config, model: nn.Module, batch: tuple[torch.Tensor, to
 def bare_rate(cfg: Config, model: nn.Module, batches: list, warmup: int, stage: Stage, runtime: Runtime) -> float:
     """Images/s of a plain PyTorch training loop over the batches after `warmup` of them.
 
-    Adam with decoupled weight decay and fastai's defaults (betas 0.9/0.99, eps 1e-5) at the stage's lr and wd: the same
-    update fastai's Adam applies, in torch's own implementation. Autocast and channels_last as the runtime has them;
+    Adam with the paper's settings (betas 0.9/0.999, eps 1e-8) and Keras-style L2 decay (torch's coupled weight_decay at
+    2 * wd, on kernels only) at the stage's lr and wd: the same update cvfast's optimizer applies, in torch's own code. Autocast and channels_last as the runtime has them;
     for whole-image models the body's BatchNorm statistics are held, as cvfast's whole-image recipes do.
     """
     device = runtime.torch_device
@@ -228,7 +228,11 @@ def bare_rate(cfg: Config, model: nn.Module, batches: list, warmup: int, stage: 
     if runtime.channels_last if runtime.channels_last is not None else device.type == "cuda":
         model.to(memory_format=torch.channels_last)
     lr = stage.lr[-1] if isinstance(stage.lr, tuple) else stage.lr
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, betas=(0.9, 0.99), eps=1e-5, weight_decay=stage.wd)
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    kernels = [p for n, p in trainable if p.ndim > 1]  # BatchNorm weights and biases are 1-d: not decayed
+    others = [p for n, p in trainable if p.ndim <= 1]
+    opt = torch.optim.Adam([{"params": kernels, "weight_decay": 2 * stage.wd}, {"params": others, "weight_decay": 0.0}],
+                           lr=lr, betas=(0.9, 0.999), eps=1e-8)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     model.train()
     if cfg.kind == "whole":

@@ -70,9 +70,13 @@ def test_training_commands_chain_and_lr_find(ddsm_data, inbreast_data, s10, tmp_
     assert "valley" in r.stdout or "steep" in r.stdout
     r = run_cli("whole", "--patch", str(tmp_path / "w"), "--data", str(ddsm_data), "--recipe", "demo-whole", "--out", str(tmp_path / "x"))
     assert r.returncode == 1 and "needs a patch classifier" in r.stderr
-    # a paper recipe's top and heatmap are kept unless a flag says otherwise; --size wins over --quick
+    # a paper recipe's top and heatmap are kept unless a flag says otherwise; --size wins over --quick. The heatmap's
+    # 5x5 max-pool and VGG's two 2x2 pools need a map of 20+ cells: too small a size is refused, not a traceback
     r = run_cli("whole", "--patch", str(tmp_path / "p"), "--data", str(ddsm_data), "--recipe", "whole-vgg-heatmap",
-                "--size", "256x192", "--bs", "8", "--quick", "--epochs-scale", "0.04", "--out", str(tmp_path / "v"))
+                "--size", "256x192", "--bs", "8", "--quick", "--out", str(tmp_path / "v"))
+    assert r.returncode == 1 and "image size 256x192 is too small for this whole-image model" in " ".join(r.stderr.split())
+    r = run_cli("whole", "--patch", str(tmp_path / "p"), "--data", str(ddsm_data), "--recipe", "whole-vgg-heatmap",
+                "--size", "704x544", "--bs", "8", "--quick", "--epochs-scale", "0.005", "--out", str(tmp_path / "v"))
     assert r.returncode == 0, r.stderr
     resolved = json.loads((tmp_path / "v" / "recipe.json").read_text())
-    assert (resolved["model"]["top"], resolved["model"]["heatmap"], resolved["data"]["size"]) == ("vgg", True, [256, 192])
+    assert (resolved["model"]["top"], resolved["model"]["heatmap"], resolved["data"]["size"]) == ("vgg", True, [704, 544])

@@ -63,16 +63,18 @@ def _zero_grad_step(learn):
     learn.opt.step()
 
 
-def test_weight_decay_is_keras_l2_in_adam_on_kernels_only(s10):
+def test_weight_decay_is_keras_l2_in_adam_on_the_new_layers_kernels_only(s10):
     learn = patch_learner(patch_dataloaders(s10, bs=8), "test_resnet")
     (stage,) = stages_from([{"epochs": 1, "lr": 1e-3, "wd": 1e-2, "train": "all"}])
     begin_stage(learn, stage)
-    kernel = learn.model.body.net.layer1[0].conv1.weight
+    kernel, body_kernel = learn.model.head[-1].weight, learn.model.body.net.layer1[0].conv1.weight
     bn = [m for m in learn.model.body.modules() if isinstance(m, nn.BatchNorm2d)][0]
-    before = {"kernel": kernel.detach().clone(), "bn": bn.weight.detach().clone(), "bias": learn.model.head[-1].bias.detach().clone()}
+    before = {"kernel": kernel.detach().clone(), "body": body_kernel.detach().clone(), "bn": bn.weight.detach().clone(),
+              "bias": learn.model.head[-1].bias.detach().clone()}
     _zero_grad_step(learn)
     g = 2 * 1e-2 * before["kernel"]  # d/dw of wd * sum(w^2)
     torch.testing.assert_close(kernel.detach(), before["kernel"] - 1e-3 * g / (g.abs() + 1e-8), atol=1e-8, rtol=0)
+    assert torch.equal(body_kernel.detach(), before["body"])  # the reference regularises the layers it adds, not the body
     assert torch.equal(bn.weight.detach(), before["bn"]) and torch.equal(learn.model.head[-1].bias.detach(), before["bias"])
     hyper = learn.opt.hypers[0]
     assert (hyper["mom"], hyper["sqr_mom"], hyper["eps"]) == (0.9, 0.999, 1e-8)  # Keras 2.0's Adam
@@ -95,15 +97,29 @@ def test_the_second_whole_image_stage_decay_is_the_one_in_effect(ddsm_data, expo
     for s in recipe["stages"]:
         s["epochs"] = 1
     learn = whole_learner_from_recipe(recipe, ddsm_data, exported[0], tmp_path)
-    seen = []
+    kernel = learn.model.top[0].convs[0].weight  # a new layer's kernel, trained in both stages
+    moved = []
 
-    class Record(Callback):
+    class CancelAtStageTwosDecay(Callback):
+        """Give the kernel a data gradient of exactly -2 * 1e-2 * w: only an L2 decay of 1e-2 cancels it to a zero step."""
+
+        order = 99
+
+        def before_step(self):
+            if self.opt.hypers[1]["lr"] == recipe["stages"][1]["lr"]:  # stage 2
+                self.before = kernel.detach().clone()
+                kernel.grad = -2 * 1e-2 * kernel.detach().clone()
+
         def after_step(self):
-            seen.append(sorted({h["wd"] for h in self.opt.hypers}))
+            if hasattr(self, "before"):
+                moved.append(float((kernel.detach() - self.before).abs().max()))
+                del self.before
 
     with learn.no_bar(), learn.no_logging():
-        train_schedule(learn, stages_from(recipe["stages"]), tmp_path, recipe, cbs=lambda t: [Record()])
-    assert seen[0] == [recipe["stages"][0]["wd"]] == [1e-3] and seen[-1] == [recipe["stages"][1]["wd"]] == [1e-2]
+        train_schedule(learn, stages_from(recipe["stages"]), tmp_path, recipe, cbs=lambda t: [CancelAtStageTwosDecay()])
+    # stage 1's 1e-3, or decoupled decay, would leave a gradient Adam turns into a step of about the lr (1e-4); the right
+    # decay leaves only rounding, a step of 1e-6 at most
+    assert moved and moved[0] < 0.05 * recipe["stages"][1]["lr"], moved
 
 
 def test_pretrained_inputs_are_scaled_as_the_weights_expect(tmp_path):
@@ -162,8 +178,7 @@ def test_the_schedules_and_their_settings():
         r = load_recipe(name)
         t = r["train"]
         assert (t["weight_decay"], t["adam_beta2"], t["adam_eps"]) == ("l2", 0.999, 1e-8), name
-        if r["kind"] != "patch":
-            assert t["keep_best"] and r["model"].get("dropout", 0.0) == 0.0, name
+        assert t["keep_best"] and r["model"].get("dropout", 0.0) == 0.0, name
         if name.startswith("patch-"):
             assert r["stages"][0]["train"] == "head" and r["stages"][0]["train_bn"] is False, name
     inbreast = load_recipe("finetune-inbreast")
@@ -289,17 +304,16 @@ def _finetune_run(recipe: dict, data: Path, source: Path, out: Path) -> tuple[li
     return history, weights, learn.model.state_dict()
 
 
-@pytest.fixture(scope="module")
-def two_class_valid(inbreast_data, tmp_path_factory) -> Path:
-    """The INbreast-like images re-split so that validation holds both classes (the tiny session split has one)."""
+def _resplit(data: Path, out: Path) -> Path:
+    """DATA's cached images re-split (through `prepare csv`) so that validation holds both classes: the tiny session
+    splits have one, and a validation AUC of NaN never improves."""
     from cvfast.data.ingest import prepare_csv
     from cvfast.data.ingest.common import PrepareOptions
 
-    m = pd.read_csv(inbreast_data / "manifest.csv", dtype={"patient_id": str})
+    m = pd.read_csv(data / "manifest.csv", dtype={"patient_id": str})
     by_patient = m.groupby("patient_id")["label"].max()
     valid = set(by_patient[by_patient == 1].index[:2]) | set(by_patient[by_patient == 0].index[:2])
-    out = tmp_path_factory.mktemp("two_class")
-    pd.DataFrame({"path": [str(inbreast_data / p) for p in m["path"]], "label": m["label"], "patient_id": m["patient_id"],
+    pd.DataFrame({"path": [str(data / p) for p in m["path"]], "label": m["label"], "patient_id": m["patient_id"],
                   "split": ["valid" if p in valid else s if s != "valid" else "train" for p, s in zip(m["patient_id"], m["split"])]}
                  ).to_csv(out / "labels.csv", index=False)
     prepare_csv(out / "labels.csv", PrepareOptions(out=out / "data", size=(256, 192), workers=1))
@@ -308,15 +322,26 @@ def two_class_valid(inbreast_data, tmp_path_factory) -> Path:
     return out / "data"
 
 
+@pytest.fixture(scope="module")
+def two_class_valid(inbreast_data, tmp_path_factory) -> Path:
+    return _resplit(inbreast_data, tmp_path_factory.mktemp("two_class"))
+
+
+@pytest.fixture(scope="module")
+def ddsm_two_class_valid(ddsm_data, tmp_path_factory) -> Path:
+    return _resplit(ddsm_data, tmp_path_factory.mktemp("ddsm_two_class"))
+
+
 def test_early_stopping_stops_and_the_best_epoch_is_kept(two_class_valid, exported, tmp_path):
     inbreast_data = two_class_valid
     recipe = load_recipe("demo-finetune")
-    recipe["stages"][0] |= {"epochs": 12, "lr": 0.0}  # nothing changes: the validation AUC cannot improve after epoch 1
+    # nothing changes (lr 0, every BatchNorm held by train_bn = false): the validation AUC cannot improve after epoch 1
+    recipe["stages"][0] |= {"epochs": 12, "lr": 0.0, "train": "head", "train_bn": False}
     recipe["train"]["early_stopping_patience"] = 3
     history, _, _ = _finetune_run(recipe, inbreast_data, exported[1], tmp_path / "flat")
     assert len(history) == 3 + 1  # patience + 1 epochs, not 12
 
-    recipe["stages"][0] |= {"epochs": 6, "lr": 3e-3}
+    recipe["stages"][0] |= {"epochs": 6, "lr": 3e-3, "train": "all", "train_bn": True}
     recipe["train"]["early_stopping_patience"] = 0  # no early stop: the best epoch must still be the one kept
     history, weights, final = _finetune_run(recipe, inbreast_data, exported[1], tmp_path / "moving")
     aucs = [h["roc_auc_score"] for h in history]
@@ -325,3 +350,36 @@ def test_early_stopping_stops_and_the_best_epoch_is_kept(two_class_valid, export
     assert all(torch.equal(final[k], weights[best][k]) for k in final), (best, aucs)
     if best != len(aucs) - 1:
         assert not all(torch.equal(final[k], weights[-1][k]) for k in final)
+
+
+def test_the_best_epoch_carries_across_stages_and_across_a_resume(ddsm_two_class_valid, exported, tmp_path):
+    ddsm_data = ddsm_two_class_valid
+    from cvfast.train.callbacks import BestModel
+
+    recipe = load_recipe("demo-whole")
+    recipe["stages"][0]["epochs"], recipe["stages"][1]["epochs"] = 2, 2
+    seen: dict[str, list] = {}
+
+    def run(out: Path, name: str, stop_at_stage_two: bool = False):
+        learn = whole_learner_from_recipe(recipe, ddsm_data, exported[0], out)
+        make = _stage_cbs(recipe)  # one per run, as train_whole has it: the best score carries from stage to stage
+
+        class Watch(Callback):
+            order = 99
+
+            def before_epoch(self):
+                best = [cb.best for cb in self.learn.cbs if isinstance(cb, BestModel)]
+                seen.setdefault(name, []).append(best[0])
+                if stop_at_stage_two and len(seen[name]) == 3:
+                    raise KeyboardInterrupt("killed at the start of stage 2")
+
+        with learn.no_bar(), learn.no_logging():
+            train_schedule(learn, stages_from(recipe["stages"]), out, recipe, cbs=lambda t: make(t) + [Watch()])
+
+    run(tmp_path / "a", "uninterrupted")
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "b", "killed", stop_at_stage_two=True)
+    run(tmp_path / "b", "resumed")
+    stage_one_best = seen["uninterrupted"][2]
+    assert np.isfinite(stage_one_best)  # stage 2 starts from stage 1's best validation AUC, not from -inf
+    assert seen["resumed"][0] == stage_one_best  # and so does a run resumed at the stage boundary

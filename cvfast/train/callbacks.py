@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from fastai.callback.core import Callback, CancelFitException
-from fastai.callback.tracker import EarlyStoppingCallback, SaveModelCallback
+from fastai.callback.tracker import EarlyStoppingCallback, SaveModelCallback, TrackerCallback
 from fastai.torch_core import distrib_barrier, get_model
 from torch import nn
 
@@ -48,16 +48,23 @@ class BestModel(SaveModelCallback):
     Like the reference's AUC checkpointer, training goes on from the last epoch; the best epoch's weights are loaded
     once, after the last stage (train_schedule), not at the end of every stage."""
 
-    def __init__(self, best: float | None = None):
-        super().__init__(monitor="roc_auc_score", comp=np.greater, fname="best", reset_on_fit=best is None)
+    def __init__(self, best: float | None = None, monitor: str = "roc_auc_score"):
+        super().__init__(monitor=monitor, comp=np.greater, fname="best", reset_on_fit=best is None)
         if best is not None:
             self.best = best
+
+    def after_epoch(self):
+        """Save on improvement, logged (fastai's prints to stdout, which breaks the CLI's tables and logs)."""
+        TrackerCallback.after_epoch(self)
+        if self.new_best:
+            log.info("best %s so far: %.4f (epoch %d of this stage)", self.monitor, self.best, self.epoch + 1)
+            self._save(self.fname)
 
     def after_fit(self, **kwargs):
         """Wait for rank 0's best.pth under data parallel; warn when no epoch was ever saved as best."""
         distrib_barrier()  # under data parallel only rank 0 writes it: the others wait until it has
         if not (self.path / self.model_dir / f"{self.fname}.pth").is_file():
-            log.warning("validation ROC AUC never improved (one class in the validation split?); keeping the last epoch")
+            log.warning("validation %s never improved (one class in the validation split?); keeping the last epoch", self.monitor)
 
 
 class EarlyStop(EarlyStoppingCallback):

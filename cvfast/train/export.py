@@ -72,6 +72,9 @@ def build_model(spec: dict) -> torch.nn.Module:
         patch.spec = p
         top = {k: spec[k] for k in ("top", "heatmap", "stages", "units", "vgg_width", "vgg_convs", "dropout")}
         top |= {k: spec[k] for k in ("heatmap_window", "heatmap_pool") if spec.get(k) is not None}
+        if spec.get("heatmap") and not spec.get("heatmap_window"):
+            raise CvfastError("a heatmap model exported before cvfast used the reference heatmap (its spec has no heatmap_window); "
+                              "retrain it with `cvfast whole --heatmap`")
         model = whole_from_patch(patch, n_classes=spec["n_classes"], widths=tuple(spec["widths"]), **top)
     else:
         raise CvfastError(f"unknown model kind {spec['kind']!r}")

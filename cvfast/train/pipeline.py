@@ -54,17 +54,19 @@ def train_schedule(learn: Learner, stages: list[Stage], out: Path, recipe: dict,
         for old in [*ckpt.glob("s*e*.pth"), ckpt / "progress.json", ckpt / "best.pth", ckpt / "history.json"]:
             old.unlink(missing_ok=True)
     distrib_barrier()
+    carried: dict = {}  # a resumed run's best validation score, for the stage after a completed one
     for i, stage in enumerate(stages):
         if progress and i < progress["stage"]:
             continue
         begin_stage(learn, stage)
-        start, trackers = 0, {}
+        start, trackers, carried = 0, carried, {}
         if progress and i == progress["stage"]:
             learn.load((ckpt / progress["checkpoint"]).with_suffix("").resolve(), with_opt=True)  # after begin_stage: same groups
             restore_rng_state(learn, progress.get("rng"))  # the same data order and augmentation as an uninterrupted run
             start, trackers, progress = progress["epochs_done"], progress.get("trackers", {}), None
             log.info("resuming at stage %d (%s), epoch %d of %d", i + 1, stage.name, start + 1, stage.epochs)
-        if start >= stage.epochs:
+        if start >= stage.epochs:  # the stage was complete when the run stopped: the best score so far carries on
+            carried = {k: v for k, v in trackers.items() if k == "BestModel"}
             continue
         log.info("stage %d (%s): %d epochs, lr %s, wd %s, training %s", i + 1, stage.name, stage.epochs, stage.lr, stage.wd, stage.train)
         checkpoint = EpochCheckpoint(out, i, fp, start)
@@ -112,19 +114,20 @@ def whole_training_cbs(recipe: dict, hold_body_bn: bool = True) -> list:
 
 
 def _stage_cbs(recipe: dict, hold_body_bn: bool = True) -> Callable[[dict], list]:
-    """Per-stage callbacks: training ones, the best epoch on validation AUC kept across all stages (the reference's
-    AUC checkpointer), and early stopping."""
+    """Per-stage callbacks: training ones (whole-image and fine-tune recipes), the best epoch on the validation score
+    kept across all stages (the reference's checkpointers: AUC for whole images, accuracy for patches), early stopping."""
     t = recipe.get("train", {})
     patience, keep_best = t.get("early_stopping_patience"), t.get("keep_best", True)
-    last: dict = {}  # the previous stage's BestModel: its best AUC carries over to the next stage
+    monitor = "accuracy" if recipe["kind"] == "patch" else "roc_auc_score"
+    last: dict = {}  # the previous stage's BestModel: its best score carries over to the next stage
 
     def make(trackers: dict) -> list:
-        cbs = whole_training_cbs(recipe, hold_body_bn)
+        cbs = whole_training_cbs(recipe, hold_body_bn) if recipe["kind"] != "patch" else []
         best = trackers.get("BestModel", {}).get("best")
         if best is None and "best" in last:
             best = last["best"].best
-        if keep_best or patience:
-            last["best"] = BestModel(best)
+        if keep_best:
+            last["best"] = BestModel(best, monitor)
             cbs.append(last["best"])
         if patience:
             stop = trackers.get("EarlyStop", {})
@@ -174,6 +177,9 @@ def whole_learner_from_recipe(recipe: dict, data: str | Path, patch: str | Path,
     if sidecar["kind"] != "patch":
         raise CvfastError(f"{patch}: is a {sidecar['kind']} model; the whole-image step needs a patch classifier")
     m, runtime = recipe["model"], runtime or Runtime()
+    if "mean_grey_source" not in sidecar:
+        log.warning("%s: a patch model from before patch sets carried their DATA folder's mean grey: its mean grey is of its "
+                    "patches, not of the whole images (the paper's); retrain it on a freshly cut patch set", patch)
     # the paper's one mean grey: the patch model's (the whole-image train split of the DATA folder its patches were cut from)
     dls = _whole_dls(recipe, data, runtime, mean=sidecar["mean_grey"], mean_source=f"the patch model's ({patch})")
     learn = whole_image_learner(dls, patch_model, top=m.get("top", "resnet"), heatmap=m.get("heatmap", False),
@@ -225,7 +231,8 @@ def train_patch(recipe: dict, patches: str | Path, out: str | Path, weights: str
     stages = _schedule(recipe, init == "random")
     recipe = {**recipe, "init": init, "inputs": _inputs(patches=patches, weights=weights), "resolved_stages": describe(stages),
               "optimizer": optimizer_settings(recipe.get("train", {}))}
-    return _train(learn, stages, out, recipe, lambda: {"init": init, **heldout_patch_metrics(learn, patches)}, resume=resume)
+    return _train(learn, stages, out, recipe, lambda: {"init": init, **heldout_patch_metrics(learn, patches)}, cbs=_stage_cbs(recipe),
+                  resume=resume)
 
 
 def train_whole(recipe: dict, data: str | Path, patch: str | Path, out: str | Path, resume: bool = True,
