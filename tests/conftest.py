@@ -62,6 +62,22 @@ def s10(ddsm_data) -> Path:
     return ddsm_data / "patches_s10"
 
 
+@pytest.fixture(scope="session")
+def untrained_models(s10, ddsm_data, tmp_path_factory) -> tuple[Path, Path]:
+    """An untrained tiny patch model and the whole-image model built on it, exported as training would (tests copy
+    them before editing them)."""
+    from cvfast.data.blocks import patch_dataloaders, whole_image_dataloaders
+    from cvfast.train.export import export_model
+    from cvfast.train.learners import patch_learner, whole_image_learner
+
+    out = tmp_path_factory.mktemp("untrained_models")
+    patch = patch_learner(patch_dataloaders(s10, bs=8), "test_resnet")
+    export_model(patch, out / "patch")
+    whole = whole_image_learner(whole_image_dataloaders(ddsm_data, bs=2), patch.model, widths=(16, 16, 32))
+    export_model(whole, out / "whole")
+    return out / "patch", out / "whole"
+
+
 def run_cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     """Run the installed `cvfast` entry point in a fresh process."""
     env = {**os.environ, "COLUMNS": "200"}

@@ -35,9 +35,13 @@ class RecordShards(Callback):
 
 defaults.callbacks = [*defaults.callbacks, RecordShards]
 rt = Runtime(device="cpu")
-train_patch(resolve(load_recipe("demo-patch"), {}, epochs_scale=0.25), patches, work / f"patch_rank{rank}", runtime=rt)
+# keep_best off: with one --out per rank (to see who writes what) only rank 0's folder gets best.pth, and loading it is a
+# collective; with the shared --out of a real launch every rank loads it (test_the_cli_under_torchrun)
+last_epoch = {"train": {"keep_best": False}}
+train_patch(resolve(load_recipe("demo-patch"), last_epoch, epochs_scale=0.25), patches, work / f"patch_rank{rank}", runtime=rt)
 dist.barrier()  # rank 0 exports after training: the whole-image step below needs its patch model
 step = "whole"
-whole = train_whole(resolve(load_recipe("demo-whole"), {}, epochs_scale=0.05), data, work / "patch_rank0", work / f"whole_rank{rank}", runtime=rt)
+whole = train_whole(resolve(load_recipe("demo-whole"), last_epoch, epochs_scale=0.05), data, work / "patch_rank0", work / f"whole_rank{rank}",
+                    runtime=rt)
 weights = hashlib.sha256(b"".join(v.detach().cpu().numpy().tobytes() for v in whole.learn.model.state_dict().values())).hexdigest()
 (work / f"rank{rank}.json").write_text(json.dumps({"shards": shards, "weights": weights, "metrics": whole.metrics}))

@@ -188,9 +188,6 @@ from typing import Callable  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
 from cvfast.cli import app  # noqa: E402
-from cvfast.data.blocks import patch_dataloaders, whole_image_dataloaders  # noqa: E402
-from cvfast.train.export import export_model  # noqa: E402
-from cvfast.train.learners import patch_learner, whole_image_learner  # noqa: E402
 
 
 @dataclass
@@ -627,14 +624,8 @@ CATALOGUE += [
 
 
 @pytest.fixture(scope="module")
-def models(s10, ddsm_data, tmp_path_factory) -> tuple[Path, Path]:
-    """An untrained tiny patch model and the whole-image model built on it, exported as training would."""
-    out = tmp_path_factory.mktemp("bad_models")
-    patch = patch_learner(patch_dataloaders(s10, bs=8), "test_resnet")
-    export_model(patch, out / "patch")
-    whole = whole_image_learner(whole_image_dataloaders(ddsm_data, bs=2), patch.model, widths=(16, 16, 32))
-    export_model(whole, out / "whole")
-    return out / "patch", out / "whole"
+def models(untrained_models) -> tuple[Path, Path]:
+    return untrained_models
 
 
 @pytest.mark.parametrize("case", CATALOGUE, ids=lambda c: c.kind.replace(" ", "-"))

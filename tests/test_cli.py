@@ -76,7 +76,7 @@ def test_training_commands_chain_and_lr_find(ddsm_data, inbreast_data, s10, tmp_
                 "--size", "256x192", "--bs", "8", "--quick", "--out", str(tmp_path / "v"))
     assert r.returncode == 1 and "image size 256x192 is too small for this whole-image model" in " ".join(r.stderr.split())
     r = run_cli("whole", "--patch", str(tmp_path / "p"), "--data", str(ddsm_data), "--recipe", "whole-vgg-heatmap",
-                "--size", "704x544", "--bs", "8", "--quick", "--epochs-scale", "0.005", "--out", str(tmp_path / "v"))
+                "--size", "1024x1024", "--bs", "8", "--quick", "--epochs-scale", "0.005", "--out", str(tmp_path / "v"))
     assert r.returncode == 0, r.stderr
     resolved = json.loads((tmp_path / "v" / "recipe.json").read_text())
-    assert (resolved["model"]["top"], resolved["model"]["heatmap"], resolved["data"]["size"]) == ("vgg", True, [704, 544])
+    assert (resolved["model"]["top"], resolved["model"]["heatmap"], resolved["data"]["size"]) == ("vgg", True, [1024, 1024])

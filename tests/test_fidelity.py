@@ -21,7 +21,7 @@ from cvfast.data.read import read_png
 from cvfast.data.sample import PATCH_SETS
 from cvfast.models import PatchClassifier, create_body
 from cvfast.train.callbacks import HoldBodyBatchNorm
-from cvfast.train.export import export_model, load_model
+from cvfast.train.export import export_model
 from cvfast.train.learners import patch_learner, whole_image_learner
 from cvfast.train.pipeline import (_stage_cbs, finetune_learner_from_recipe, patch_learner_from_recipe, train_schedule,
                                    whole_learner_from_recipe)

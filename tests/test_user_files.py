@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -17,17 +16,13 @@ import torch
 from typer.testing import CliRunner
 
 from cvfast.cli import app
-from cvfast.data.blocks import patch_dataloaders, whole_image_dataloaders
 from cvfast.data.ingest import prepare_csv, prepare_ddsm, prepare_inbreast
 from cvfast.data.ingest.common import PrepareOptions
 from cvfast.data.manifest import read_manifest
 from cvfast.data.read import read_png, write_png
 from cvfast.data.sample import PATCH_SETS, check_patch_set, make_patches
-from cvfast.errors import CvfastError
 from cvfast.infer.heatmap import heatmap
 from cvfast.infer.predict import predict
-from cvfast.train.export import export_model
-from cvfast.train.learners import patch_learner, whole_image_learner
 from cvfast.train.pipeline import patch_learner_from_recipe, train_schedule
 from cvfast.train.recipes import load_recipe
 from cvfast.train.schedule import Stage
@@ -48,14 +43,8 @@ def _cli(*args: str):
 
 
 @pytest.fixture(scope="module")
-def tiny_models(s10, ddsm_data, tmp_path_factory) -> tuple[Path, Path]:
-    """An untrained tiny patch model and its whole-image model, exported as training would."""
-    out = tmp_path_factory.mktemp("user_models")
-    patch = patch_learner(patch_dataloaders(s10, bs=8), "test_resnet")
-    export_model(patch, out / "patch")
-    whole = whole_image_learner(whole_image_dataloaders(ddsm_data, bs=2), patch.model, widths=(16, 16, 32))
-    export_model(whole, out / "whole")
-    return out / "patch", out / "whole"
+def tiny_models(untrained_models) -> tuple[Path, Path]:
+    return untrained_models
 
 
 def _site(root: Path, n: int = 6) -> Path:

@@ -152,7 +152,7 @@ def _inputs(**paths) -> dict:
 
 def patch_learner_from_recipe(recipe: dict, patches: str | Path, out: str | Path, weights: str | Path | None = None,
                               runtime: Runtime | None = None) -> tuple[Learner, str]:
-    """The recipe's patch learner on a patch set; returns it and how it was initialised (file | hub | random)."""
+    """The recipe's patch learner on a patch set; returns it and how it was initialised (random | hub | package NAME | file PATH)."""
     m, d, runtime = recipe["model"], recipe["data"], runtime or Runtime()
     seed = recipe.get("train", {}).get("seed", 0)
     set_seed(seed)
@@ -160,7 +160,8 @@ def patch_learner_from_recipe(recipe: dict, patches: str | Path, out: str | Path
     pretrained = bool(m.get("pretrained", False)) and weights is None
     kwargs = dict(head=m.get("head", "paper"), dropout=m.get("dropout", 0.0), path=Path(out), opt_func=optimizer_from(recipe.get("train", {})))
     try:
-        learn, init = patch_learner(dls, m["arch"], weights=weights, pretrained=pretrained, **kwargs), "file" if weights else "hub" if pretrained else "random"
+        learn = patch_learner(dls, m["arch"], weights=weights, pretrained=pretrained, **kwargs)
+        init = learn.model.body.weights_source  # random | hub | package NAME | file PATH
     except CvfastError as e:
         if not pretrained:
             raise
