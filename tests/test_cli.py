@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pandas as pd
+import pytest
 
 from conftest import run_cli
 
@@ -53,6 +54,7 @@ def test_recipes_list_and_show():
     assert r.returncode == 1 and "not found" in r.stderr
 
 
+@pytest.mark.slow  # three trainings, lr_find and a 1024x1024 VGG-heatmap run
 def test_training_commands_chain_and_lr_find(ddsm_data, inbreast_data, s10, tmp_path):
     r = run_cli("patch", "--data", str(s10), "--recipe", "demo-patch", "--epochs-scale", "0.25", "--out", str(tmp_path / "p"))
     assert r.returncode == 0, r.stderr

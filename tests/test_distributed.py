@@ -9,10 +9,14 @@ import sys
 from pathlib import Path
 
 import pandas as pd
+import pytest
 
 from cvfast.train.export import load_model
 
 from conftest import run_cli
+
+
+pytestmark = pytest.mark.slow  # launches torchrun process groups
 
 
 def _torchrun(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:

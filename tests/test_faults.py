@@ -152,6 +152,7 @@ def _complete(out) -> list[str]:
     return present
 
 
+@pytest.mark.slow  # several killed exports in fresh processes
 def test_killed_export_leaves_no_partial_file_and_a_rerun_finishes_identically(s10, tmp_path):
     args = ["patch", "--data", str(s10), "--recipe", "demo-patch", "--epochs-scale", "0.125"]
     assert run_cli(*args, "--out", str(tmp_path / "ref")).returncode == 0

@@ -12,6 +12,9 @@ from nbclient import NotebookClient
 NBS = Path(__file__).resolve().parents[1] / "nbs"
 
 
+pytestmark = pytest.mark.slow  # executes the three notebooks end to end
+
+
 def run_notebook(name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Execute nbs/NAME in a fresh kernel in tmp_path; check it ran clean and exported models."""
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the kernel is a separate process: one thread, like the xdist workers

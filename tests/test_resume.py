@@ -10,10 +10,14 @@ import json
 import time
 
 import pandas as pd
+import pytest
 
 from cvfast.data.synth import synthesize
 
 from conftest import run_cli
+
+
+pytestmark = pytest.mark.slow  # kills and re-runs real CLI processes
 
 
 def test_killed_prepare_resumes_to_identical_output(tmp_path):

@@ -21,6 +21,9 @@ from cvfast.train.export import load_model
 from conftest import run_cli
 
 
+pytestmark = pytest.mark.slow  # trains the whole demo (about 4 minutes)
+
+
 @pytest.fixture(scope="session")
 def demo(tmp_path_factory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("demo")
