@@ -34,11 +34,13 @@ PATCH_CLASSES = ["background", "calc_benign", "calc_malignant", "mass_benign", "
 SPLITS = ("train", "valid", "test")
 
 
-def write_csv(df: pd.DataFrame, path: str | Path) -> None:
-    """Write a DataFrame as CSV atomically."""
+def write_csv(df: pd.DataFrame, path: str | Path) -> bytes:
+    """Write a DataFrame as CSV atomically; return the bytes written (for a digest of them)."""
     buf = io.StringIO()
     df.to_csv(buf, index=False)
-    atomic_write_bytes(path, buf.getvalue().encode())
+    data = buf.getvalue().encode()
+    atomic_write_bytes(path, data)
+    return data
 
 
 def write_manifest(df: pd.DataFrame, data_dir: str | Path) -> Path:

@@ -11,7 +11,6 @@ Every image uses its own RNG seeded from (seed, image_id), so the output does no
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import re
@@ -246,14 +245,12 @@ def make_patches(data: str | Path, spec: PatchSetSpec, out: str | Path | None = 
         rejects += rej
     patches = pd.DataFrame(rows, columns=["patch_id", "path", "label", "class_idx", "image_id", "patient_id", "split", "cy", "cx"])
     write_csv(rejects_frame(rejects), out / REJECTS_NAME)
-    buf = io.StringIO()
-    patches.to_csv(buf, index=False)
-    atomic_write_bytes(out / PATCH_MANIFEST, buf.getvalue().encode())
+    written = write_csv(patches, out / PATCH_MANIFEST)
     # the paper's one mean grey for patch and whole-image data: the whole-image training set's, train split only
     train_images = df.loc[df["split"] == "train", "path"].tolist()
     info = {"classes": PATCH_CLASSES, "spec": asdict(spec), "source": str(data_dir), "manifest_sha256": digest,
             "mean_grey": mean_grey(train_images), "mean_grey_images": len(train_images),
-            "patches_sha256": hashlib.sha256(buf.getvalue().encode()).hexdigest(), "cut": cut,
+            "patches_sha256": hashlib.sha256(written).hexdigest(), "cut": cut,
             "image_size": list(shape)}  # the working size the patches were cut from: where a heatmap slides
     atomic_write_bytes(out / "patchset.json", json.dumps(info, indent=1).encode())  # the commit point of the new set
     for old in out.glob("cut-*"):  # earlier cuts, no longer described by patches.csv

@@ -21,7 +21,7 @@ from fastai.torch_core import default_device
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import nn
 
-from cvfast.data.manifest import MANIFEST_NAME, REJECT_COLUMNS, REJECTS_NAME
+from cvfast.data.manifest import REJECT_COLUMNS
 from cvfast.data.paths import check_output_name, refuse_overwrite
 from cvfast.data.read import atomic_write_bytes, read_mammogram, resize
 from cvfast.errors import CvfastError
@@ -164,8 +164,8 @@ def predict(models: Sequence[str | Path], inputs: Sequence[str | Path], tta: boo
     """Predict images with one model or an averaged ensemble; returns per-image probabilities and rejects."""
     members = load_members(models)
     df, rejects = collect_inputs(inputs, split=split)
-    read = [*(str(f) for m in models for f in model_files(m)), *map(str, inputs), *df["path"], *(r["source"] for r in rejects),
-            *(str(Path(i) / n) for i in inputs for n in (MANIFEST_NAME, REJECTS_NAME) if Path(i).is_dir())]
+    # a DATA folder's own manifest.csv / rejects.csv are protected by name (check_output_name)
+    read = [*(str(f) for m in models for f in model_files(m)), *map(str, inputs), *df["path"], *(r["source"] for r in rejects)]
     classes = members[0][1]["classes"]
     if df.empty:
         return Predictions(pd.DataFrame(columns=[*df.columns, *(f"p_{c}" for c in classes), "p_cancer"]), rejects, _describe(models, members), read)

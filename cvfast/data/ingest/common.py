@@ -53,13 +53,14 @@ def finish(dataset: str, images: dict[str, dict], jobs: list[ImageJob], rejects:
     sources = [f for j in jobs for f in (j.source, *(c for r in j.rois for c in r.candidates))]
     outputs = [opts.out / MANIFEST_NAME, opts.out / REJECTS_NAME, *(opts.out / rel for j in jobs for rel in j.outputs())]
     refuse_overwrite(outputs, [*inputs, *sources], hint="the cache would replace the source; choose an --out that holds no source files")
-    jobs, dup_rejects = _unique_sources(jobs, images)
+    source_of = {j.image_id: j.source for j in jobs}
+    jobs, dup_rejects = _unique_sources(jobs, images, source_of)
     try:
         opts.out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise CvfastError(f"{opts.out}: cannot create the output folder ({e.strerror or e})") from None
     records, conv_rejects = convert_all(jobs, opts.out, opts.size, opts.workers)
-    records, same_pixels = _unique_pixels(records, images)
+    records, same_pixels = _unique_pixels(records, images, source_of)
     rejects = rejects + dup_rejects + conv_rejects + same_pixels
     rows = []
     for image_id, meta in images.items():
@@ -87,7 +88,7 @@ def finish(dataset: str, images: dict[str, dict], jobs: list[ImageJob], rejects:
     return df
 
 
-def _keep_one(groups: dict, images: dict[str, dict], what: str) -> tuple[set[str], list[dict]]:
+def _keep_one(groups: dict, images: dict[str, dict], source_of: dict[str, str], what: str) -> tuple[set[str], list[dict]]:
     """For groups of image ids that are one image: keep the first listed when they agree on patient and label, none when not."""
     dropped, rejects = set(), []
     for ids in groups.values():
@@ -105,28 +106,25 @@ def _keep_one(groups: dict, images: dict[str, dict], what: str) -> tuple[set[str
                       f"{what} as {others}, with other patients or labels (patients {', '.join(patients)}; labels "
                       f"{', '.join(map(str, sorted(labels)))}): which is right is unknown, so none of them is used "
                       "(it would leak across splits or carry two labels)")
-            rejects.append({"source": images[i].get("_source", ""), "row": i, "reason": reason})
+            rejects.append({"source": source_of[i], "row": i, "reason": reason})
     return dropped, rejects
 
 
-def _unique_sources(jobs: list[ImageJob], images: dict[str, dict]) -> tuple[list[ImageJob], list[dict]]:
+def _unique_sources(jobs: list[ImageJob], images: dict[str, dict], source_of: dict[str, str]) -> tuple[list[ImageJob], list[dict]]:
     """Drop jobs whose source file is another job's (the same file listed twice, or under two patients)."""
     groups: dict[tuple, list[str]] = {}
     for j in jobs:
         groups.setdefault(file_identity(j.source), []).append(j.image_id)
-        images[j.image_id]["_source"] = j.source
-    dropped, rejects = _keep_one(groups, images, "the same source file")
+    dropped, rejects = _keep_one(groups, images, source_of, "the same source file")
     for i in dropped:
         images.pop(i, None)
     return [j for j in jobs if j.image_id not in dropped], rejects
 
 
-def _unique_pixels(records: dict[str, dict], images: dict[str, dict]) -> tuple[dict[str, dict], list[dict]]:
+def _unique_pixels(records: dict[str, dict], images: dict[str, dict], source_of: dict[str, str]) -> tuple[dict[str, dict], list[dict]]:
     """Drop images whose working-size pixels equal another's (a copy of one file under another name)."""
     groups: dict[str, list[str]] = {}
     for i, rec in records.items():
         groups.setdefault(rec["pixels_sha256"], []).append(i)
-    dropped, rejects = _keep_one(groups, images, "identical pixels")
-    for meta in images.values():
-        meta.pop("_source", None)
+    dropped, rejects = _keep_one(groups, images, source_of, "identical pixels")
     return {i: r for i, r in records.items() if i not in dropped}, rejects
