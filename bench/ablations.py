@@ -1,0 +1,174 @@
+"""Benchmark (method): what each part of the method and each fidelity fix changes, on the hard synthetic data.
+
+For each seed (data, splits and training all follow it): the demo's data stages (`hard` synthetic data, 256x192,
+S10 patches of 48) and the demo's recipes, then one variant at a time against the paper's configuration
+(EfficientNet-Lite0 patch classifier from ImageNet weights, no heatmap, ResNet top, every fix of the fidelity issue):
+
+- random init: the patch classifier from random weights (the paper's random-init schedule);
+- heatmap: the whole-image model on the patch classifier's heatmap (the reference's AvgPool -> FC + ReLU -> MaxPool);
+- VGG top: two VGG blocks instead of the two ResNet bottleneck blocks;
+- separate means (reference): patches normalised by the patch set's own mean, whole images by theirs (data.mean);
+- decoupled weight decay: fastai's decoupled decay instead of Keras' L2 in the gradient (train.weight_decay);
+- unscaled input (reference): the ImageNet filters summed to one channel without the weights' 1/std (model.fold_input_std).
+
+Each variant reuses every model its configuration shares with the others (a whole-image variant trains on the same
+patch classifier), and is scored by whole-image test AUC (DDSM-like) and transfer test AUC (INbreast-like, image
+labels only); the from-scratch control of the transfer is trained once per seed. Reported: mean and sd over seeds, and
+the paired difference from the paper's configuration (mean, sd, and how many seeds moved the same way).
+
+    python bench/ablations.py [--seeds 0 1 2] [--patients 40] [--epochs-scale 0.5] [--only heatmap vgg-top]
+
+Resumable: every model trains into its own folder under bench/out/ablations/ (a killed run continues from its last
+epoch), every finished (seed, variant) is a JSON file there, and a re-run does only what is missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+warnings.filterwarnings("ignore")
+
+from bench._results import publish  # noqa: E402
+from bench._train import OUT, machine, reproduce, save_md, today  # noqa: E402
+from cvfast.data.read import atomic_write_bytes  # noqa: E402
+from cvfast.demo import demo_data  # noqa: E402
+from cvfast.train.pipeline import finetune, train_patch, train_whole  # noqa: E402
+from cvfast.train.recipes import load_recipe, resolve  # noqa: E402
+
+NAME = "ablations"
+log = logging.getLogger("ablations")
+
+# variant -> overrides of the demo recipes, per step ({step: {section: {key: value}}})
+VARIANTS: dict[str, dict[str, dict[str, dict]]] = {
+    "paper": {},
+    "random-init": {"patch": {"model": {"pretrained": False}}},
+    "heatmap": {"whole": {"model": {"heatmap": True}}},
+    "vgg-top": {"whole": {"model": {"top": "vgg"}}},
+    "separate-means": {"patch": {"data": {"mean": "reference"}}, "whole": {"data": {"mean": "reference"}}},
+    # the demo's patch stages decay nothing (wd 0), so only the whole-image and transfer steps change
+    "decoupled-wd": {step: {"train": {"weight_decay": "decoupled"}} for step in ("whole", "finetune")},
+    "unscaled-input": {"patch": {"model": {"fold_input_std": False}}},
+}
+LABELS = {"paper": "the paper's configuration (ImageNet init, no heatmap, ResNet top, all fixes)",
+          "random-init": "patch classifier from random init", "heatmap": "with the heatmap", "vgg-top": "VGG top instead of ResNet",
+          "separate-means": "fix off: separate patch and image means", "decoupled-wd": "fix off: decoupled weight decay",
+          "unscaled-input": "fix off: unscaled input (no 1/std)"}
+
+
+def key(*parts: object) -> str:
+    """Short stable name of a configuration (the folder its model trains in)."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def recipe(name: str, overrides: dict, seed: int, scale: float) -> dict:
+    """A demo recipe with a variant's overrides and the seed."""
+    over = {section: dict(values) for section, values in overrides.items()}
+    over.setdefault("train", {})["seed"] = seed
+    return resolve(load_recipe(name), over, epochs_scale=scale)
+
+
+def run_seed(seed: int, variants: list[str], args: argparse.Namespace) -> None:
+    """Data stages once, then each variant's missing models; one JSON per finished variant."""
+    work = args.work / f"seed{seed}"
+    if not (work / "data" / "ddsm" / "patches_s10" / "patchset.json").is_file():
+        demo_data(work, patients=args.patients, seed=seed, difficulty="hard")
+    ddsm, inbreast, models = work / "data" / "ddsm", work / "data" / "inbreast", work / "models"
+    for name in variants:
+        done = work / f"{name}.json"
+        if done.is_file():
+            continue
+        t = time.perf_counter()
+        over = VARIANTS[name]
+        p_key = key(over.get("patch", {}))
+        w_key = key(p_key, over.get("whole", {}))
+        f_key = key(w_key, over.get("finetune", {}))
+        patch = train_patch(recipe("demo-patch", over.get("patch", {}), seed, args.epochs_scale), ddsm / "patches_s10", models / f"patch-{p_key}")
+        whole = train_whole(recipe("demo-whole", over.get("whole", {}), seed, args.epochs_scale), ddsm, models / f"patch-{p_key}",
+                            models / f"whole-{w_key}")
+        ft = finetune(recipe("demo-finetune", over.get("finetune", {}), seed, args.epochs_scale), inbreast, models / f"whole-{w_key}",
+                      models / f"finetune-{f_key}")
+        result = {"seed": seed, "variant": name, "patch_init": patch.metrics.get("init"), "patch_accuracy": patch.metrics.get("test_accuracy"),
+                  "whole_auc": whole.metrics.get("test_auc"), "transfer_auc": ft.metrics.get("test_auc"), "minutes": (time.perf_counter() - t) / 60}
+        if name == "paper":
+            scratch = finetune(recipe("demo-finetune", {}, seed, args.epochs_scale), inbreast, models / f"whole-{w_key}", models / "scratch",
+                               scratch=True)
+            result["scratch_auc"] = scratch.metrics.get("test_auc")
+        atomic_write_bytes(done, json.dumps(result, indent=1).encode())
+        log.info("seed %d %s: whole AUC %.3f, transfer AUC %.3f (%.1f min)", seed, name, result["whole_auc"], result["transfer_auc"], result["minutes"])
+
+
+def stats(values: list[float]) -> str:
+    """mean ± sd."""
+    v = np.asarray(values, float)
+    return f"{v.mean():.3f} ± {v.std(ddof=1) if len(v) > 1 else 0.0:.3f}"
+
+
+def paired(values: list[float], base: list[float]) -> str:
+    """Mean ± sd of the per-seed difference from the paper's configuration, and the seeds that moved each way."""
+    d = np.asarray(values, float) - np.asarray(base, float)
+    return f"{d.mean():+.3f} ± {d.std(ddof=1) if len(d) > 1 else 0.0:.3f} ({int((d > 0).sum())} up, {int((d < 0).sum())} down)"
+
+
+def summary(results: dict[str, list[dict]], args: argparse.Namespace, minutes: float) -> list[str]:
+    """The section: one row per variant, whole-image and transfer AUC over the seeds, paired with the paper's configuration."""
+    base = results["paper"]
+    lines = [f"### ablations on the hard synthetic data ({today()}, {machine()}, torch {torch.__version__}, CPU)", "",
+             f"Reproduce: `{reproduce('ablations.py', sys.argv[1:])}`.", "",
+             f"Seeds {', '.join(map(str, args.seeds))} (data, splits and training follow the seed); {args.patients} synthetic women per dataset, "
+             f"`hard` difficulty, 256x192 images, S10 patches of 48; the demo recipes with epochs x{args.epochs_scale:g}. Test sets per seed: "
+             f"~{int(args.patients * 0.2 * 2.6)} DDSM-like and ~{int(args.patients * 0.2 * 3.5)} INbreast-like images, so one seed's AUC "
+             f"moves by several points by chance: read the paired differences and their sd. {minutes:.0f} min of training in all.", "",
+             "| variant | patch test accuracy | whole-image test AUC | vs paper | transfer test AUC | vs paper |", "|---|---:|---:|---:|---:|---:|"]
+    for name, rs in results.items():
+        rs = sorted(rs, key=lambda r: r["seed"])
+        w, f = [r["whole_auc"] for r in rs], [r["transfer_auc"] for r in rs]
+        vs = name != "paper"
+        lines.append(f"| {LABELS[name]} | {stats([r['patch_accuracy'] for r in rs])} | {stats(w)} | "
+                     f"{paired(w, [r['whole_auc'] for r in base]) if vs else '--'} | {stats(f)} | "
+                     f"{paired(f, [r['transfer_auc'] for r in base]) if vs else '--'} |")
+    lines.append(f"| same architecture from scratch on the INbreast-like set (the transfer's control) | | | | "
+                 f"{stats([r['scratch_auc'] for r in base])} | {paired([r['scratch_auc'] for r in base], [r['transfer_auc'] for r in base])} |")
+    return lines
+
+
+def main() -> None:
+    """Run the missing (seed, variant) pairs, then write the table when all are done."""
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--patients", type=int, default=40, help="synthetic women per dataset")
+    ap.add_argument("--epochs-scale", type=float, default=0.5, help="multiply the demo recipes' epochs")
+    ap.add_argument("--only", nargs="+", choices=sorted(VARIANTS), default=None, help="run only these variants this time")
+    ap.add_argument("--work", type=Path, default=OUT / "ablations")
+    ap.add_argument("--no-write", action="store_true", help="do not update BENCHMARKS.md")
+    ap.add_argument("--md-out", default=None, help="also write the section's Markdown to this file")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    args.work = args.work / f"p{args.patients}-e{args.epochs_scale:g}"
+    variants = ["paper"] + [v for v in (args.only or VARIANTS) if v != "paper"]
+    for seed in args.seeds:
+        run_seed(seed, variants, args)
+    files = {name: [args.work / f"seed{s}" / f"{name}.json" for s in args.seeds] for name in VARIANTS}
+    if not all(p.is_file() for ps in files.values() for p in ps):
+        print(f"not all variants done yet ({args.work}); re-run without --only to finish and write the table")
+        return
+    results = {name: [json.loads(p.read_text()) for p in ps] for name, ps in files.items()}
+    minutes = sum(r["minutes"] for rs in results.values() for r in rs)
+    lines = summary(results, args, minutes)
+    publish(NAME, lines, write=not args.no_write)
+    save_md(lines, args.md_out)
+
+
+if __name__ == "__main__":
+    main()
