@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import datetime
 import gc
+import json
 import math
 import os
 import platform
@@ -43,7 +44,7 @@ from cvfast.models.body import create_body
 from cvfast.models.patch import PatchClassifier
 from cvfast.train.learners import patch_learner, whole_image_learner
 from cvfast.train.pipeline import whole_training_cbs
-from cvfast.train.recipes import load_recipe
+from cvfast.train.recipes import fingerprint, load_recipe
 from cvfast.train.runtime import Runtime, apply_runtime
 from cvfast.train.schedule import Stage, begin_stage, fit_stage, stages_from
 
@@ -81,6 +82,20 @@ class Config:
             return f"patch classifier: {self.arch} body + GAP + FC (5 classes), {self.size[0]}x{self.size[1]} patches, batch {self.bs}"
         top = (f"ResNet top [{'-'.join(map(str, self.widths))}] x 2" if self.top == "resnet" else f"VGG top {self.vgg_width} x 3 twice")
         return f"whole-image classifier: {self.arch} body + {top}, {self.size[0]}x{self.size[1]}, batch {self.bs}"
+
+
+def finished(out: Path, recipe: dict) -> dict | None:
+    """The held-out metrics of a model already trained into OUT with this resolved recipe, or None (then train it).
+
+    A finished training leaves no checkpoint to resume from, so calling train_* again would train it anew: benchmarks
+    that share a model between runs, or resume after a kill, reuse it through this instead."""
+    side, stored = out / "model.json", out / "recipe.json"
+    if not (side.is_file() and stored.is_file()):
+        return None
+    trained = json.loads(stored.read_text())
+    if fingerprint({k: trained.get(k) for k in recipe}) != fingerprint(json.loads(json.dumps(recipe, default=str))):
+        return None
+    return json.loads(side.read_text())["metrics"]
 
 
 def today() -> str:

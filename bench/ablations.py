@@ -28,6 +28,7 @@ import argparse
 import hashlib
 import json
 import logging
+import shutil
 import sys
 import time
 import warnings
@@ -41,11 +42,11 @@ sys.path.insert(0, str(ROOT))
 warnings.filterwarnings("ignore")
 
 from bench._results import publish  # noqa: E402
-from bench._train import OUT, machine, reproduce, save_md, today  # noqa: E402
+from bench._train import OUT, finished, machine, reproduce, save_md, today  # noqa: E402
 from cvfast.data.read import atomic_write_bytes  # noqa: E402
 from cvfast.demo import demo_data  # noqa: E402
 from cvfast.train.pipeline import finetune, train_patch, train_whole  # noqa: E402
-from cvfast.train.recipes import load_recipe, resolve  # noqa: E402
+from cvfast.train.recipes import fingerprint, load_recipe, resolve  # noqa: E402
 
 NAME = "ablations"
 log = logging.getLogger("ablations")
@@ -83,28 +84,34 @@ def run_seed(seed: int, variants: list[str], args: argparse.Namespace) -> None:
     """Data stages once, then each variant's missing models; one JSON per finished variant."""
     work = args.work / f"seed{seed}"
     if not (work / "data" / "ddsm" / "patches_s10" / "patchset.json").is_file():
+        if not (work / "synthetic" / "ground_truth.json").is_file():
+            shutil.rmtree(work / "synthetic", ignore_errors=True)  # a kill inside synth: this run's own partial data, redone
         demo_data(work, patients=args.patients, seed=seed, difficulty="hard")
     ddsm, inbreast, models = work / "data" / "ddsm", work / "data" / "inbreast", work / "models"
     for name in variants:
+        over = VARIANTS[name]
+        recipes = {"patch": recipe("demo-patch", over.get("patch", {}), seed, args.epochs_scale),
+                   "whole": recipe("demo-whole", over.get("whole", {}), seed, args.epochs_scale),
+                   "finetune": recipe("demo-finetune", over.get("finetune", {}), seed, args.epochs_scale)}
+        # a model folder is named by everything that trained it: its recipe and the folders of the models it starts from
+        patch_dir = models / f"patch-{key(recipes['patch'])}"
+        whole_dir = models / f"whole-{key(patch_dir.name, recipes['whole'])}"
+        ft_dir = models / f"finetune-{key(whole_dir.name, recipes['finetune'])}"
+        scratch_dir = models / f"scratch-{key(whole_dir.name, recipes['finetune'])}"
         done = work / f"{name}.json"
-        if done.is_file():
+        fingerprints = {step: fingerprint(r) for step, r in recipes.items()}
+        if done.is_file() and json.loads(done.read_text()).get("fingerprints") == fingerprints:
             continue
         t = time.perf_counter()
-        over = VARIANTS[name]
-        p_key = key(over.get("patch", {}))
-        w_key = key(p_key, over.get("whole", {}))
-        f_key = key(w_key, over.get("finetune", {}))
-        patch = train_patch(recipe("demo-patch", over.get("patch", {}), seed, args.epochs_scale), ddsm / "patches_s10", models / f"patch-{p_key}")
-        whole = train_whole(recipe("demo-whole", over.get("whole", {}), seed, args.epochs_scale), ddsm, models / f"patch-{p_key}",
-                            models / f"whole-{w_key}")
-        ft = finetune(recipe("demo-finetune", over.get("finetune", {}), seed, args.epochs_scale), inbreast, models / f"whole-{w_key}",
-                      models / f"finetune-{f_key}")
-        result = {"seed": seed, "variant": name, "patch_init": patch.metrics.get("init"), "patch_accuracy": patch.metrics.get("test_accuracy"),
-                  "whole_auc": whole.metrics.get("test_auc"), "transfer_auc": ft.metrics.get("test_auc"), "minutes": (time.perf_counter() - t) / 60}
+        patch = finished(patch_dir, recipes["patch"]) or train_patch(recipes["patch"], ddsm / "patches_s10", patch_dir).metrics
+        whole = finished(whole_dir, recipes["whole"]) or train_whole(recipes["whole"], ddsm, patch_dir, whole_dir).metrics
+        ft = finished(ft_dir, recipes["finetune"]) or finetune(recipes["finetune"], inbreast, whole_dir, ft_dir).metrics
+        result = {"seed": seed, "variant": name, "fingerprints": fingerprints, "patch_init": patch.get("init"),
+                  "patch_accuracy": patch.get("test_accuracy"), "whole_auc": whole.get("test_auc"), "transfer_auc": ft.get("test_auc"),
+                  "minutes": (time.perf_counter() - t) / 60}
         if name == "paper":
-            scratch = finetune(recipe("demo-finetune", {}, seed, args.epochs_scale), inbreast, models / f"whole-{w_key}", models / "scratch",
-                               scratch=True)
-            result["scratch_auc"] = scratch.metrics.get("test_auc")
+            scratch = finished(scratch_dir, recipes["finetune"]) or finetune(recipes["finetune"], inbreast, whole_dir, scratch_dir, scratch=True).metrics
+            result["scratch_auc"] = scratch.get("test_auc")
         atomic_write_bytes(done, json.dumps(result, indent=1).encode())
         log.info("seed %d %s: whole AUC %.3f, transfer AUC %.3f (%.1f min)", seed, name, result["whole_auc"], result["transfer_auc"], result["minutes"])
 
@@ -123,6 +130,7 @@ def paired(values: list[float], base: list[float]) -> str:
 
 def summary(results: dict[str, list[dict]], args: argparse.Namespace, minutes: float) -> list[str]:
     """The section: one row per variant, whole-image and transfer AUC over the seeds, paired with the paper's configuration."""
+    results = {name: sorted(rs, key=lambda r: r["seed"]) for name, rs in results.items()}  # paired by seed
     base = results["paper"]
     lines = [f"### ablations on the hard synthetic data ({today()}, {machine()}, torch {torch.__version__}, CPU)", "",
              f"Reproduce: `{reproduce('ablations.py', sys.argv[1:])}`.", "",
@@ -132,7 +140,6 @@ def summary(results: dict[str, list[dict]], args: argparse.Namespace, minutes: f
              f"moves by several points by chance: read the paired differences and their sd. {minutes:.0f} min of training in all.", "",
              "| variant | patch test accuracy | whole-image test AUC | vs paper | transfer test AUC | vs paper |", "|---|---:|---:|---:|---:|---:|"]
     for name, rs in results.items():
-        rs = sorted(rs, key=lambda r: r["seed"])
         w, f = [r["whole_auc"] for r in rs], [r["transfer_auc"] for r in rs]
         vs = name != "paper"
         lines.append(f"| {LABELS[name]} | {stats([r['patch_accuracy'] for r in rs])} | {stats(w)} | "

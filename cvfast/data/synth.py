@@ -340,6 +340,18 @@ def _rng(seed: int, *parts: object) -> np.random.Generator:
     return np.random.default_rng([seed, zlib.crc32(repr(parts).encode())])
 
 
+def mass_descriptors(rng: np.random.Generator, les: LesionSpec) -> dict[str, str]:
+    """CBIS-DDSM's mass shape and margins for the lesion as drawn (its look, not its pathology); the random draws are the
+    first data's, so the easy data's CSVs stay as they were."""
+    shape = str(rng.choice(["IRREGULAR", "LOBULATED"]) if les.malignant else rng.choice(["ROUND", "OVAL"]))
+    margins = str(rng.choice(["SPICULATED", "ILL_DEFINED"])) if les.malignant else "CIRCUMSCRIBED"
+    if les.irregular is None or les.irregular == les.malignant and les.spiculated == les.malignant:
+        return {"mass shape": shape, "mass margins": margins}
+    swap = {"IRREGULAR": "ROUND", "LOBULATED": "OVAL", "ROUND": "IRREGULAR", "OVAL": "LOBULATED"}
+    shape = shape if les.irregular == les.malignant else swap[shape]
+    return {"mass shape": shape, "mass margins": "SPICULATED" if les.spiculated else "ILL_DEFINED" if les.irregular else "CIRCUMSCRIBED"}
+
+
 def synth_ddsm(out: Path, patients: int, seed: int, size: tuple[int, int], difficulty: Difficulty = DIFFICULTIES["hard"]) -> dict:
     """Write a CBIS-DDSM-layout tree (four CSVs + CBIS-DDSM/ DICOM folders) and return its ground truth."""
     h, w = size
@@ -396,9 +408,7 @@ def synth_ddsm(out: Path, patients: int, seed: int, size: tuple[int, int], diffi
                         "ROI mask file path": f"{roi_folder}/{_uid(seed, roi_folder, 'cst')}/{_uid(seed, roi_folder, 'cse')}/000001.dcm\n",
                     }
                     if kind == "mass":
-                        base |= {"breast_density": density, "abnormality type": "mass",
-                                 "mass shape": rng.choice(["IRREGULAR", "LOBULATED"]) if les.malignant else rng.choice(["ROUND", "OVAL"]),
-                                 "mass margins": rng.choice(["SPICULATED", "ILL_DEFINED"]) if les.malignant else "CIRCUMSCRIBED"}
+                        base |= {"breast_density": density, "abnormality type": "mass", **mass_descriptors(rng, les)}
                     else:
                         base |= {"breast density": density, "abnormality type": "calcification",
                                  "calc type": rng.choice(["PLEOMORPHIC", "FINE_LINEAR_BRANCHING"]) if les.malignant else rng.choice(["COARSE", "ROUND_AND_REGULAR"]),

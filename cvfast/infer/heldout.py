@@ -33,7 +33,8 @@ def heldout_whole_metrics(learn: Learner, data: str | Path, split: str = "test")
         return {}
     p = predict_frame(learn, df)[:, WHOLE_IMAGE_CLASSES.index("cancer")]
     boots = patient_bootstrap_aucs(df["label"].to_numpy(), [p], df["patient_id"].to_numpy(), n_boot=1000)
-    return {f"{split}_auc": float(roc_auc_score(df["label"], p)), f"{split}_auc_ci95": [float(v) for v in np.percentile(boots[:, 0], [2.5, 97.5])],
+    ci = [float(v) for v in np.percentile(boots[:, 0], [2.5, 97.5])] if len(boots) else [float("nan")] * 2
+    return {f"{split}_auc": float(roc_auc_score(df["label"], p)), f"{split}_auc_ci95": ci,
             f"{split}_accuracy": float(accuracy_score(df["label"], p > 0.5)), f"{split}_images": int(len(df))}
 
 
