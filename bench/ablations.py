@@ -16,7 +16,7 @@ patch classifier), and is scored by whole-image test AUC (DDSM-like) and transfe
 labels only); the from-scratch control of the transfer is trained once per seed. Reported: mean and sd over seeds, and
 the paired difference from the paper's configuration (mean, sd, and how many seeds moved the same way).
 
-    python bench/ablations.py [--seeds 0 1 2] [--patients 40] [--epochs-scale 0.5] [--only heatmap vgg-top]
+    python bench/ablations.py [--seeds 0 1 2] [--patients 80] [--epochs-scale 1.0] [--only heatmap vgg-top]
 
 Resumable: every model trains into its own folder under bench/out/ablations/ (a killed run continues from its last
 epoch), every finished (seed, variant) is a JSON file there, and a re-run does only what is missing.
@@ -154,8 +154,8 @@ def main() -> None:
     """Run the missing (seed, variant) pairs, then write the table when all are done."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--patients", type=int, default=40, help="synthetic women per dataset")
-    ap.add_argument("--epochs-scale", type=float, default=0.5, help="multiply the demo recipes' epochs")
+    ap.add_argument("--patients", type=int, default=80, help="synthetic women per dataset (the demo: 80)")
+    ap.add_argument("--epochs-scale", type=float, default=1.0, help="multiply the demo recipes' epochs")
     ap.add_argument("--only", nargs="+", choices=sorted(VARIANTS), default=None, help="run only these variants this time")
     ap.add_argument("--work", type=Path, default=OUT / "ablations")
     ap.add_argument("--no-write", action="store_true", help="do not update BENCHMARKS.md")
