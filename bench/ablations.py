@@ -128,16 +128,17 @@ def paired(values: list[float], base: list[float]) -> str:
     return f"{d.mean():+.3f} ± {d.std(ddof=1) if len(d) > 1 else 0.0:.3f} ({int((d > 0).sum())} up, {int((d < 0).sum())} down)"
 
 
-def summary(results: dict[str, list[dict]], args: argparse.Namespace, minutes: float) -> list[str]:
+def summary(results: dict[str, list[dict]], args: argparse.Namespace, complete: list[int]) -> list[str]:
     """The section: one row per variant, whole-image and transfer AUC over the seeds, paired with the paper's configuration."""
     results = {name: sorted(rs, key=lambda r: r["seed"]) for name, rs in results.items()}  # paired by seed
     base = results["paper"]
     lines = [f"### ablations on the hard synthetic data ({today()}, {machine()}, torch {torch.__version__}, CPU)", "",
              f"Reproduce: `{reproduce('ablations.py', sys.argv[1:])}`.", "",
-             f"Seeds {', '.join(map(str, args.seeds))} (data, splits and training follow the seed); {args.patients} synthetic women per dataset, "
+             (f"**Partial: {len(complete)} of {len(args.seeds)} seeds done** (re-run the same command to continue). " if len(complete) < len(args.seeds) else "")
+             + f"Seeds {', '.join(map(str, complete))} (data, splits and training follow the seed); {args.patients} synthetic women per dataset, "
              f"`hard` difficulty, 256x192 images, S10 patches of 48; the demo recipes with epochs x{args.epochs_scale:g}. Test sets per seed: "
              f"~{int(args.patients * 0.2 * 2.6)} DDSM-like and ~{int(args.patients * 0.2 * 3.5)} INbreast-like images, so one seed's AUC "
-             f"moves by several points by chance: read the paired differences and their sd. {minutes:.0f} min of training in all.", "",
+             "moves by several points by chance: read the paired differences and their sd.", "",
              "| variant | patch test accuracy | whole-image test AUC | vs paper | transfer test AUC | vs paper |", "|---|---:|---:|---:|---:|---:|"]
     for name, rs in results.items():
         w, f = [r["whole_auc"] for r in rs], [r["transfer_auc"] for r in rs]
@@ -166,13 +167,12 @@ def main() -> None:
     variants = ["paper"] + [v for v in (args.only or VARIANTS) if v != "paper"]
     for seed in args.seeds:
         run_seed(seed, variants, args)
-    files = {name: [args.work / f"seed{s}" / f"{name}.json" for s in args.seeds] for name in VARIANTS}
-    if not all(p.is_file() for ps in files.values() for p in ps):
-        print(f"not all variants done yet ({args.work}); re-run without --only to finish and write the table")
+    complete = [s for s in args.seeds if all((args.work / f"seed{s}" / f"{name}.json").is_file() for name in VARIANTS)]
+    if not complete:
+        print(f"no seed has all variants done yet ({args.work}); re-run without --only to finish and write the table")
         return
-    results = {name: [json.loads(p.read_text()) for p in ps] for name, ps in files.items()}
-    minutes = sum(r["minutes"] for rs in results.values() for r in rs)
-    lines = summary(results, args, minutes)
+    results = {name: [json.loads((args.work / f"seed{s}" / f"{name}.json").read_text()) for s in complete] for name in VARIANTS}
+    lines = summary(results, args, complete)
     publish(NAME, lines, write=not args.no_write)
     save_md(lines, args.md_out)
 
