@@ -406,7 +406,7 @@ def summary(results: dict[str, list[dict]], args: argparse.Namespace, device: to
     missed = [h for r in first for h in r.get("missed_heatmaps", [])]
     if missed:
         lines.append(f"Heatmaps of the patch classifier over the {len(missed)} cancers missed at the validation folds' 80%-specificity point: "
-                     f"{Path(missed[0]).parent.parent} (PNG per image).")
+                     f"`{os.path.relpath(Path(missed[0]).parent.parent, ROOT)}/` (PNG per image).")
     return lines
 
 

@@ -52,7 +52,9 @@ def test_killed_prepare_resumes_to_identical_output(tmp_path):
 
 def test_training_resumes_after_being_killed(s10, tmp_path):
     out = tmp_path / "m"
-    cmd = [sys.executable, "-m", "cvfast.cli", "patch", "--data", str(s10), "--recipe", "demo-patch", "--epochs-scale", "3", "--out", str(out)]
+    # timm's tiny test_resnet from random init: one stage of 24 epochs that take a fraction of a second each
+    cmd = [sys.executable, "-m", "cvfast.cli", "patch", "--data", str(s10), "--recipe", "demo-patch", "--arch", "test_resnet", "--no-pretrained",
+           "--epochs-scale", "3", "--out", str(out)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     progress = out / "checkpoints" / "progress.json"
     deadline = time.time() + 240
