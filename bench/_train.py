@@ -453,7 +453,7 @@ def reproduce(script: str, argv: list[str]) -> str:
         if skip:
             skip = False
             continue
-        if a == "--no-write":
+        if a in ("--no-write", "--summary-only"):
             continue
         if a in ("--md-out", "--export"):
             skip = True

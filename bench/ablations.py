@@ -119,35 +119,43 @@ def run_seed(seed: int, variants: list[str], args: argparse.Namespace) -> None:
 def stats(values: list[float]) -> str:
     """mean ± sd."""
     v = np.asarray(values, float)
-    return f"{v.mean():.3f} ± {v.std(ddof=1) if len(v) > 1 else 0.0:.3f}"
+    return f"{v.mean():.3f} ± {v.std(ddof=1):.3f}" if len(v) > 1 else f"{v.mean():.3f}"  # one seed has no spread to show
 
 
-def paired(values: list[float], base: list[float]) -> str:
+def paired(values: dict[int, float], base: dict[int, float]) -> str:
     """Mean ± sd of the per-seed difference from the paper's configuration, and the seeds that moved each way."""
-    d = np.asarray(values, float) - np.asarray(base, float)
-    return f"{d.mean():+.3f} ± {d.std(ddof=1) if len(d) > 1 else 0.0:.3f} ({int((d > 0).sum())} up, {int((d < 0).sum())} down)"
+    d = np.asarray([values[k] - base[k] for k in sorted(values) if k in base], float)
+    if len(d) < 2:
+        return f"{d.mean():+.3f} (one seed)"
+    return f"{d.mean():+.3f} ± {d.std(ddof=1):.3f} ({int((d > 0).sum())} up, {int((d < 0).sum())} down)"
 
 
-def summary(results: dict[str, list[dict]], args: argparse.Namespace, complete: list[int]) -> list[str]:
-    """The section: one row per variant, whole-image and transfer AUC over the seeds, paired with the paper's configuration."""
-    results = {name: sorted(rs, key=lambda r: r["seed"]) for name, rs in results.items()}  # paired by seed
+def summary(results: dict[str, dict[int, dict]], args: argparse.Namespace) -> list[str]:
+    """The section: one row per variant, whole-image and transfer AUC over its seeds done, paired by seed with the paper's."""
     base = results["paper"]
+    missing = sum(len(args.seeds) - len(rs) for rs in results.values())
     lines = [f"### ablations on the hard synthetic data ({today()}, {machine()}, torch {torch.__version__}, CPU)", "",
              f"Reproduce: `{reproduce('ablations.py', sys.argv[1:])}`.", "",
-             (f"**Partial: {len(complete)} of {len(args.seeds)} seeds done** (re-run the same command to continue). " if len(complete) < len(args.seeds) else "")
-             + f"Seeds {', '.join(map(str, complete))} (data, splits and training follow the seed); {args.patients} synthetic women per dataset, "
+             (f"**Partial: {missing} of {len(args.seeds) * len(results)} (seed, variant) runs still to do** (re-run the same command to "
+              "continue; the 'seeds' column says which are in each row). " if missing else "")
+             + f"Seeds {', '.join(map(str, args.seeds))} (data, splits and training follow the seed); {args.patients} synthetic women per dataset, "
              f"`hard` difficulty, 256x192 images, S10 patches of 48; the demo recipes with epochs x{args.epochs_scale:g}. Test sets per seed: "
              f"~{int(args.patients * 0.2 * 2.6)} DDSM-like and ~{int(args.patients * 0.2 * 3.5)} INbreast-like images, so one seed's AUC "
              "moves by several points by chance: read the paired differences and their sd.", "",
-             "| variant | patch test accuracy | whole-image test AUC | vs paper | transfer test AUC | vs paper |", "|---|---:|---:|---:|---:|---:|"]
+             "| variant | seeds | patch test accuracy | whole-image test AUC | vs paper | transfer test AUC | vs paper |",
+             "|---|---|---:|---:|---:|---:|---:|"]
     for name, rs in results.items():
-        w, f = [r["whole_auc"] for r in rs], [r["transfer_auc"] for r in rs]
+        if not rs:
+            lines.append(f"| {LABELS[name]} | none yet | | | | | |")
+            continue
+        w, f = {k: r["whole_auc"] for k, r in rs.items()}, {k: r["transfer_auc"] for k, r in rs.items()}
         vs = name != "paper"
-        lines.append(f"| {LABELS[name]} | {stats([r['patch_accuracy'] for r in rs])} | {stats(w)} | "
-                     f"{paired(w, [r['whole_auc'] for r in base]) if vs else '--'} | {stats(f)} | "
-                     f"{paired(f, [r['transfer_auc'] for r in base]) if vs else '--'} |")
-    lines.append(f"| same architecture from scratch on the INbreast-like set (the transfer's control) | | | | "
-                 f"{stats([r['scratch_auc'] for r in base])} | {paired([r['scratch_auc'] for r in base], [r['transfer_auc'] for r in base])} |")
+        lines.append(f"| {LABELS[name]} | {', '.join(map(str, sorted(rs)))} | {stats([r['patch_accuracy'] for r in rs.values()])} | "
+                     f"{stats(list(w.values()))} | {paired(w, {k: r['whole_auc'] for k, r in base.items()}) if vs else '--'} | "
+                     f"{stats(list(f.values()))} | {paired(f, {k: r['transfer_auc'] for k, r in base.items()}) if vs else '--'} |")
+    scratch, transfer = {k: r["scratch_auc"] for k, r in base.items()}, {k: r["transfer_auc"] for k, r in base.items()}
+    lines.append(f"| same architecture from scratch on the INbreast-like set (the transfer's control) | {', '.join(map(str, sorted(base)))} | | | | "
+                 f"{stats(list(scratch.values()))} | {paired(scratch, transfer)} |")
     return lines
 
 
@@ -158,6 +166,7 @@ def main() -> None:
     ap.add_argument("--patients", type=int, default=80, help="synthetic women per dataset (the demo: 80)")
     ap.add_argument("--epochs-scale", type=float, default=1.0, help="multiply the demo recipes' epochs")
     ap.add_argument("--only", nargs="+", choices=sorted(VARIANTS), default=None, help="run only these variants this time")
+    ap.add_argument("--summary-only", action="store_true", help="train nothing: write the table of what is done")
     ap.add_argument("--work", type=Path, default=OUT / "ablations")
     ap.add_argument("--no-write", action="store_true", help="do not update BENCHMARKS.md")
     ap.add_argument("--md-out", default=None, help="also write the section's Markdown to this file")
@@ -165,14 +174,14 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     args.work = args.work / f"p{args.patients}-e{args.epochs_scale:g}"
     variants = ["paper"] + [v for v in (args.only or VARIANTS) if v != "paper"]
-    for seed in args.seeds:
+    for seed in [] if args.summary_only else args.seeds:
         run_seed(seed, variants, args)
-    complete = [s for s in args.seeds if all((args.work / f"seed{s}" / f"{name}.json").is_file() for name in VARIANTS)]
-    if not complete:
-        print(f"no seed has all variants done yet ({args.work}); re-run without --only to finish and write the table")
+    results = {name: {s: json.loads((args.work / f"seed{s}" / f"{name}.json").read_text()) for s in args.seeds
+                      if (args.work / f"seed{s}" / f"{name}.json").is_file()} for name in VARIANTS}
+    if not results["paper"]:
+        print(f"no seed of the paper's configuration done yet ({args.work}); re-run to continue")
         return
-    results = {name: [json.loads((args.work / f"seed{s}" / f"{name}.json").read_text()) for s in complete] for name in VARIANTS}
-    lines = summary(results, args, complete)
+    lines = summary(results, args)
     publish(NAME, lines, write=not args.no_write)
     save_md(lines, args.md_out)
 
