@@ -19,7 +19,10 @@ the paired difference from the paper's configuration (mean, sd, and how many see
     python bench/ablations.py [--seeds 0 1 2] [--patients 80] [--epochs-scale 1.0] [--only heatmap vgg-top]
 
 Resumable: every model trains into its own folder under bench/out/ablations/ (a killed run continues from its last
-epoch), every finished (seed, variant) is a JSON file there, and a re-run does only what is missing.
+epoch), every finished (seed, variant) is a JSON file there, and a re-run does only what is missing; `--summary-only`
+writes the table of what is done. Cost at the demo's scale, measured with one thread: ~20 min per variant that
+retrains the patch classifier, ~12-45 min per whole-image variant -- about 1.5 hours of 2 cores per seed. At 40 women and
+half the epochs the chain does not learn (whole-image AUC 0.40), so the table would only show noise.
 """
 
 from __future__ import annotations

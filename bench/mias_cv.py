@@ -16,7 +16,7 @@ per image (= per breast: mini-MIAS has one MLO view per breast) and per patient 
 
     python bench/mias_cv.py [--source ../shared/data/mini-mias] [--size 1024x800] [--top resnet] [--epochs-scale 1.0]
                             [--only 0 1] [--budget-s 540] [--weights resnet50.safetensors]
-    python bench/mias_cv.py --cpu                     # the CPU benchmark: Lite0 from ImageNet vs random init, ~80 min on 2 cores
+    python bench/mias_cv.py --cpu                     # the CPU benchmark: Lite0 from ImageNet vs random init, ~90 min on 2 cores
     python bench/mias_cv.py --tiny --no-write         # CPU smoke run: test_resnet, 128x100, 40 women, ~2 epochs (minutes)
 
 --cpu (what BENCHMARKS.md reports for a 2-core machine): EfficientNet-Lite0 from the ImageNet weights packaged in
