@@ -20,9 +20,10 @@ the paired difference from the paper's configuration (mean, sd, and how many see
 
 Resumable: every model trains into its own folder under bench/out/ablations/ (a killed run continues from its last
 epoch), every finished (seed, variant) is a JSON file there, and a re-run does only what is missing; `--summary-only`
-writes the table of what is done. Cost at the demo's scale, measured with one thread: ~20 min per variant that
-retrains the patch classifier, ~12-45 min per whole-image variant -- about 1.5 hours of 2 cores per seed. At 40 women and
-half the epochs the chain does not learn (whole-image AUC 0.40), so the table would only show noise.
+writes the table of what is done. Cost at the demo's scale, one thread each, measured beside other jobs: 19 min for the
+random-init variant (patch, whole-image and transfer models retrained), 46 min for the heatmap variant while the test
+suite also ran -- roughly 1.5 hours of an idle 2-core machine per seed. At 40 women and half the epochs the chain does
+not learn (whole-image AUC 0.40), so such a table would only show noise.
 """
 
 from __future__ import annotations
