@@ -71,7 +71,7 @@ from cvfast.data.synth import parse_size  # noqa: E402
 from cvfast.errors import CvfastError  # noqa: E402
 from cvfast.infer.heldout import predict_frame  # noqa: E402
 from cvfast.infer.heatmap import heatmap, save_overlay  # noqa: E402
-from cvfast.infer.stats import patient_bootstrap_aucs, thresholds_at  # noqa: E402
+from cvfast.infer.stats import patient_bootstrap_aucs, percentile_ci, thresholds_at  # noqa: E402
 from cvfast.train.pipeline import train_patch, train_whole  # noqa: E402
 from cvfast.train.recipes import fingerprint, load_recipe, resolve  # noqa: E402
 from cvfast.train.runtime import Runtime  # noqa: E402
@@ -343,11 +343,6 @@ def predictions(results: dict[str, list[dict]]) -> pd.DataFrame:
     return base
 
 
-def ci(boots: np.ndarray) -> tuple[float, float]:
-    """The 2.5 and 97.5 percentiles of bootstrap values."""
-    return tuple(np.percentile(boots, [2.5, 97.5])) if len(boots) else (float("nan"), float("nan"))
-
-
 def summary(results: dict[str, list[dict]], args: argparse.Namespace, device: torch.device, runtime: Runtime, chains: dict[str, str]) -> list[str]:
     """The section: settings, per-fold table, mean +- sd, pooled AUCs with patient-bootstrap CIs, baselines and the control chain."""
     first = results[args.init]
@@ -390,17 +385,17 @@ def summary(results: dict[str, list[dict]], args: argparse.Namespace, device: to
     lines += ["Pooled over all held-out images (each scored by the model of the fold that held it out), 95% CI from 2000 patient-bootstrap resamples:", "",
               "| scores | pooled image AUC [95% CI] | pooled patient AUC (max of her breasts) |", "|---|---:|---:|"]
     for j, (name, col) in enumerate(cols.items()):
-        lo, hi = ci(boots[:, j])
+        lo, hi = percentile_ci(boots[:, j])
         lines.append(f"| {name} | {fmt(auc(y, preds[col]))} [{fmt(lo)}, {fmt(hi)}] | {fmt(auc(per_patient['label'], per_patient[col]))} |")
     lines += ["| chance | 0.500 | 0.500 |", ""]
     model_auc = auc(y, preds[f"p_{args.init}"])
     best_base = max(auc(y, preds["density_prior"]), auc(y, preds["brightness"]), 0.5)
-    lo, hi = ci(boots[:, 0])
+    lo, hi = percentile_ci(boots[:, 0])
     lines.append(f"Pooled image AUC {model_auc:.3f} = {model_auc / 0.5:.2f}x chance and {model_auc / best_base:.2f}x the best trivial baseline "
                  f"({best_base:.3f}); the CI half-width (~{(hi - lo) / 2:.2f}) is what {len(preds)} images allow.")
     if len(results) > 1:
         diff = boots[:, 0] - boots[:, 1]
-        dlo, dhi = ci(diff)
+        dlo, dhi = percentile_ci(diff)
         lines.append(f"{init_label(first)} minus {init_label(results[args.control])}, paired over the same bootstrap resamples: "
                      f"{model_auc - auc(y, preds[f'p_{args.control}']):+.3f} [{dlo:+.3f}, {dhi:+.3f}].")
     missed = [h for r in first for h in r.get("missed_heatmaps", [])]

@@ -8,7 +8,6 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 from sklearn.metrics import roc_auc_score
 
 from cvfast.data.ingest import prepare_ddsm, prepare_inbreast
@@ -16,7 +15,7 @@ from cvfast.data.ingest.common import PrepareOptions
 from cvfast.data.read import atomic_write_bytes
 from cvfast.data.sample import PATCH_SETS, make_patches
 from cvfast.data.synth import synthesize
-from cvfast.infer.stats import patient_bootstrap_aucs
+from cvfast.infer.stats import patient_bootstrap_aucs, percentile_ci
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +104,7 @@ def paired_difference(a, b, data: Path, n_boot: int = 2000) -> dict:
         return {}  # a test split with one class has no AUC (heldout_whole_metrics warns)
     boots = patient_bootstrap_aucs(y, scores, both["patient_id"].to_numpy(), n_boot=n_boot)
     return {"difference": float(roc_auc_score(y, scores[0]) - roc_auc_score(y, scores[1])),
-            "ci95": [float(v) for v in np.percentile(boots[:, 0] - boots[:, 1], [2.5, 97.5])] if len(boots) else [float("nan")] * 2,
+            "ci95": percentile_ci(boots[:, 0] - boots[:, 1]),
             "images": int(len(both)), "patients": int(both["patient_id"].nunique())}
 
 

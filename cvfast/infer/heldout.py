@@ -12,7 +12,7 @@ from sklearn.metrics import accuracy_score, recall_score, roc_auc_score
 
 from cvfast.data.blocks import WHOLE_IMAGE_CLASSES
 from cvfast.data.manifest import PATCH_CLASSES, read_manifest
-from cvfast.infer.stats import patient_bootstrap_aucs
+from cvfast.infer.stats import patient_bootstrap_aucs, percentile_ci
 
 log = logging.getLogger(__name__)
 
@@ -26,22 +26,29 @@ def predict_frame(learn: Learner, df: pd.DataFrame) -> np.ndarray:
 
 def heldout_whole_metrics(learn: Learner, data: str | Path, split: str = "test") -> dict:
     """Image-level ROC AUC and accuracy on a held-out split of a prepared DATA folder."""
-    df = read_manifest(data)
-    df = df[df["split"] == split]
+    df = _split_rows(data, split)
     if df.empty or df["label"].nunique() < 2:
         log.warning("no %s split with both classes in %s: held-out AUC not computed", split, data)
         return {}
-    p = predict_frame(learn, df)[:, WHOLE_IMAGE_CLASSES.index("cancer")]
+    p = _with_scores(learn, df)["p_cancer"].to_numpy()
     boots = patient_bootstrap_aucs(df["label"].to_numpy(), [p], df["patient_id"].to_numpy(), n_boot=1000)
-    ci = [float(v) for v in np.percentile(boots[:, 0], [2.5, 97.5])] if len(boots) else [float("nan")] * 2
-    return {f"{split}_auc": float(roc_auc_score(df["label"], p)), f"{split}_auc_ci95": ci,
+    return {f"{split}_auc": float(roc_auc_score(df["label"], p)), f"{split}_auc_ci95": percentile_ci(boots[:, 0]),
             f"{split}_accuracy": float(accuracy_score(df["label"], p > 0.5)), f"{split}_images": int(len(df))}
 
 
 def heldout_scores(learn: Learner, data: str | Path, split: str = "test") -> pd.DataFrame:
     """The split's manifest rows with the model's cancer probability (column p_cancer)."""
+    return _with_scores(learn, _split_rows(data, split))
+
+
+def _split_rows(data: str | Path, split: str) -> pd.DataFrame:
+    """The manifest rows of one split."""
     df = read_manifest(data)
-    df = df[df["split"] == split].reset_index(drop=True)
+    return df[df["split"] == split].reset_index(drop=True)
+
+
+def _with_scores(learn: Learner, df: pd.DataFrame) -> pd.DataFrame:
+    """The rows with the model's cancer probability added as p_cancer."""
     return df.assign(p_cancer=predict_frame(learn, df)[:, WHOLE_IMAGE_CLASSES.index("cancer")])
 
 

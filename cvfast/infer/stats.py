@@ -31,6 +31,11 @@ def patient_bootstrap_aucs(y: np.ndarray, scores: Sequence[np.ndarray], patients
     return np.asarray(out).reshape(-1, len(scores))
 
 
+def percentile_ci(boots: np.ndarray) -> list[float]:
+    """The 95% percentile interval of bootstrap values ([nan, nan] when no resample was valid)."""
+    return [float(v) for v in np.percentile(boots, [2.5, 97.5])] if len(boots) else [float("nan")] * 2
+
+
 def _codes(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Integer codes of the distinct values."""
     uniques, codes = np.unique(np.asarray(values).astype(str), return_inverse=True)
