@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
+from pydicom.uid import ExplicitVRLittleEndian, RLELossless
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -51,7 +52,7 @@ def make_files(folder: Path, n: int, unique: int, size: tuple[int, int]) -> list
         signal, *_ = render_image(rng, size[0], size[1], "LR"[i % 2], ("CC", "MLO")[i % 2], [lesion], 0.5)
         px = to_ddsm_pixels(rng, signal, with_label=True)
         for kind in ("rle", "raw"):
-            make_dicom(folder / f"{i:03d}_{kind}.dcm", px, patient_id=f"B{i}", rle=kind == "rle")
+            make_dicom(folder / f"{i:03d}_{kind}.dcm", px, patient_id=f"B{i}", syntax=RLELossless if kind == "rle" else ExplicitVRLittleEndian)
         print(f"  generated {2 * (i + 1)}/{n}", end="\r", flush=True)
     marker.touch()
     return files

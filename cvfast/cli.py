@@ -109,14 +109,17 @@ def synth(out: Annotated[Path, typer.Argument(help="Output folder (gets ddsm/, i
           patients: Annotated[int, typer.Option(help="Patients (women) per dataset.")] = 24,
           seed: Annotated[int, typer.Option(help="Random seed; same seed, same files.")] = 0,
           size: Annotated[str, typer.Option(help="tiny | small | realistic | HxW of the DDSM-like images.")] = "tiny",
-          difficulty: Annotated[str, DIFFICULTY] = "hard") -> None:
-    """Generate synthetic mammograms in the CBIS-DDSM and INbreast layouts."""
-    from cvfast.data.synth import synthesize
+          difficulty: Annotated[str, DIFFICULTY] = "hard",
+          layouts: Annotated[str, typer.Option(help="Comma-separated: ddsm, inbreast, rsna, vindr, cmmd, or all.")] = "ddsm,inbreast") -> None:
+    """Generate synthetic mammograms in the layouts of the public datasets (CBIS-DDSM, INbreast, RSNA, VinDr-Mammo, CMMD)."""
+    from cvfast.data.synth import LAYOUTS, synthesize
 
     _at_least(0, seed=seed)
     _at_least(1, patients=patients)
-    truth = synthesize(out, patients=patients, seed=seed, size=size, difficulty=difficulty)
-    console.print(f"wrote {len(truth['ddsm']['images'])} DDSM-like and {len(truth['inbreast']['images'])} INbreast-like images to {out}")
+    names = LAYOUTS if layouts.strip() == "all" else tuple(v.strip() for v in layouts.split(",") if v.strip())
+    truth = synthesize(out, patients=patients, seed=seed, size=size, difficulty=difficulty, layouts=names)
+    counts = ", ".join(f"{len(truth[name]['images'])} {name}" for name in names)
+    console.print(f"wrote {counts} images to {out}")
 
 
 OUT = Annotated[Path, typer.Option("--out", "-o", help="DATA folder for manifest.csv, rejects.csv and the cache.")]
@@ -183,6 +186,43 @@ def prepare_csv_cmd(source: Annotated[Path, typer.Argument(help="CSV with path,l
     from cvfast.data.ingest import prepare_csv
 
     _print_summary(prepare_csv(source, _opts(out, size, workers, seed, valid_frac, test_frac)), f"{source.name} -> {out}")
+
+
+@prepare_app.command("rsna")
+@handles_errors
+def prepare_rsna_cmd(source: Annotated[Path, typer.Argument(help="Folder with train.csv and train_images/.")],
+                     out: OUT, size: SIZE = "1152x896", workers: WORKERS = None, seed: SEED = 0, valid_frac: VALID = 0.15,
+                     test_frac: TEST = 0.2,
+                     test_site: Annotated[Optional[str], typer.Option(help="Hold out every image of this site_id as the test set.")] = None) -> None:
+    """RSNA Screening Mammography: label = cancer; patient-level splits stratified by cancer, or a held-out site."""
+    from cvfast.data.ingest import prepare_rsna
+
+    _print_summary(prepare_rsna(source, _opts(out, size, workers, seed, valid_frac, test_frac), test_site=test_site), f"RSNA -> {out}")
+
+
+@prepare_app.command("vindr")
+@handles_errors
+def prepare_vindr_cmd(source: Annotated[Path, typer.Argument(help="Folder with the two annotation CSVs and images/.")],
+                      out: OUT, size: SIZE = "1152x896", workers: WORKERS = None, seed: SEED = 0, valid_frac: VALID = 0.15,
+                      positive: Annotated[str, typer.Option(help="Breast BI-RADS values labelled cancer (VinDr has no biopsy truth).")] = "4,5",
+                      negative: Annotated[str, typer.Option(help="Breast BI-RADS values labelled no cancer (3 is excluded by default).")] = "1,2") -> None:
+    """VinDr-Mammo: label from breast BI-RADS, finding boxes as ROI masks, the official training/test split."""
+    from cvfast.data.ingest import prepare_vindr
+
+    df = prepare_vindr(source, _opts(out, size, workers, seed, valid_frac, 0.0),
+                       positive=tuple(v for v in positive.split(",") if v.strip()), negative=tuple(v for v in negative.split(",") if v.strip()))
+    _print_summary(df, f"VinDr-Mammo -> {out}")
+
+
+@prepare_app.command("cmmd")
+@handles_errors
+def prepare_cmmd_cmd(source: Annotated[Path, typer.Argument(help="Folder with CMMD/ and CMMD_clinicaldata_revision.xlsx.")],
+                     out: OUT, size: SIZE = "1152x896", workers: WORKERS = None, seed: SEED = 0, valid_frac: VALID = 0.15,
+                     test_frac: TEST = 0.2) -> None:
+    """CMMD: label per breast (Malignant vs Benign); side and view from the DICOM headers; patient-level splits."""
+    from cvfast.data.ingest import prepare_cmmd
+
+    _print_summary(prepare_cmmd(source, _opts(out, size, workers, seed, valid_frac, test_frac)), f"CMMD -> {out}")
 
 
 class PatchSet(str, Enum):
@@ -339,6 +379,9 @@ class TransferDataset(str, Enum):
     """Datasets a whole-image model is transferred to (image-level labels only)."""
 
     inbreast = "inbreast"
+    rsna = "rsna"
+    vindr = "vindr"
+    cmmd = "cmmd"
     mias = "mias"
     csv = "csv"
 
@@ -504,8 +547,9 @@ def evaluate(preds: Annotated[Path, typer.Argument(help="Predictions CSV from `c
              thresholds_from: Annotated[str, typer.Option(help="Operating points chosen on: a split, a predictions CSV, 'auto' (valid when present) or 'self'.")] = "auto",
              specificity: Annotated[Optional[list[float]], typer.Option(help="Operating points at these specificities (repeat; default 0.8 and 0.9).")] = None,
              n_boot: Annotated[int, typer.Option(help="Bootstrap resamples of patients.")] = 2000,
-             seed: Annotated[int, typer.Option(help="Bootstrap seed.")] = 0) -> None:
-    """ROC AUC with a patient-bootstrap 95% CI, operating points, calibration, plots; optionally vs a second model."""
+             seed: Annotated[int, typer.Option(help="Bootstrap seed.")] = 0,
+             by_group: Annotated[Optional[str], typer.Option(help="Also AUC (95% CI) per value of this column: site_id, machine_id, density, ...")] = None) -> None:
+    """ROC AUC with a patient-bootstrap 95% CI, probabilistic F1, operating points, calibration, plots; by group; vs a second model."""
     from cvfast.infer.evaluate import EvalSettings, evaluate_to, report_markdown
 
     specs = tuple(specificity or (0.8, 0.9))
@@ -513,7 +557,8 @@ def evaluate(preds: Annotated[Path, typer.Argument(help="Predictions CSV from `c
     if n_boot < 100 or not all(0 < v < 1 for v in specs):
         raise CvfastError(f"--n-boot {n_boot} / --specificity {specs}: at least 100 resamples, specificities strictly between 0 and 1")
     settings = EvalSettings(by=by.value, agg=agg.value, split=None if split == "all" else split,
-                            thresholds_from=None if thresholds_from == "self" else thresholds_from, specificities=specs, n_boot=n_boot, seed=seed)
+                            thresholds_from=None if thresholds_from == "self" else thresholds_from, specificities=specs, n_boot=n_boot, seed=seed,
+                            by_group=by_group)
     out = out or preds.with_name(f"{preds.stem}_eval")
     report = evaluate_to(preds, out, settings, compare=compare, labels=labels)
     typer.echo(report_markdown(report))  # plain: Markdown tables must not be re-wrapped

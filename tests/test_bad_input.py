@@ -10,13 +10,14 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pandas as pd
+import pydicom
 import pytest
 
 from cvfast.data.ingest import prepare_csv, prepare_ddsm, prepare_inbreast
 from cvfast.data.ingest.common import PrepareOptions
 from cvfast.data.manifest import read_manifest
 from cvfast.data.read import write_png
-from cvfast.data.synth import make_dicom, synthesize
+from cvfast.data.synth import LAYOUTS, make_dicom, synthesize
 from cvfast.data.sample import PATCH_SETS, make_patches
 from cvfast.errors import CvfastError
 
@@ -26,7 +27,7 @@ from conftest import PATCH, run_cli
 @pytest.fixture(scope="module")
 def small_synth(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("bad_synth")
-    synthesize(out, patients=4, seed=11)
+    synthesize(out, patients=4, seed=11, layouts=LAYOUTS)
     return out
 
 
@@ -623,6 +624,72 @@ CATALOGUE += [
 ]
 
 
+def _screening_with(ctx: Ctx, name: str, edit: Callable[[Path], str], *extra: str) -> tuple[list[str], str]:
+    """`prepare NAME` on a copy of a synthetic screening layout that EDIT spoiled; EDIT says what the message must name."""
+    src = Path(shutil.copytree(ctx.synth / name, ctx.tmp / name))
+    return ["prepare", name, str(src), "--out", str(ctx.tmp / "out"), "--size", "64x48", "--workers", "1", *extra], edit(src)
+
+
+def _edit_table(path: Path, edit: Callable[[pd.DataFrame], None]) -> None:
+    """Edit a CSV or XLSX label table in place, as a user's spreadsheet program would."""
+    df = pd.read_excel(path, dtype=str) if path.suffix == ".xlsx" else pd.read_csv(path, dtype=str, keep_default_na=False)
+    edit(df)
+    df.to_excel(path, index=False) if path.suffix == ".xlsx" else df.to_csv(path, index=False)
+
+
+def _set_cell(name: str, column: str, value: str, row: int = 0) -> Callable[[Path], None]:
+    """An edit that sets one cell of table NAME."""
+    return lambda src: _edit_table(src / name, lambda df: df.__setitem__(column, [value if i == row else v for i, v in enumerate(df[column])]))
+
+
+def _first_finding_box_reversed(src: Path) -> str:
+    def edit(df):
+        i = df.index[df["xmin"] != ""][0]
+        df.loc[i, ["xmin", "xmax"]] = df.loc[i, ["xmax", "xmin"]].to_numpy()
+    _edit_table(src / "finding_annotations.csv", edit)
+    return "is not xmin < xmax"
+
+
+def _cmmd_dicom_without_laterality(src: Path) -> str:
+    f = sorted(src.rglob("*.dcm"))[0]
+    ds = pydicom.dcmread(f)
+    del ds.ImageLaterality
+    ds.save_as(f)
+    return "no ImageLaterality in the header"
+
+
+def _cmmd_conflicting_rows(src: Path) -> str:
+    sheet = src / "CMMD_clinicaldata_revision.xlsx"
+    df = pd.read_excel(sheet, dtype=str)
+    twin = df.iloc[[0]].assign(classification="Benign" if df.loc[0, "classification"] == "Malignant" else "Malignant")
+    pd.concat([df, twin]).to_excel(sheet, index=False)
+    return "with another classification"
+
+
+CATALOGUE += [
+    # the screening sets' layouts (issue 13.1)
+    Bad("RSNA train.csv without its cancer column", lambda c: _screening_with(
+        c, "rsna", lambda s: _edit_table(s / "train.csv", lambda df: df.pop("cancer")) or "train.csv: missing column(s) 'cancer'")),
+    Bad("RSNA row whose image_id climbs out of train_images", lambda c: _screening_with(
+        c, "rsna", lambda s: _set_cell("train.csv", "image_id", "../../../etc/passwd")(s) or "are not the integers RSNA uses"), rejects="out/rejects.csv"),
+    Bad("RSNA row whose cancer is not 0 or 1", lambda c: _screening_with(
+        c, "rsna", lambda s: _set_cell("train.csv", "cancer", "yes", row=1)(s) or "train.csv row 3"), rejects="out/rejects.csv"),
+    Bad("RSNA --test-site that no row has", lambda c: _screening_with(c, "rsna", lambda s: "--test-site 9", "--test-site", "9")),
+    Bad("VinDr finding box with xmin and xmax swapped", lambda c: _screening_with(c, "vindr", _first_finding_box_reversed), rejects="out/rejects.csv"),
+    Bad("VinDr split that is neither training nor test", lambda c: _screening_with(
+        c, "vindr", lambda s: _set_cell("breast-level_annotations.csv", "split", "validation")(s) or "split 'validation'"), rejects="out/rejects.csv"),
+    Bad("VinDr folder without finding_annotations.csv", lambda c: _screening_with(
+        c, "vindr", lambda s: (s / "finding_annotations.csv").unlink() or "no finding_annotations.csv")),
+    Bad("CMMD DICOM without ImageLaterality", lambda c: _screening_with(c, "cmmd", _cmmd_dicom_without_laterality), rejects="out/rejects.csv"),
+    Bad("CMMD sheet with two classifications for one breast", lambda c: _screening_with(c, "cmmd", _cmmd_conflicting_rows), rejects="out/rejects.csv"),
+    Bad("CMMD classification that is neither Benign nor Malignant", lambda c: _screening_with(
+        c, "cmmd", lambda s: _set_cell("CMMD_clinicaldata_revision.xlsx", "classification", "Unknown")(s) or "classification 'Unknown'"),
+        rejects="out/rejects.csv"),
+    Bad("CMMD folder without the clinical sheet", lambda c: _screening_with(
+        c, "cmmd", lambda s: (s / "CMMD_clinicaldata_revision.xlsx").unlink() or "no clinical sheet")),
+]
+
+
 @pytest.fixture(scope="module")
 def models(untrained_models) -> tuple[Path, Path]:
     return untrained_models
@@ -639,7 +706,7 @@ def test_bad_input_catalogue(case, small_synth, ddsm_data, s10, models, tmp_path
     if case.rejects:
         assert r.exit_code == 0, out
         rejects = pd.read_csv(tmp_path / case.rejects)
-        assert says in " | ".join(rejects.astype(str).agg(" ".join, axis=1)), rejects.to_string()
+        assert says in " | ".join(rejects.fillna("").astype(str).agg(" ".join, axis=1)), rejects.to_string()
     else:
         assert r.exit_code != 0 and "error:" in out and says in out, out
 

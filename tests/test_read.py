@@ -8,9 +8,10 @@ import pytest
 from PIL import Image
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
+from pydicom.uid import RLELossless
 
 from cvfast.data.read import read_mammogram, read_png, resize, resize_mask, write_png
-from cvfast.data.synth import make_dicom
+from cvfast.data.synth import ENCODERS, make_dicom
 from cvfast.errors import CvfastError
 
 
@@ -46,7 +47,7 @@ def test_monochrome1_is_inverted(tmp_path, ramp):
 
 def test_rle_lossless_decodes_identically(tmp_path, ramp):
     make_dicom(tmp_path / "raw.dcm", ramp, patient_id="P")
-    make_dicom(tmp_path / "rle.dcm", ramp, patient_id="P", rle=True)
+    make_dicom(tmp_path / "rle.dcm", ramp, patient_id="P", syntax=RLELossless)
     assert pydicom.dcmread(tmp_path / "rle.dcm").file_meta.TransferSyntaxUID == pydicom.uid.RLELossless
     np.testing.assert_array_equal(read_mammogram(tmp_path / "rle.dcm").pixels, read_mammogram(tmp_path / "raw.dcm").pixels)
 
@@ -102,15 +103,26 @@ def test_non_image_file_names_file(tmp_path):
             read_mammogram(tmp_path / name)
 
 
-def test_missing_decoder_is_named(tmp_path, ramp):
-    f = tmp_path / "jls.dcm"
+def test_a_transfer_syntax_without_decoder_is_named(tmp_path, ramp):
+    f = tmp_path / "video.dcm"
     make_dicom(f, ramp, patient_id="P")
     ds = pydicom.dcmread(f)
-    ds.file_meta.TransferSyntaxUID = pydicom.uid.JPEGLSLossless  # no JPEG-LS plugin is installed
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.MPEG2MPML  # every lossless still-image syntax has a decoder installed
     ds.PixelData = pydicom.encaps.encapsulate([b"\x00" * 64])
     ds.save_as(f)
-    with pytest.raises(CvfastError, match=r"jls\.dcm.*JPEG-LS.*(not installed|no decoder)"):
+    with pytest.raises(CvfastError, match=r"video\.dcm: pydicom has no decoder at all for transfer syntax MPEG2"):
         read_mammogram(f)
+
+
+@pytest.mark.parametrize("syntax", list(ENCODERS), ids=lambda ts: ts.name.split(" (")[0].replace(" ", "-"))
+@pytest.mark.parametrize("bits", [12, 16])
+def test_every_lossless_transfer_syntax_decodes_to_the_same_pixels(tmp_path, syntax, bits):
+    px = (np.random.default_rng(bits).random((96, 80)) * (2**bits - 1)).astype(np.uint16)
+    make_dicom(tmp_path / "raw.dcm", px, patient_id="P", bits_stored=bits)
+    make_dicom(tmp_path / "c.dcm", px, patient_id="P", bits_stored=bits, syntax=syntax)
+    assert pydicom.dcmread(tmp_path / "c.dcm").file_meta.TransferSyntaxUID == syntax
+    np.testing.assert_array_equal(pydicom.dcmread(tmp_path / "c.dcm").pixel_array, px)
+    np.testing.assert_array_equal(read_mammogram(tmp_path / "c.dcm").pixels, read_mammogram(tmp_path / "raw.dcm").pixels)
 
 
 @pytest.mark.parametrize("mode,suffix", [("I;16", ".png"), ("L", ".png"), ("I;16", ".tif"), ("L", ".pgm"), ("1", ".png")])

@@ -28,11 +28,12 @@ RECORDS_DIR = ".records"  # one JSON per finished image; its presence is what ma
 
 @dataclass
 class RoiSpec:
-    """Where one abnormality's ROI comes from: DICOM files to search for the mask, or a circle."""
+    """Where one abnormality's ROI comes from: DICOM files to search for the mask, a circle or a box."""
 
     abnormality_id: int
     candidates: list[str] = field(default_factory=list)  # files in a CBIS-DDSM ROI folder
     circle: tuple[float, float, float] | None = None  # (x, y, radius) in source pixels
+    box: tuple[float, float, float, float] | None = None  # (xmin, ymin, xmax, ymax) pixel corners in source pixels (VinDr)
     y_from_bottom: bool = False  # mini-MIAS counts y from the bottom edge
 
 
@@ -102,6 +103,23 @@ def _circle_mask(roi: RoiSpec, shape: tuple[int, int]) -> np.ndarray:
     return (xs - x) ** 2 + (ys - y) ** 2 <= r * r
 
 
+def _box_mask(roi: RoiSpec, shape: tuple[int, int]) -> np.ndarray:
+    """A filled box in source pixel coordinates, clipped to the image."""
+    xmin, ymin, xmax, ymax = roi.box
+    m = np.zeros(shape, bool)
+    m[max(0, int(np.floor(ymin))) : max(0, int(np.ceil(ymax))), max(0, int(np.floor(xmin))) : max(0, int(np.ceil(xmax)))] = True
+    return m
+
+
+def _roi_mask(roi: RoiSpec, shape: tuple[int, int]) -> np.ndarray:
+    """The full-size mask of one ROI, whichever way it is given."""
+    if roi.circle:
+        return _circle_mask(roi, shape)
+    if roi.box:
+        return _box_mask(roi, shape)
+    return _mask_from_candidates(roi, shape)
+
+
 def job_key(job: ImageJob, size: tuple[int, int]) -> str:
     """What a finished record must match to be reused: size, ROI specs and the source files' size and mtime."""
     files = [job.source, *(f for roi in job.rois for f in roi.candidates)]
@@ -132,9 +150,10 @@ def convert_one(job: ImageJob, data_dir: str, size: tuple[int, int]) -> dict:
     masks, rejects = {}, []
     for roi in job.rois:
         try:
-            full = _circle_mask(roi, mammo.pixels.shape) if roi.circle else _mask_from_candidates(roi, mammo.pixels.shape)
+            full = _roi_mask(roi, mammo.pixels.shape)
             if not full.any():
-                raise CvfastError(f"{job.source}: ROI of abnormality {roi.abnormality_id} is empty")
+                raise CvfastError(f"{job.source}: ROI of abnormality {roi.abnormality_id} is empty (outside the {mammo.pixels.shape[0]}x"
+                                  f"{mammo.pixels.shape[1]} image?)")
             mrel = job.mask_path(roi.abnormality_id)
             write_png(inside(data_dir, mrel), resize_mask(full, size))
             masks[str(roi.abnormality_id)] = mrel

@@ -63,7 +63,7 @@ def manifest_digest(data_dir: str | Path) -> str:
     return hashlib.sha256((Path(data_dir) / MANIFEST_NAME).read_bytes()).hexdigest()
 
 
-TEXT_COLUMNS = ("image_id", "patient_id", "side", "view", "split", "path", "birads", "tissue")
+TEXT_COLUMNS = ("image_id", "patient_id", "side", "view", "split", "path", "birads", "tissue", "density", "subtype", "abnormality")
 
 
 def read_manifest(data: str | Path) -> pd.DataFrame:

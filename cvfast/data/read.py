@@ -103,10 +103,37 @@ def read_dicom(path: str | os.PathLike) -> Mammogram:
         pixels=pixels,
         source=str(path),
         laterality=norm_side(ds.get("ImageLaterality") or ds.get("Laterality")),
-        view=(str(ds.get("ViewPosition")) or None) if ds.get("ViewPosition") else None,
+        view=view_of(ds),
         pixel_spacing=(float(spacing[0]), float(spacing[1])) if spacing else None,
         patient_id=str(ds.get("PatientID")) if ds.get("PatientID") else None,
     )
+
+
+# DICOM's view codes (CID 4014) by their meaning, for files that give the view as ViewCodeSequence only (CMMD)
+VIEW_CODE_MEANINGS = {"cranio-caudal": "CC", "medio-lateral oblique": "MLO", "medio-lateral": "ML", "latero-medial": "LM",
+                      "latero-medial oblique": "LMO", "exaggerated cranio-caudal": "XCCL", "cranio-caudal exaggerated laterally": "XCCL",
+                      "caudo-cranial (from below)": "FB", "axillary tail": "AT"}
+
+
+def view_of(ds: pydicom.Dataset) -> str | None:
+    """The mammographic view: ViewPosition, or the meaning of the first ViewCodeSequence item."""
+    if str(ds.get("ViewPosition", "") or "").strip():
+        return str(ds.ViewPosition).strip().upper()
+    seq = ds.get("ViewCodeSequence")
+    meaning = str(seq[0].get("CodeMeaning", "")).strip().lower() if seq else ""
+    return VIEW_CODE_MEANINGS.get(meaning)
+
+
+def dicom_identity(path: str | os.PathLike) -> dict:
+    """Patient, side, view and exam from a DICOM header (pixels not read); raises CvfastError for a bad header."""
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+    except Exception as e:  # pydicom raises many types on garbled headers
+        raise CvfastError(f"{path}: unreadable DICOM header ({type(e).__name__}: {e})") from None
+    return {"patient_id": str(ds.get("PatientID") or "") or None,
+            "side": norm_side(ds.get("ImageLaterality") or ds.get("Laterality")),
+            "view": view_of(ds),
+            "exam_id": str(ds.get("StudyInstanceUID") or "") or None}
 
 
 def _voi_lut_lookup(arr: np.ndarray, item: pydicom.Dataset) -> np.ndarray:

@@ -24,16 +24,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
+import imagecodecs
 import numpy as np
 import pandas as pd
 import pydicom
 from pydicom.dataset import FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, RLELossless, generate_uid
+from pydicom.encaps import encapsulate
+from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, JPEGLosslessSV1, JPEGLSLossless, RLELossless, generate_uid
 
 from cvfast.data.read import atomic_write_bytes
 from cvfast.errors import CvfastError
 
 log = logging.getLogger(__name__)
+logging.getLogger("openjpeg").setLevel(logging.WARNING)  # its encoder logs every tile at INFO
 
 # (height, width) of the DDSM-like and INbreast-like full images for each preset.
 SIZE_PRESETS: dict[str, tuple[tuple[int, int], tuple[int, int]]] = {
@@ -293,17 +296,23 @@ def to_inbreast_pixels(rng: np.random.Generator, signal: np.ndarray) -> np.ndarr
 
 
 # ----------------------------------------------------------------------------------------------- DICOM
+# the lossless transfer syntaxes make_dicom writes, and the pydicom encoding plugin of each ("" = make_dicom's own path)
+ENCODERS = {ExplicitVRLittleEndian: "", RLELossless: "pylibjpeg", JPEG2000Lossless: "pylibjpeg", JPEGLSLossless: "pyjpegls",
+            JPEGLosslessSV1: ""}
+
 def make_dicom(path: Path, pixels: np.ndarray, *, patient_id: str, sop_class: str = SECONDARY_CAPTURE,
-               bits_stored: int | None = None, rle: bool = False, laterality: str | None = None,
+               bits_stored: int | None = None, syntax: str = ExplicitVRLittleEndian, laterality: str | None = None,
                view: str | None = None, spacing: float | None = None, photometric: str = "MONOCHROME2",
                uid_seed: str = "", extra: dict | None = None) -> None:
-    """Write a single-frame grey DICOM (uint8/uint16), optionally RLE Lossless, atomically."""
+    """Write a single-frame grey DICOM (uint8/uint16) in a lossless transfer syntax (ENCODERS), atomically."""
     ds = pydicom.Dataset()
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = sop_class
     meta.MediaStorageSOPInstanceUID = generate_uid(entropy_srcs=[uid_seed, "sop", str(path.name)])
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds.file_meta = meta
+    if syntax not in ENCODERS:
+        raise ValueError(f"make_dicom writes {', '.join(map(str, ENCODERS))}, not {syntax}")
     ds.SOPClassUID, ds.SOPInstanceUID = sop_class, meta.MediaStorageSOPInstanceUID
     ds.StudyInstanceUID = generate_uid(entropy_srcs=[uid_seed, "study"])
     ds.SeriesInstanceUID = generate_uid(entropy_srcs=[uid_seed, "series", path.parent.name])
@@ -322,8 +331,13 @@ def make_dicom(path: Path, pixels: np.ndarray, *, patient_id: str, sop_class: st
     for k, v in (extra or {}).items():
         setattr(ds, k, v)
     ds.PixelData = np.ascontiguousarray(pixels).tobytes()
-    if rle:
-        ds.compress(RLELossless, encoding_plugin="pylibjpeg", generate_instance_uid=False)
+    if syntax == JPEGLosslessSV1:
+        # pydicom has no JPEG Lossless encoder; libjpeg-turbo's (through imagecodecs) writes process 14, predictor 1
+        frame = imagecodecs.jpeg8_encode(np.ascontiguousarray(pixels), lossless=True, predictor=1, bitspersample=ds.BitsStored)
+        ds.PixelData, meta.TransferSyntaxUID = encapsulate([frame]), JPEGLosslessSV1
+        ds["PixelData"].VR = "OB"
+    elif syntax != ExplicitVRLittleEndian:
+        ds.compress(syntax, encoding_plugin=ENCODERS[syntax], generate_instance_uid=False)
     buf = BytesIO()
     ds.save_as(buf, enforce_file_format=True)
     atomic_write_bytes(path, buf.getvalue())
@@ -383,7 +397,7 @@ def synth_ddsm(out: Path, patients: int, seed: int, size: tuple[int, int], diffi
                 layout_descriptive = image_no % 3 == 0
                 full_dir = out / "CBIS-DDSM" / folder / (f"07-20-2016-DDSM-{image_no:05d}" if layout_descriptive else study)
                 full_dir = full_dir / (f"1.000000-full mammogram images-{image_no:05d}" if layout_descriptive else series)
-                make_dicom(full_dir / "1-1.dcm", pixels, patient_id=folder, rle=image_no % 3 == 1, uid_seed=f"{seed}{image_id}",
+                make_dicom(full_dir / "1-1.dcm", pixels, patient_id=folder, syntax=RLELossless if image_no % 3 == 1 else ExplicitVRLittleEndian, uid_seed=f"{seed}{image_id}",
                            extra={"BodyPartExamined": "BREAST", "SeriesDescription": "full mammogram images"})
                 csv_full = f"{folder}/{_uid(seed, image_id, 'csv-st')}/{_uid(seed, image_id, 'csv-se')}/000000.dcm"
                 abns = []
@@ -464,10 +478,19 @@ def synth_inbreast(out: Path, patients: int, seed: int, size: tuple[int, int], d
     return {"size": [h, w], "images": truth}
 
 
-def synthesize(out: str | Path, patients: int = 24, seed: int = 0, size: str = "tiny", difficulty: str = "hard") -> dict:
-    """Generate both layouts under OUT/ddsm and OUT/inbreast; write and return OUT/ground_truth.json."""
+LAYOUTS = ("ddsm", "inbreast", "rsna", "vindr", "cmmd")
+
+
+def synthesize(out: str | Path, patients: int = 24, seed: int = 0, size: str = "tiny", difficulty: str = "hard",
+               layouts: tuple[str, ...] = ("ddsm", "inbreast")) -> dict:
+    """Generate the chosen dataset layouts under OUT/<layout>; write and return OUT/ground_truth.json."""
+    from cvfast.data.synth_screening import SCREENING_WRITERS  # that module draws with this one's functions
+
     out = Path(out)
-    occupied = [p for sub in ("ddsm", "inbreast") if (out / sub).is_dir() for p in (out / sub).iterdir()]
+    unknown = [name for name in layouts if name not in LAYOUTS]
+    if unknown or not layouts:
+        raise CvfastError(f"layouts {', '.join(unknown) or '(none)'}: expected some of {', '.join(LAYOUTS)}")
+    occupied = [p for sub in layouts if (out / sub).is_dir() for p in (out / sub).iterdir()]
     if occupied and not (out / "ground_truth.json").is_file():  # someone's data, not an earlier synth run's: keep it
         raise CvfastError(f"{out}: already holds {occupied[0]} (not written by `cvfast synth`); choose an empty --out")
     if patients < 2:
@@ -476,14 +499,14 @@ def synthesize(out: str | Path, patients: int = 24, seed: int = 0, size: str = "
         raise CvfastError(f"--difficulty {difficulty!r}: expected one of {', '.join(DIFFICULTIES)}")
     look = DIFFICULTIES[difficulty]
     if size in SIZE_PRESETS:
-        ddsm_size, inbreast_size = SIZE_PRESETS[size]
+        ddsm_size, digital_size = SIZE_PRESETS[size]
     else:
         ddsm_size = parse_size(size)
-        inbreast_size = (int(ddsm_size[0] * 1.021), int(ddsm_size[1] * 1.109))
-    truth = {"seed": seed, "patients": patients, "difficulty": difficulty,
-             "ddsm": synth_ddsm(out / "ddsm", patients, seed, ddsm_size, look),
-             "inbreast": synth_inbreast(out / "inbreast", patients, seed, inbreast_size, look)}
+        digital_size = (int(ddsm_size[0] * 1.021), int(ddsm_size[1] * 1.109))
+    writers = {"ddsm": synth_ddsm, "inbreast": synth_inbreast, **SCREENING_WRITERS}
+    truth = {"seed": seed, "patients": patients, "difficulty": difficulty}
+    for name in layouts:
+        truth[name] = writers[name](out / name, patients, seed, ddsm_size if name == "ddsm" else digital_size, look)
     atomic_write_bytes(out / "ground_truth.json", json.dumps(truth, indent=1).encode())
-    log.info("synthetic data: %d DDSM-like images, %d INbreast-like images in %s",
-             len(truth["ddsm"]["images"]), len(truth["inbreast"]["images"]), out)
+    log.info("synthetic data: %s in %s", ", ".join(f"{len(truth[n]['images'])} {n}-like images" for n in layouts), out)
     return truth

@@ -14,7 +14,8 @@ from sklearn.metrics import average_precision_score, precision_recall_curve, roc
 from cvfast.data.paths import refuse_overwrite
 from cvfast.data.read import atomic_write_bytes
 from cvfast.errors import CvfastError
-from cvfast.infer.stats import at_threshold, calibration, delong_test, patient_bootstrap_aucs, thresholds_at
+from cvfast.infer.stats import (at_threshold, calibration, delong_test, patient_bootstrap_aucs, percentile_ci, probabilistic_f1,
+                                thresholds_at)
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +36,7 @@ class EvalSettings:
     n_boot: int = 2000
     seed: int = 0
     score: str = "p_cancer"
+    by_group: str | None = None  # a column (site_id, machine_id, density, ...): AUC with CI per value of it
 
 
 def read_predictions(path: str | Path, labels: str | Path | None = None, score: str = "p_cancer") -> pd.DataFrame:
@@ -97,10 +99,10 @@ def _refuse_repeats(df: pd.DataFrame, path: Path, what: str) -> None:
                           "each image must appear once (de-duplicate the file, or give images distinct ids)")
 
 
-def aggregate(df: pd.DataFrame, by: str = "image", agg: str = "mean", score: str = "p_cancer") -> pd.DataFrame:
+def aggregate(df: pd.DataFrame, by: str = "image", agg: str = "mean", score: str = "p_cancer", keep: tuple[str, ...] = ()) -> pd.DataFrame:
     """Predictions per image, per breast (patient, exam, side) or per exam (patient, exam): score mean|max, label max.
 
-    Without an exam_id column, a patient's images are taken as one exam.
+    Without an exam_id column, a patient's images are taken as one exam. `keep`: columns carried over (first value per unit).
     """
     if by not in LEVELS or agg not in AGGREGATIONS:
         raise CvfastError(f"--by {by} / --agg {agg}: expected one of {LEVELS} / {AGGREGATIONS}")
@@ -115,15 +117,19 @@ def aggregate(df: pd.DataFrame, by: str = "image", agg: str = "mean", score: str
         raise CvfastError(f"--by breast needs the side (L/R) of every image; missing for {rows}")
     g = df.groupby(keys, sort=True)
     out = g.agg(label=("label", "max"), n_images=("image_id", "size"), **{score: (score, agg)}).reset_index()
-    if "split" in df.columns:
-        out["split"] = g["split"].first().to_numpy()
+    for col in ("split", *keep):
+        if col in df.columns:
+            out[col] = g[col].first().to_numpy()
     out["unit"] = out[keys].astype(str).agg("/".join, axis=1)
     return out
 
 
 def _units(path: str | Path, st: EvalSettings, labels: str | Path | None = None) -> pd.DataFrame:
     """A predictions file read, checked and aggregated to the evaluation unit."""
-    return aggregate(read_predictions(path, labels, st.score), st.by, st.agg, st.score)
+    df = read_predictions(path, labels, st.score)
+    if st.by_group is not None and st.by_group not in df.columns:
+        raise CvfastError(f"--by-group {st.by_group}: {path} has no such column (columns: {', '.join(df.columns)})")
+    return aggregate(df, st.by, st.agg, st.score, keep=(st.by_group,) if st.by_group else ())
 
 
 def _select(df: pd.DataFrame, split: str | None) -> tuple[pd.DataFrame, str]:
@@ -193,15 +199,32 @@ def _evaluate(preds: str | Path, st: EvalSettings, compare: str | Path | None, l
         "auc": auc, "auc_ci95": [float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))],
         "ci_method": f"percentile bootstrap over patients, {len(boot)} valid resamples of {st.n_boot}, seed {st.seed}",
         "average_precision": float(average_precision_score(y, s)),
+        "probabilistic_f1": probabilistic_f1(y, s),
         "thresholds_chosen_on": ref_desc,
         "operating_points": {name: at_threshold(y, s, t) for name, t in thresholds_at(yr, sr, st.specificities).items()},
         "calibration": calibration(y, s),
     }
+    if st.by_group:
+        report["groups"] = {"column": st.by_group, "values": _by_group(rows, st)}
     curves = [("this model", y, s)]
     if compare is not None:
         report["comparison"], other_curve = _compare(rows, compare, st, labels)
         curves.append(other_curve)
     return report, curves
+
+
+def _by_group(rows: pd.DataFrame, st: EvalSettings) -> list[dict]:
+    """AUC (patient-bootstrap CI), probabilistic F1 and counts for each value of the group column, in sorted order."""
+    out = []
+    for value, g in rows.groupby(rows[st.by_group].astype(str), sort=True):
+        y, s = g["label"].to_numpy(), g[st.score].to_numpy(dtype=np.float64)
+        entry = {"value": value, "n": int(len(g)), "n_positive": int(y.sum()), "n_patients": int(g["patient_id"].nunique()),
+                 "probabilistic_f1": probabilistic_f1(y, s), "auc": None, "auc_ci95": None}
+        if y.min() != y.max():
+            boot = patient_bootstrap_aucs(y, [s], g["patient_id"].to_numpy(), st.n_boot, st.seed)[:, 0]
+            entry |= {"auc": float(roc_auc_score(y, s)), "auc_ci95": percentile_ci(boot)}
+        out.append(entry)
+    return out
 
 
 def _compare(rows: pd.DataFrame, other_path: str | Path, st: EvalSettings, labels: str | Path | None = None) -> tuple[dict, Curve]:
@@ -291,7 +314,7 @@ def report_markdown(report: dict) -> str:
              f"Per **{report['level']}**" + (f" ({report['aggregation']} over its images)" if report["aggregation"] else "") +
              f", {report['rows']}: {report['n']} cases ({report['n_positive']} with cancer) from {report['n_patients']} patients.", "",
              f"- ROC AUC **{report['auc']:.3f}** (95% CI {lo:.3f}-{hi:.3f}; {report['ci_method']})",
-             f"- average precision {report['average_precision']:.3f}",
+             f"- average precision {report['average_precision']:.3f}; probabilistic F1 {report['probabilistic_f1']:.3f}",
              f"- calibration: ECE {report['calibration']['ece']:.3f}, Brier {report['calibration']['brier']:.3f}", "",
              f"Operating points (thresholds chosen on {report['thresholds_chosen_on']}):", "",
              "| operating point | threshold | sensitivity | specificity | PPV | NPV | TP | FP | TN | FN |", "|---|---|---|---|---|---|---|---|---|---|"]
@@ -307,6 +330,12 @@ def report_markdown(report: dict) -> str:
         lines += ["", f"## Comparison with {c['other']} ({c['n_common']} common cases, {c['n_left_out']} left out)", "",
                   "| test | AUC difference (this - other) | 95% CI | p |", "|---|---|---|---|", delong_row,
                   f"| paired bootstrap over patients | {b['difference']:+.3f} | {b['difference_ci95'][0]:+.3f} to {b['difference_ci95'][1]:+.3f} | {b['p_value']:.3g} |"]
+    if "groups" in report:
+        lines += ["", f"## By {report['groups']['column']}", "", "| value | cases | with cancer | patients | AUC (95% CI) | probabilistic F1 |",
+                  "|---|---|---|---|---|---|"]
+        for g in report["groups"]["values"]:
+            auc = f"{g['auc']:.3f} ({g['auc_ci95'][0]:.3f}-{g['auc_ci95'][1]:.3f})" if g["auc"] is not None else "n/a (one class)"
+            lines.append(f"| {g['value']} | {g['n']} | {g['n_positive']} | {g['n_patients']} | {auc} | {g['probabilistic_f1']:.3f} |")
     lines += ["", "Plots: roc.png, pr.png, calibration.png."]
     return "\n".join(lines) + "\n"
 

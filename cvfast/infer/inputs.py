@@ -7,11 +7,10 @@ from pathlib import Path
 from typing import Sequence
 
 import pandas as pd
-import pydicom
 
 from cvfast.data.manifest import MANIFEST_COLUMNS, MANIFEST_NAME, read_manifest
 from cvfast.data.paths import walk_files
-from cvfast.data.read import RASTER_SUFFIXES, norm_side
+from cvfast.data.read import RASTER_SUFFIXES, dicom_identity
 from cvfast.errors import CvfastError
 
 log = logging.getLogger(__name__)
@@ -20,18 +19,6 @@ DICOM_SUFFIXES = {".dcm", ".dicom"}
 IMAGE_SUFFIXES = DICOM_SUFFIXES | RASTER_SUFFIXES
 # columns carried from inputs to predictions when known; evaluate groups by these
 ID_COLUMNS = ["image_id", "patient_id", "side", "view", "exam_id", "label", "split", "dataset"]
-
-
-def _dicom_identity(path: Path) -> dict:
-    """Patient, side and view from a DICOM header (pixels not read); raises CvfastError for a bad header."""
-    try:
-        ds = pydicom.dcmread(path, stop_before_pixels=True)
-    except Exception as e:  # pydicom raises many types on garbled headers
-        raise CvfastError(f"{path}: unreadable DICOM header ({type(e).__name__}: {e})") from None
-    return {"patient_id": str(ds.get("PatientID") or "") or None,
-            "side": norm_side(ds.get("ImageLaterality") or ds.get("Laterality")),
-            "view": str(ds.get("ViewPosition") or "") or None,
-            "exam_id": str(ds.get("StudyInstanceUID") or "") or None}
 
 
 def _from_folder(folder: Path) -> list[tuple[Path, str]]:
@@ -97,7 +84,7 @@ def collect_inputs(sources: Sequence[str | Path], split: str | None = None) -> t
         row = {"path": str(path.resolve()), "image_id": image_id}
         if path.suffix.lower() in DICOM_SUFFIXES:
             try:
-                row.update(_dicom_identity(path))
+                row.update(dicom_identity(path))
             except CvfastError as e:
                 rejects.append({"source": str(path), "row": image_id, "reason": str(e)})
                 continue
@@ -120,5 +107,7 @@ def collect_inputs(sources: Sequence[str | Path], split: str | None = None) -> t
     if dup.any():  # e.g. CBIS-DDSM names every full image 1-1.dcm: ids must stay unique for evaluate's joins
         log.warning("%d inputs share an image_id; their full paths are used as ids instead", int(dup.sum()))
         df.loc[dup, "image_id"] = df.loc[dup, "path"]
-    keep = ["path"] + [c for c in ID_COLUMNS if c in df.columns]
+    # a dataset's own columns (site_id, machine_id, density, ...) travel with the predictions, for evaluate --by-group
+    carried = [c for c in df.columns if c not in (*MANIFEST_COLUMNS, *ID_COLUMNS) and not c.startswith("p_")]
+    keep = ["path"] + [c for c in ID_COLUMNS if c in df.columns] + carried
     return df[keep], rejects

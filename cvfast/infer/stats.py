@@ -105,3 +105,17 @@ def calibration(y: np.ndarray, s: np.ndarray, n_bins: int = 10) -> dict:
             bins.append({"low": float(edges[b]), "high": float(edges[b + 1]), "n": int(sel.sum()), "mean_predicted": mean_p, "fraction_positive": frac})
             ece += sel.mean() * abs(mean_p - frac)
     return {"bins": bins, "ece": float(ece), "brier": float(brier_score_loss(y, s))}
+
+
+def probabilistic_f1(y: np.ndarray, s: np.ndarray) -> float:
+    """The RSNA Screening Mammography metric: F1 with each case counted by its probability instead of a 0/1 call.
+
+    Written here because no library has it: precision = sum(p over cancers) / sum(p), recall = sum(p over cancers) /
+    number of cancers (the challenge's published definition; 0 when nothing is predicted).
+    """
+    y, s = np.asarray(y), np.asarray(s, dtype=np.float64)
+    tp, predicted, positives = float(s[y == 1].sum()), float(s.sum()), int((y == 1).sum())
+    if tp == 0 or positives == 0:
+        return 0.0
+    precision, recall = tp / predicted, tp / positives
+    return 2 * precision * recall / (precision + recall)

@@ -39,6 +39,27 @@ def check_source(source: str | Path, what: str) -> Path:
     return p
 
 
+def read_table(path: Path, required: Iterable[str], what: str) -> pd.DataFrame:
+    """A dataset's label table (CSV, or XLSX/XLS) as stripped strings; a clear error for an unreadable file or missing columns."""
+    try:
+        if path.suffix.lower() in (".xlsx", ".xls"):
+            df = pd.read_excel(path, dtype=str).fillna("")
+        else:
+            df = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except Exception as e:
+        raise CvfastError(f"{path}: unreadable {what} ({type(e).__name__}: {e})") from None
+    df.columns = [str(c).strip() for c in df.columns]
+    missing = [c for c in required if c not in df.columns]
+    if missing:
+        raise CvfastError(f"{path}: missing column(s) {', '.join(repr(c) for c in missing)} of the {what}")
+    return df.apply(lambda col: col.str.strip())
+
+
+def row_name(path: Path, index: int) -> str:
+    """How a rejects entry names a table row: the file and its 1-based line, the header being line 1."""
+    return f"{path.name} row {index + 2}"
+
+
 def finish(dataset: str, images: dict[str, dict], jobs: list[ImageJob], rejects: list[dict], opts: PrepareOptions,
            inputs: Iterable[str | Path] = ()) -> pd.DataFrame:
     """Convert the jobs, build and write the manifest and rejects.csv; raise when nothing usable remains.

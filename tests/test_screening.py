@@ -1,0 +1,188 @@
+"""RSNA, VinDr-Mammo and CMMD: each synthetic layout through `cvfast prepare`, then `cvfast finetune --dataset`."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pydicom
+import pytest
+from pydicom.pixels import apply_voi_lut
+from typer.testing import CliRunner
+
+from cvfast.cli import app
+from cvfast.data.manifest import read_manifest
+from cvfast.data.read import read_mammogram, read_png
+from cvfast.data.sample import PATCH_SETS, make_patches
+from cvfast.data.synth import synthesize
+
+from conftest import SIZE
+
+SCREENING = ("rsna", "vindr", "cmmd")
+
+
+def cli(*args: str) -> str:
+    """Run a cvfast command in this process; return its output, asserting success."""
+    r = CliRunner().invoke(app, [str(a) for a in args], env={"COLUMNS": "300"})
+    assert r.exit_code == 0, r.output
+    return r.output
+
+
+@pytest.fixture(scope="module")
+def screening(tmp_path_factory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("screening")
+    return out, synthesize(out, patients=12, seed=5, layouts=SCREENING)
+
+
+@pytest.fixture(scope="module")
+def prepared(screening, tmp_path_factory) -> dict[str, Path]:
+    src, _ = screening
+    out = tmp_path_factory.mktemp("screening_data")
+    for name in SCREENING:
+        cli("prepare", name, src / name, "--out", out / name, "--size", f"{SIZE[0]}x{SIZE[1]}", "--workers", "1")
+    return {name: out / name for name in SCREENING}
+
+
+def _truth_frame(truth: dict, name: str) -> pd.DataFrame:
+    return pd.DataFrame.from_dict(truth[name]["images"], orient="index").rename_axis("image_id").reset_index()
+
+
+def _assert_patient_splits(m: pd.DataFrame) -> None:
+    assert (m.groupby("patient_id")["split"].nunique() == 1).all()
+    assert set(m["split"]) == {"train", "valid", "test"}
+
+
+def test_rsna_labels_views_sites_and_photometry(screening, prepared):
+    src, truth = screening
+    m, t = read_manifest(prepared["rsna"]), _truth_frame(truth, "rsna")
+    assert sorted(m["image_id"]) == sorted(t["image_id"])  # every row of train.csv, no more
+    merged = m.merge(t, on="image_id", suffixes=("", "_truth"))
+    assert (merged["label"] == merged["label_truth"]).all() and (merged["side"] == merged["side_truth"]).all()
+    assert (merged["view"] == merged["view_truth"]).all() and "ML" in set(m["view"])  # extra views kept by name
+    csv = pd.read_csv(src / "rsna" / "train.csv")
+    assert (merged["site_id"] == merged["site_id_truth"]).all() and set(m["machine_id"]) == set(csv["machine_id"])
+    _assert_patient_splits(m)
+    # MONOCHROME1 + sigmoid VOI LUT files come out in the same sense as the others: dark background, bright breast
+    for photometric, rows in merged.groupby("photometric"):
+        background = [read_png(p)[:, -8:].mean() / 65535 if s == "L" else read_png(p)[:, :8].mean() / 65535 for p, s in zip(rows["path"], rows["side"])]
+        assert max(background) < 0.15, photometric
+    assert {"MONOCHROME1", "MONOCHROME2"} <= set(merged["photometric"])
+    # and their values are pydicom's sigmoid VOI LUT output, inverted
+    f = next(src / "rsna" / "train_images" / str(r.patient_id) / f"{r.image_id}.dcm" for r in merged.itertuples() if r.photometric == "MONOCHROME1")
+    ds = pydicom.dcmread(f)
+    assert ds.VOILUTFunction == "SIGMOID" and ds.file_meta.TransferSyntaxUID == pydicom.uid.JPEGLosslessSV1
+    expected = 65535 - np.clip(apply_voi_lut(ds.pixel_array, ds).astype(np.float64) / 4095 * 65535 + 0.5, 0, 65535).astype(np.int64)
+    assert np.abs(read_mammogram(f).pixels.astype(np.int64) - expected).max() <= 1
+
+
+def test_rsna_test_site_holds_out_a_whole_site(screening, tmp_path):
+    src, truth = screening
+    cli("prepare", "rsna", src / "rsna", "--out", tmp_path / "d", "--size", "64x48", "--workers", "1", "--test-site", "2")
+    m = read_manifest(tmp_path / "d")
+    assert set(m.loc[m["split"] == "test", "site_id"]) == {2} and set(m.loc[m["split"] != "test", "site_id"]) == {1}
+    assert (m["split"] == "valid").any()
+    r = CliRunner().invoke(app, ["prepare", "rsna", str(src / "rsna"), "--out", str(tmp_path / "e"), "--test-site", "7"])
+    assert r.exit_code == 1 and "--test-site 7" in " ".join(r.output.split())
+
+
+def test_vindr_birads_labels_official_split_and_boxes_as_masks(screening, prepared):
+    src, truth = screening
+    m, t = read_manifest(prepared["vindr"]), _truth_frame(truth, "vindr")
+    kept = t[t["birads"] != 3]
+    assert sorted(m["image_id"]) == sorted(kept["image_id"])  # BI-RADS 3 left out by default...
+    rejects = pd.read_csv(prepared["vindr"] / "rejects.csv")
+    assert len(rejects) == (t["birads"] == 3).sum() and rejects["reason"].str.contains("BI-RADS '3' excluded").all()  # ...each named
+    merged = m.merge(t, on="image_id", suffixes=("", "_truth"))
+    assert (merged["label"] == merged["label_truth"]).all()
+    official = merged["split_truth"].map({"training": "train", "test": "test"})
+    assert ((merged["split"] == "test") == (official == "test")).all()  # the official test split, untouched
+    assert (merged["split"] == "valid").any()
+    h, w = truth["vindr"]["size"]
+    checked = 0
+    for r in merged.itertuples():
+        for a, box in zip(r.abnormalities, r.boxes):
+            ys, xs = np.nonzero(read_png(a["mask"]))
+            sx, sy = SIZE[1] / w, SIZE[0] / h  # the box, in working-size pixels
+            assert abs(xs.min() - box[0] * sx) <= 1.5 and abs(xs.max() + 1 - box[2] * sx) <= 1.5
+            assert abs(ys.min() - box[1] * sy) <= 1.5 and abs(ys.max() + 1 - box[3] * sy) <= 1.5
+            assert a["patch_class"] == f"{a['kind']}_{'malignant' if r.label_truth else 'benign'}"
+            checked += 1
+    assert checked >= 4
+    patches = make_patches(prepared["vindr"], replace(PATCH_SETS["s1"], size=32), out=prepared["vindr"].parent / "vindr_s1", workers=1)
+    assert (patches["label"] != "background").sum() == checked  # one S1 patch per box
+
+
+def test_vindr_positive_and_negative_sets_are_configurable(screening, tmp_path):
+    src, truth = screening
+    cli("prepare", "vindr", src / "vindr", "--out", tmp_path / "d", "--size", "64x48", "--workers", "1", "--positive", "3,4,5")
+    m, t = read_manifest(tmp_path / "d"), _truth_frame(truth, "vindr")
+    birads = t.set_index("image_id").loc[m["image_id"], "birads"].to_numpy()
+    assert len(m) == len(t) and (m["label"].to_numpy() == (birads >= 3)).all() and (birads == 3).any()
+    r = CliRunner().invoke(app, ["prepare", "vindr", str(src / "vindr"), "--out", str(tmp_path / "e"), "--positive", "2,4", "--negative", "1,2"])
+    assert r.exit_code == 1 and "both positive and negative" in r.output
+
+
+def test_cmmd_labels_per_breast_side_and_view_from_headers(screening, prepared):
+    src, truth = screening
+    m, t = read_manifest(prepared["cmmd"]), _truth_frame(truth, "cmmd")
+    assert sorted(m["image_id"]) == sorted(t["image_id"])
+    merged = m.merge(t, on="image_id", suffixes=("", "_truth"))
+    for col in ("label", "side", "view", "patient_id"):
+        assert (merged[col] == merged[f"{col}_truth"]).all(), col
+    sheet = pd.read_excel(src / "cmmd" / "CMMD_clinicaldata_revision.xlsx")
+    assert len(m) == 2 * len(sheet) and set(m["abnormality"]) == set(sheet["abnormality"])
+    _assert_patient_splits(m)
+    assert pd.read_csv(prepared["cmmd"] / "rejects.csv").empty
+
+
+@pytest.mark.slow  # three short trainings
+@pytest.mark.parametrize("name", SCREENING)
+def test_finetune_runs_on_each_screening_set(name, prepared, untrained_models, tmp_path):
+    out = cli("finetune", "--from", untrained_models[1], "--data", prepared[name], "--dataset", name, "--recipe", "demo-finetune",
+              "--epochs-scale", "0.125", "--bs", "4", "--out", tmp_path / "f")
+    assert json.loads((tmp_path / "f" / "recipe.json").read_text())["data"]["dataset"] == name
+    metrics = json.loads((tmp_path / "f" / "model.json").read_text())["metrics"]
+    n_test = (read_manifest(prepared[name])["split"] == "test").sum()
+    assert metrics["test_images"] == n_test and 0 <= metrics["test_auc"] <= 1, out
+
+
+def test_probabilistic_f1_is_the_rsna_formula():
+    from cvfast.infer.stats import probabilistic_f1
+
+    y = np.array([1, 0, 1, 0, 0])
+    p = np.array([0.9, 0.2, 0.4, 0.1, 0.6])
+    # by hand: probabilistic TP 1.3, predicted 2.2, cancers 2 -> precision 1.3/2.2, recall 0.65
+    precision, recall = 1.3 / 2.2, 1.3 / 2
+    assert probabilistic_f1(y, p) == pytest.approx(2 * precision * recall / (precision + recall))
+    assert probabilistic_f1(y, (y == 1).astype(float)) == pytest.approx(1.0)  # certain and right
+    assert probabilistic_f1(y, np.zeros(5)) == 0.0
+
+
+def test_predictions_carry_site_columns_and_evaluate_breaks_down_by_group(prepared, untrained_models, tmp_path):
+    preds = tmp_path / "preds.csv"
+    cli("predict", untrained_models[1], prepared["rsna"], "--out", preds)
+    df = pd.read_csv(preds)
+    assert {"site_id", "machine_id", "density"} <= set(df.columns)  # the dataset's own columns travel with the predictions
+    out = cli("evaluate", preds, "--split", "all", "--thresholds-from", "self", "--by-group", "site_id", "--by", "breast", "--out", tmp_path / "r")
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    from cvfast.infer.evaluate import aggregate
+    from cvfast.infer.stats import probabilistic_f1
+    from sklearn.metrics import roc_auc_score
+
+    breasts = aggregate(df.astype({"patient_id": str}), "breast", keep=("site_id",))
+    assert report["n"] == len(breasts) and report["probabilistic_f1"] == pytest.approx(probabilistic_f1(breasts["label"], breasts["p_cancer"]))
+    groups = {g["value"]: g for g in report["groups"]["values"]}
+    assert set(groups) == {"1", "2"} and sum(g["n"] for g in groups.values()) == len(breasts)
+    for site, g in breasts.groupby("site_id"):
+        entry = groups[str(site)]
+        assert entry["n"] == len(g) and entry["n_positive"] == g["label"].sum()
+        if g["label"].nunique() == 2:
+            assert entry["auc"] == pytest.approx(roc_auc_score(g["label"], g["p_cancer"])) and entry["auc_ci95"][0] <= entry["auc"] <= entry["auc_ci95"][1]
+        else:
+            assert entry["auc"] is None
+    assert "## By site_id" in out
+    r = CliRunner().invoke(app, ["evaluate", str(preds), "--split", "all", "--by-group", "scanner", "--out", str(tmp_path / "s")])
+    assert r.exit_code == 1 and "--by-group scanner" in r.output
