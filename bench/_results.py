@@ -2,12 +2,25 @@
 
 from __future__ import annotations
 
+import datetime
+import os
+import platform
 import time
 from pathlib import Path
 from typing import Callable
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "BENCHMARKS.md"
 HEADER = "# Benchmarks\n\nEvery figure is a ratio against a baseline measured in the same run.\n\n"
+
+
+def today() -> str:
+    """ISO date of the run."""
+    return str(datetime.date.today())
+
+
+def machine() -> str:
+    """Cores and processor of this machine."""
+    return f"{os.cpu_count()} cores, {platform.processor() or platform.machine()}"
 
 
 def markers(name: str) -> tuple[str, str]:

@@ -16,12 +16,9 @@ checkpoints a `cvfast patch|whole` run writes.
 
 from __future__ import annotations
 
-import datetime
 import gc
 import json
 import math
-import os
-import platform
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -34,6 +31,7 @@ from fastai.data.load import DataLoader
 from fastai.torch_core import find_bs
 from torch import nn
 
+from bench._results import machine, today  # noqa: F401  (re-exported for the training benches)
 from cvfast.data.blocks import WHOLE_IMAGE_CLASSES, DataInfo, patch_dataloaders, whole_image_dataloaders
 from cvfast.data.ingest import prepare_ddsm
 from cvfast.data.ingest.common import PrepareOptions
@@ -96,16 +94,6 @@ def finished(out: Path, recipe: dict) -> dict | None:
     if fingerprint({k: trained.get(k) for k in recipe}) != fingerprint(json.loads(json.dumps(recipe, default=str))):
         return None
     return json.loads(side.read_text())["metrics"]
-
-
-def today() -> str:
-    """ISO date of the run."""
-    return str(datetime.date.today())
-
-
-def machine() -> str:
-    """Cores and processor of this machine."""
-    return f"{os.cpu_count()} cores, {platform.processor() or platform.machine()}"
 
 
 def device_line(device: torch.device) -> str:

@@ -9,7 +9,8 @@ S10 patches of 48) and the demo's recipes, then one variant at a time against th
 - VGG top: two VGG blocks instead of the two ResNet bottleneck blocks;
 - separate means (reference): patches normalised by the patch set's own mean, whole images by theirs (data.mean);
 - decoupled weight decay: fastai's decoupled decay instead of Keras' L2 in the gradient (train.weight_decay);
-- unscaled input (reference): the ImageNet filters summed to one channel without the weights' 1/std (model.fold_input_std).
+- unscaled input (reference): the ImageNet filters summed to one channel without the weights' 1/std (model.fold_input_std);
+- breast crop: the same recipes on images cropped to the breast before resizing (`prepare --crop breast`).
 
 Each variant reuses every model its configuration shares with the others (a whole-image variant trains on the same
 patch classifier), and is scored by whole-image test AUC (DDSM-like) and transfer test AUC (INbreast-like, image
@@ -36,6 +37,7 @@ import shutil
 import sys
 import time
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -48,7 +50,11 @@ warnings.filterwarnings("ignore")
 from bench._results import publish  # noqa: E402
 from bench._train import OUT, finished, machine, reproduce, save_md, today  # noqa: E402
 from cvfast.data.read import atomic_write_bytes  # noqa: E402
-from cvfast.demo import demo_data  # noqa: E402
+from cvfast.data.crop import CropSpec  # noqa: E402
+from cvfast.data.ingest import prepare_ddsm, prepare_inbreast  # noqa: E402
+from cvfast.data.ingest.common import PrepareOptions  # noqa: E402
+from cvfast.data.sample import PATCH_SETS, make_patches  # noqa: E402
+from cvfast.demo import DEMO_SIZE, demo_data  # noqa: E402
 from cvfast.train.pipeline import finetune, train_patch, train_whole  # noqa: E402
 from cvfast.train.recipes import fingerprint, load_recipe, resolve  # noqa: E402
 
@@ -65,11 +71,14 @@ VARIANTS: dict[str, dict[str, dict[str, dict]]] = {
     # the demo's patch stages decay nothing (wd 0), so only the whole-image and transfer steps change
     "decoupled-wd": {step: {"train": {"weight_decay": "decoupled"}} for step in ("whole", "finetune")},
     "unscaled-input": {"patch": {"model": {"fold_input_std": False}}},
+    "breast-crop": {},  # the same recipes on images cropped to the breast before resizing (DATA_VARIANTS)
 }
+# variants that change the prepared data rather than a recipe: the crop applied by `prepare --crop breast`
+DATA_VARIANTS = {"breast-crop": CropSpec(breast=True)}
 LABELS = {"paper": "the paper's configuration (ImageNet init, no heatmap, ResNet top, all fixes)",
           "random-init": "patch classifier from random init", "heatmap": "with the heatmap", "vgg-top": "VGG top instead of ResNet",
           "separate-means": "fix off: separate patch and image means", "decoupled-wd": "fix off: decoupled weight decay",
-          "unscaled-input": "fix off: unscaled input (no 1/std)"}
+          "unscaled-input": "fix off: unscaled input (no 1/std)", "breast-crop": "images cropped to the breast before resizing"}
 
 
 def key(*parts: object) -> str:
@@ -91,14 +100,16 @@ def run_seed(seed: int, variants: list[str], args: argparse.Namespace) -> None:
         if not (work / "synthetic" / "ground_truth.json").is_file():
             shutil.rmtree(work / "synthetic", ignore_errors=True)  # a kill inside synth: this run's own partial data, redone
         demo_data(work, patients=args.patients, seed=seed, difficulty="hard")
-    ddsm, inbreast, models = work / "data" / "ddsm", work / "data" / "inbreast", work / "models"
+    models = work / "models"
     for name in variants:
         over = VARIANTS[name]
+        ddsm, inbreast = _data(work, name, seed)
         recipes = {"patch": recipe("demo-patch", over.get("patch", {}), seed, args.epochs_scale),
                    "whole": recipe("demo-whole", over.get("whole", {}), seed, args.epochs_scale),
                    "finetune": recipe("demo-finetune", over.get("finetune", {}), seed, args.epochs_scale)}
         # a model folder is named by everything that trained it: its recipe and the folders of the models it starts from
-        patch_dir = models / f"patch-{key(recipes['patch'])}"
+        tag = (name,) if name in DATA_VARIANTS else ()  # other data, other models: never the paper's folders
+        patch_dir = models / f"patch-{key(*tag, recipes['patch'])}"
         whole_dir = models / f"whole-{key(patch_dir.name, recipes['whole'])}"
         ft_dir = models / f"finetune-{key(whole_dir.name, recipes['finetune'])}"
         scratch_dir = models / f"scratch-{key(whole_dir.name, recipes['finetune'])}"
@@ -118,6 +129,19 @@ def run_seed(seed: int, variants: list[str], args: argparse.Namespace) -> None:
             result["scratch_auc"] = scratch.get("test_auc")
         atomic_write_bytes(done, json.dumps(result, indent=1).encode())
         log.info("seed %d %s: whole AUC %.3f, transfer AUC %.3f (%.1f min)", seed, name, result["whole_auc"], result["transfer_auc"], result["minutes"])
+
+
+def _data(work: Path, name: str, seed: int) -> tuple[Path, Path]:
+    """The DDSM-like and INbreast-like DATA folders a variant trains on: the demo's, or prepared again with its crop."""
+    if name not in DATA_VARIANTS:
+        return work / "data" / "ddsm", work / "data" / "inbreast"
+    data = work / f"data-{name}"
+    opts = dict(size=DEMO_SIZE, seed=seed, crop=DATA_VARIANTS[name])
+    if not (data / "ddsm" / "patches_s10" / "patchset.json").is_file():  # each step resumes on its own
+        prepare_ddsm(work / "synthetic" / "ddsm", PrepareOptions(out=data / "ddsm", **opts))
+        prepare_inbreast(work / "synthetic" / "inbreast", PrepareOptions(out=data / "inbreast", **opts))
+        make_patches(data / "ddsm", replace(PATCH_SETS["s10"], size=48, seed=seed))
+    return data / "ddsm", data / "inbreast"
 
 
 def stats(values: list[float]) -> str:

@@ -91,6 +91,10 @@ def _size(text: str) -> tuple[int, int]:
 def _print_summary(df, title: str) -> None:
     from cvfast.data.manifest import summarize
 
+    if "shard" in df.columns:  # one shard of a sharded preparation: no splits until the merge
+        console.print(f"{title}: shard {df['shard'].iloc[0] if len(df) else ''} converted {len(df)} images; merge when every shard is done")
+        return
+
     table = Table(title=title)
     s = summarize(df)
     for col in ["split", *s.columns]:
@@ -130,7 +134,29 @@ VALID = Annotated[float, typer.Option(help="Fraction of patients for validation 
 TEST = Annotated[float, typer.Option(help="Fraction of patients for test where the dataset has no official split.")]
 
 
-def _opts(out: Path, size: str, workers: int | None, seed: int, valid_frac: float, test_frac: float):
+SHARD = Annotated[Optional[str], typer.Option(help="K/N: convert only the K-th of N shards (a job array); then `cvfast prepare merge OUT`.")]
+
+
+def _shard(text: str | None) -> tuple[int, int] | None:
+    """'2/8' -> (2, 8)."""
+    if text is None:
+        return None
+    try:
+        k, n = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise CvfastError(f"--shard {text!r}: expected K/N, e.g. 2/8") from None
+    if not 1 <= k <= n:
+        raise CvfastError(f"--shard {text}: K must be between 1 and N")
+    return k, n
+
+
+CROP = Annotated[str, typer.Option(help="breast: crop each image to the breast's bounding box before resizing; none: keep it whole.")]
+FLIP = Annotated[Optional[str], typer.Option(help="left|right: flip every breast to this side of the image.")]
+
+
+def _opts(out: Path, size: str, workers: int | None, seed: int, valid_frac: float, test_frac: float, shard: str | None = None,
+          crop: str = "none", flip_to: str | None = None):
+    from cvfast.data.crop import CropSpec
     from cvfast.data.ingest.common import PrepareOptions
 
     if not 0 <= valid_frac < 1 or not 0 <= test_frac < 1 or valid_frac + test_frac >= 1:
@@ -138,30 +164,35 @@ def _opts(out: Path, size: str, workers: int | None, seed: int, valid_frac: floa
     if workers is not None and workers < 1:
         raise CvfastError(f"--workers {workers}: must be at least 1")
     _at_least(0, seed=seed)
-    return PrepareOptions(out=out, size=_size(size), workers=workers, seed=seed, valid_frac=valid_frac, test_frac=test_frac)
+    if crop not in ("none", "breast"):
+        raise CvfastError(f"--crop {crop!r}: expected breast or none")
+    return PrepareOptions(out=out, size=_size(size), workers=workers, seed=seed, valid_frac=valid_frac, test_frac=test_frac, shard=_shard(shard),
+                          crop=CropSpec(breast=crop == "breast", flip_to=flip_to))
 
 
 @prepare_app.command("ddsm")
 @handles_errors
 def prepare_ddsm_cmd(source: Annotated[Path, typer.Argument(help="Folder with CBIS-DDSM/ and the case-description CSVs.")],
-                     out: OUT, size: SIZE = "1152x896", workers: WORKERS = None, seed: SEED = 0, valid_frac: VALID = 0.15) -> None:
+                     out: OUT, size: SIZE = "1152x896", workers: WORKERS = None, seed: SEED = 0, valid_frac: VALID = 0.15, shard: SHARD = None,
+                     crop: CROP = "none", flip_to: FLIP = None) -> None:
     """CBIS-DDSM: four CSVs + DICOM tree; official train/test kept, patient-level validation split."""
     from cvfast.data.ingest import prepare_ddsm
 
-    _print_summary(prepare_ddsm(source, _opts(out, size, workers, seed, valid_frac, 0.0)), f"CBIS-DDSM -> {out}")
+    _print_summary(prepare_ddsm(source, _opts(out, size, workers, seed, valid_frac, 0.0, shard, crop, flip_to)), f"CBIS-DDSM -> {out}")
 
 
 @prepare_app.command("inbreast")
 @handles_errors
 def prepare_inbreast_cmd(source: Annotated[Path, typer.Argument(help="Folder with AllDICOMs/ and INbreast.csv|xls.")],
-                         out: OUT, size: SIZE = "1152x896", workers: WORKERS = None, seed: SEED = 0, valid_frac: VALID = 0.15,
+                         out: OUT, size: SIZE = "1152x896", workers: WORKERS = None, seed: SEED = 0, valid_frac: VALID = 0.15, shard: SHARD = None,
+                         crop: CROP = "none", flip_to: FLIP = None,
                          test_frac: TEST = 0.2,
                          positive: Annotated[str, typer.Option(help="BI-RADS values labelled cancer.")] = "4a,4b,4c,5,6",
                          negative: Annotated[str, typer.Option(help="BI-RADS values labelled no cancer (3 is excluded by default).")] = "1,2") -> None:
     """INbreast: image-level labels from BI-RADS; patient-level splits."""
     from cvfast.data.ingest import prepare_inbreast
 
-    df = prepare_inbreast(source, _opts(out, size, workers, seed, valid_frac, test_frac),
+    df = prepare_inbreast(source, _opts(out, size, workers, seed, valid_frac, test_frac, shard, crop, flip_to),
                           positive=tuple(v for v in positive.split(",") if v.strip()), negative=tuple(v for v in negative.split(",") if v.strip()))
     _print_summary(df, f"INbreast -> {out}")
 
@@ -169,47 +200,60 @@ def prepare_inbreast_cmd(source: Annotated[Path, typer.Argument(help="Folder wit
 @prepare_app.command("mias")
 @handles_errors
 def prepare_mias_cmd(source: Annotated[Path, typer.Argument(help="Folder with Info.txt and mdb*.pgm|png.")],
-                     out: OUT, size: SIZE = "1152x896", workers: WORKERS = None, seed: SEED = 0, valid_frac: VALID = 0.15,
+                     out: OUT, size: SIZE = "1152x896", workers: WORKERS = None, seed: SEED = 0, valid_frac: VALID = 0.15, shard: SHARD = None,
+                     crop: CROP = "none", flip_to: FLIP = None,
                      test_frac: TEST = 0.2) -> None:
     """mini-MIAS: circular ROIs become masks; a patient is the left/right pair."""
     from cvfast.data.ingest import prepare_mias
 
-    _print_summary(prepare_mias(source, _opts(out, size, workers, seed, valid_frac, test_frac)), f"mini-MIAS -> {out}")
+    _print_summary(prepare_mias(source, _opts(out, size, workers, seed, valid_frac, test_frac, shard, crop, flip_to)), f"mini-MIAS -> {out}")
 
 
 @prepare_app.command("csv")
 @handles_errors
 def prepare_csv_cmd(source: Annotated[Path, typer.Argument(help="CSV with path,label[,patient_id,side,view,split].")],
-                    out: OUT, size: SIZE = "1152x896", workers: WORKERS = None, seed: SEED = 0, valid_frac: VALID = 0.15,
+                    out: OUT, size: SIZE = "1152x896", workers: WORKERS = None, seed: SEED = 0, valid_frac: VALID = 0.15, shard: SHARD = None,
+                    crop: CROP = "none", flip_to: FLIP = None,
                     test_frac: TEST = 0.2) -> None:
     """Your own images with image-level labels only (the transfer route)."""
     from cvfast.data.ingest import prepare_csv
 
-    _print_summary(prepare_csv(source, _opts(out, size, workers, seed, valid_frac, test_frac)), f"{source.name} -> {out}")
+    _print_summary(prepare_csv(source, _opts(out, size, workers, seed, valid_frac, test_frac, shard, crop, flip_to)), f"{source.name} -> {out}")
+
+
+@prepare_app.command("merge")
+@handles_errors
+def prepare_merge_cmd(out: Annotated[Path, typer.Argument(help="The DATA folder every shard wrote into.")]) -> None:
+    """Merge the shards of `prepare ... --shard K/N` into one manifest; the patient-level splits are drawn once over all."""
+    from cvfast.data.ingest.common import merge_shards
+
+    _print_summary(merge_shards(out), f"merged -> {out}")
 
 
 @prepare_app.command("rsna")
 @handles_errors
 def prepare_rsna_cmd(source: Annotated[Path, typer.Argument(help="Folder with train.csv and train_images/.")],
-                     out: OUT, size: SIZE = "1152x896", workers: WORKERS = None, seed: SEED = 0, valid_frac: VALID = 0.15,
+                     out: OUT, size: SIZE = "1152x896", workers: WORKERS = None, seed: SEED = 0, valid_frac: VALID = 0.15, shard: SHARD = None,
+                     crop: CROP = "none", flip_to: FLIP = None,
                      test_frac: TEST = 0.2,
                      test_site: Annotated[Optional[str], typer.Option(help="Hold out every image of this site_id as the test set.")] = None) -> None:
     """RSNA Screening Mammography: label = cancer; patient-level splits stratified by cancer, or a held-out site."""
     from cvfast.data.ingest import prepare_rsna
 
-    _print_summary(prepare_rsna(source, _opts(out, size, workers, seed, valid_frac, test_frac), test_site=test_site), f"RSNA -> {out}")
+    _print_summary(prepare_rsna(source, _opts(out, size, workers, seed, valid_frac, test_frac, shard, crop, flip_to), test_site=test_site), f"RSNA -> {out}")
 
 
 @prepare_app.command("vindr")
 @handles_errors
 def prepare_vindr_cmd(source: Annotated[Path, typer.Argument(help="Folder with the two annotation CSVs and images/.")],
-                      out: OUT, size: SIZE = "1152x896", workers: WORKERS = None, seed: SEED = 0, valid_frac: VALID = 0.15,
+                      out: OUT, size: SIZE = "1152x896", workers: WORKERS = None, seed: SEED = 0, valid_frac: VALID = 0.15, shard: SHARD = None,
+                      crop: CROP = "none", flip_to: FLIP = None,
                       positive: Annotated[str, typer.Option(help="Breast BI-RADS values labelled cancer (VinDr has no biopsy truth).")] = "4,5",
                       negative: Annotated[str, typer.Option(help="Breast BI-RADS values labelled no cancer (3 is excluded by default).")] = "1,2") -> None:
     """VinDr-Mammo: label from breast BI-RADS, finding boxes as ROI masks, the official training/test split."""
     from cvfast.data.ingest import prepare_vindr
 
-    df = prepare_vindr(source, _opts(out, size, workers, seed, valid_frac, 0.0),
+    df = prepare_vindr(source, _opts(out, size, workers, seed, valid_frac, 0.0, shard, crop, flip_to),
                        positive=tuple(v for v in positive.split(",") if v.strip()), negative=tuple(v for v in negative.split(",") if v.strip()))
     _print_summary(df, f"VinDr-Mammo -> {out}")
 
@@ -217,12 +261,13 @@ def prepare_vindr_cmd(source: Annotated[Path, typer.Argument(help="Folder with t
 @prepare_app.command("cmmd")
 @handles_errors
 def prepare_cmmd_cmd(source: Annotated[Path, typer.Argument(help="Folder with CMMD/ and CMMD_clinicaldata_revision.xlsx.")],
-                     out: OUT, size: SIZE = "1152x896", workers: WORKERS = None, seed: SEED = 0, valid_frac: VALID = 0.15,
+                     out: OUT, size: SIZE = "1152x896", workers: WORKERS = None, seed: SEED = 0, valid_frac: VALID = 0.15, shard: SHARD = None,
+                     crop: CROP = "none", flip_to: FLIP = None,
                      test_frac: TEST = 0.2) -> None:
     """CMMD: label per breast (Malignant vs Benign); side and view from the DICOM headers; patient-level splits."""
     from cvfast.data.ingest import prepare_cmmd
 
-    _print_summary(prepare_cmmd(source, _opts(out, size, workers, seed, valid_frac, test_frac)), f"CMMD -> {out}")
+    _print_summary(prepare_cmmd(source, _opts(out, size, workers, seed, valid_frac, test_frac, shard, crop, flip_to)), f"CMMD -> {out}")
 
 
 class PatchSet(str, Enum):

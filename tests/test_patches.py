@@ -12,7 +12,8 @@ import pytest
 
 from cvfast.data.manifest import PATCH_CLASSES, read_manifest
 from cvfast.data.read import read_png
-from cvfast.data.sample import PATCH_SETS, make_patches, segment_breast
+from cvfast.data.crop import segment_breast
+from cvfast.data.sample import PATCH_SETS, make_patches
 
 from conftest import PATCH, run_cli
 

@@ -186,3 +186,73 @@ def test_predictions_carry_site_columns_and_evaluate_breaks_down_by_group(prepar
     assert "## By site_id" in out
     r = CliRunner().invoke(app, ["evaluate", str(preds), "--split", "all", "--by-group", "scanner", "--out", str(tmp_path / "s")])
     assert r.exit_code == 1 and "--by-group scanner" in r.output
+
+
+def test_breast_crop_keeps_the_breast_drops_label_and_background():
+    from cvfast.data.crop import CropSpec, apply_crop, plan_crop
+
+    img = np.full((200, 160), 1000, np.uint16)
+    yy, xx = np.ogrid[:200, :160]
+    img[((xx - 159) / 90.0) ** 2 + ((yy - 100) / 70.0) ** 2 < 1] = 30000  # a breast against the right edge
+    img[5:20, 5:30] = 60000  # a film label in the far corner
+    crop = plan_crop(img, CropSpec(breast=True, flip_to="left", margin=0.0))
+    y0, x0, y1, x1 = crop.box
+    assert abs(y0 - 30) <= 4 and abs(y1 - 170) <= 4 and abs(x0 - 69) <= 4 and x1 == 160  # the breast's box, not the label's
+    assert crop.flipped  # the breast was on the right
+    out = apply_crop(img, crop)
+    assert out[:, : out.shape[1] // 4].mean() > out[:, -out.shape[1] // 4 :].mean()  # now on the left
+    assert not plan_crop(img, CropSpec(flip_to="right")).flipped and plan_crop(img, CropSpec(flip_to="right")).box == (0, 0, 200, 160)
+
+
+def test_cropped_vindr_masks_map_back_to_their_source_boxes(screening, tmp_path):
+    from cvfast.data.crop import Crop, working_to_source
+
+    src, truth = screening
+    cli("prepare", "vindr", src / "vindr", "--out", tmp_path / "d", "--size", f"{SIZE[0]}x{SIZE[1]}", "--workers", "1",
+        "--crop", "breast", "--flip-to", "left")
+    m = read_manifest(tmp_path / "d")
+    crops = [Crop.from_json(c) for c in m["breast_crop"]]
+    h, w = truth["vindr"]["size"]
+    assert all(c.box != (0, 0, h, w) for c in crops) and {c.flipped for c in crops} == {True, False}  # cut, and both sides met
+    checked = 0
+    for row, crop in zip(m.itertuples(), crops):
+        for a, box in zip(row.abnormalities, truth["vindr"]["images"][row.image_id]["boxes"]):
+            ys, xs = np.nonzero(read_png(a["mask"]))
+            back = np.array([working_to_source(y, x, crop, SIZE) for y, x in zip(ys, xs)])
+            scale = max((crop.box[2] - crop.box[0]) / SIZE[0], (crop.box[3] - crop.box[1]) / SIZE[1])  # one working pixel in source pixels
+            xmin, ymin, xmax, ymax = box
+            assert back[:, 1].min() >= xmin - scale and back[:, 1].max() <= xmax + scale, (row.image_id, crop)
+            assert back[:, 0].min() >= ymin - scale and back[:, 0].max() <= ymax + scale
+            assert back[:, 1].max() - back[:, 1].min() >= (xmax - xmin) - 2 * scale  # the whole box, not a corner of it
+            checked += 1
+    assert checked >= 4
+    # the working image is the crop of the source, flipped as recorded
+    row, crop = m.iloc[0], crops[0]
+    f = src / "vindr" / "images" / row["patient_id"] / f"{row['image_id']}.dicom"
+    from cvfast.data.crop import apply_crop
+    from cvfast.data.read import resize
+    np.testing.assert_array_equal(read_png(row["path"]), resize(apply_crop(read_mammogram(f).pixels, crop), SIZE))
+
+
+def test_a_model_trained_on_cropped_images_crops_new_images_the_same_way(screening, untrained_models, tmp_path):
+    import shutil
+
+    from cvfast.train.export import content_digest
+
+    src, _ = screening
+    cli("prepare", "cmmd", src / "cmmd", "--out", tmp_path / "d", "--size", f"{SIZE[0]}x{SIZE[1]}", "--workers", "1", "--crop", "breast")
+    model = Path(shutil.copytree(untrained_models[1], tmp_path / "m"))
+    sidecar = json.loads((model / "model.json").read_text())
+    assert sidecar["size"] == list(SIZE)
+    sidecar["breast_crop"] = {"breast": True, "flip_to": None, "margin": 0.01}  # as training on tmp_path/d records it
+    sidecar["content_sha256"] = content_digest(sidecar)
+    (model / "model.json").write_text(json.dumps(sidecar))
+    m = read_manifest(tmp_path / "d").head(4)
+    cli("predict", model, tmp_path / "d", "--out", tmp_path / "cached.csv")
+    cli("predict", model, *m["source"], "--out", tmp_path / "raw.csv")
+    cached = pd.read_csv(tmp_path / "cached.csv").set_index("image_id").loc[m["image_id"], "p_cancer"].to_numpy()
+    raw = pd.read_csv(tmp_path / "raw.csv").set_index("path")["p_cancer"]
+    raw = raw.loc[[str(Path(s).resolve()) for s in m["source"]]].to_numpy()
+    np.testing.assert_allclose(raw, cached, atol=1e-6)  # the raw DICOM is cropped exactly as prepare cropped it
+    cli("predict", untrained_models[1], *m["source"], "--out", tmp_path / "uncropped.csv")
+    assert not np.allclose(pd.read_csv(tmp_path / "uncropped.csv")["p_cancer"].to_numpy(), cached, atol=1e-6)

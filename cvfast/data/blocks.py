@@ -17,6 +17,7 @@ from fastai.vision.augment import AffineCoordTfm, RandTransform, aug_transforms
 from fastai.torch_core import num_distrib
 from fastai.vision.core import TensorImage, TensorImageBW
 
+from cvfast.data.crop import crop_spec_of
 from cvfast.data.manifest import MANIFEST_NAME, PATCH_CLASSES, REJECTS_NAME, read_manifest
 from cvfast.data.read import mean_grey, read_png
 from cvfast.data.sample import PATCH_MANIFEST, check_patch_set
@@ -119,6 +120,7 @@ class DataInfo:
     source_size: tuple[int, int] | None = None  # patch models: working size of the images the patches were cut from
     crop: int | None = None  # patch models: side of the cut patches (before any on-the-fly resize to `size`)
     mean_source: str = "the train split"  # where mean_grey comes from (the paper: the whole-image training set's)
+    breast_crop: dict | None = None  # the crop spec (cvfast.data.crop.CropSpec) the training images were prepared with
 
 
 def _with_valid(df: pd.DataFrame, where: str) -> pd.DataFrame:
@@ -208,8 +210,10 @@ def whole_image_dataloaders(data: str | Path, bs: int = 2, augment: bool = True,
     df = read_manifest(data)
     df = _with_valid(df, str(data)).assign(target=lambda d: [WHOLE_IMAGE_CLASSES[v] for v in d["label"]])
     file_size = read_png(df["path"].iloc[0]).shape
-    return _dataloaders(df, WHOLE_IMAGE_CLASSES, "target", bs, augment, balance, file_size, size, num_workers, seed, mean,
-                        mean_source=mean_source or (None if mean is not None else f"the train split of {data}"), **kwargs)
+    dls = _dataloaders(df, WHOLE_IMAGE_CLASSES, "target", bs, augment, balance, file_size, size, num_workers, seed, mean,
+                       mean_source=mean_source or (None if mean is not None else f"the train split of {data}"), **kwargs)
+    dls.info.breast_crop = crop_spec_of(df["breast_crop"]) if "breast_crop" in df.columns else None
+    return dls
 
 
 def data_files(data: str | Path) -> list[Path]:

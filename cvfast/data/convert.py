@@ -17,6 +17,7 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from cvfast.data.crop import CropSpec, apply_crop, plan_crop
 from cvfast.data.paths import inside, read_json, safe_stem
 from cvfast.data.read import TEMP_GLOB, WORKING_SIZE, atomic_write_bytes, read_mammogram, read_png, resize, resize_mask, write_png
 from cvfast.errors import CvfastError
@@ -120,18 +121,18 @@ def _roi_mask(roi: RoiSpec, shape: tuple[int, int]) -> np.ndarray:
     return _mask_from_candidates(roi, shape)
 
 
-def job_key(job: ImageJob, size: tuple[int, int]) -> str:
-    """What a finished record must match to be reused: size, ROI specs and the source files' size and mtime."""
+def job_key(job: ImageJob, size: tuple[int, int], crop: CropSpec = CropSpec()) -> str:
+    """What a finished record must match to be reused: size, crop, ROI specs and the source files' size and mtime."""
     files = [job.source, *(f for roi in job.rois for f in roi.candidates)]
     stats = [(f, os.stat(f).st_size, os.stat(f).st_mtime_ns) if os.path.exists(f) else (f, None, None) for f in files]
-    return json.dumps([list(size), [asdict(r) for r in job.rois], stats])
+    return json.dumps([list(size), [asdict(r) for r in job.rois], stats] + ([asdict(crop)] if crop.active else []))
 
 
-def convert_one(job: ImageJob, data_dir: str, size: tuple[int, int]) -> dict:
+def convert_one(job: ImageJob, data_dir: str, size: tuple[int, int], crop: CropSpec = CropSpec()) -> dict:
     """Convert one image and its ROI masks into the cache; return its record (with per-ROI rejects)."""
     data_dir = Path(data_dir)
     record_path = inside(data_dir, job.record_path)
-    key = job_key(job, size)
+    key = job_key(job, size, crop)
     if record_path.is_file():
         try:
             record = read_json(record_path, "conversion record")
@@ -145,7 +146,8 @@ def convert_one(job: ImageJob, data_dir: str, size: tuple[int, int]) -> dict:
             pass  # a damaged record: convert the image again
     mammo = read_mammogram(job.source)
     rel = job.image_path
-    working = resize(mammo.pixels, size)
+    planned = plan_crop(mammo.pixels, crop) if crop.active else None
+    working = resize(apply_crop(mammo.pixels, planned) if planned else mammo.pixels, size)
     write_png(inside(data_dir, rel), working)
     masks, rejects = {}, []
     for roi in job.rois:
@@ -154,6 +156,10 @@ def convert_one(job: ImageJob, data_dir: str, size: tuple[int, int]) -> dict:
             if not full.any():
                 raise CvfastError(f"{job.source}: ROI of abnormality {roi.abnormality_id} is empty (outside the {mammo.pixels.shape[0]}x"
                                   f"{mammo.pixels.shape[1]} image?)")
+            if planned:
+                full = apply_crop(full, planned)
+                if not full.any():
+                    raise CvfastError(f"{job.source}: ROI of abnormality {roi.abnormality_id} lies outside the breast crop")
             mrel = job.mask_path(roi.abnormality_id)
             write_png(inside(data_dir, mrel), resize_mask(full, size))
             masks[str(roi.abnormality_id)] = mrel
@@ -163,7 +169,7 @@ def convert_one(job: ImageJob, data_dir: str, size: tuple[int, int]) -> dict:
               "orig_width": int(mammo.pixels.shape[1]), "laterality": mammo.laterality, "view": mammo.view,
               "patient_id": mammo.patient_id, "masks": masks, "rejects": rejects,
               # the working-size pixels' digest: the same image under two names or patients is found by it
-              "pixels_sha256": _pixels_digest(working)}
+              "pixels_sha256": _pixels_digest(working), **({"breast_crop": planned.to_json(crop)} if planned else {})}
     atomic_write_bytes(record_path, json.dumps(record).encode())
     return record
 
@@ -173,11 +179,11 @@ def _pixels_digest(pixels: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(pixels).tobytes()).hexdigest()
 
 
-def _run_job(args: tuple[ImageJob, str, tuple[int, int]]) -> tuple[str, dict | None, str | None]:
+def _run_job(args: tuple[ImageJob, str, tuple[int, int], CropSpec]) -> tuple[str, dict | None, str | None]:
     """Worker entry point: never raises for bad input, returns the error text instead."""
-    job, data_dir, size = args
+    job, data_dir, size, crop = args
     try:
-        return job.image_id, convert_one(job, data_dir, size), None
+        return job.image_id, convert_one(job, data_dir, size, crop), None
     except CvfastError as e:
         return job.image_id, None, str(e)
     except Exception as e:  # an unexpected failure on one file must not kill the whole run
@@ -211,7 +217,7 @@ def parallel_map(fn: Callable, items: list, workers: int, description: str, chun
 
 
 def convert_all(jobs: list[ImageJob], data_dir: str | Path, size: tuple[int, int] = WORKING_SIZE,
-                workers: int | None = None) -> tuple[dict[str, dict], list[dict]]:
+                workers: int | None = None, crop: CropSpec = CropSpec()) -> tuple[dict[str, dict], list[dict]]:
     """Convert every job (skipping finished ones); return records by image_id and the rejects."""
     data_dir = Path(data_dir)
     for sub in ("images", "masks", RECORDS_DIR):  # temporaries of a killed run; finished files are never .tmp
@@ -222,7 +228,7 @@ def convert_all(jobs: list[ImageJob], data_dir: str | Path, size: tuple[int, int
         log.info("resuming: %d of %d images already converted (re-done where their sources or ROIs changed)", done, len(jobs))
     records, rejects = {}, []
     sources = {j.image_id: j.source for j in jobs}
-    items = [(j, str(data_dir), tuple(size)) for j in jobs]
+    items = [(j, str(data_dir), tuple(size), crop) for j in jobs]
     for image_id, record, error in parallel_map(_run_job, items, workers or default_workers(), "converting", chunksize=2):
         if record is None:
             rejects.append({"source": sources[image_id], "row": image_id, "reason": error})

@@ -14,6 +14,7 @@ from PIL import Image, UnidentifiedImageError
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_modality_lut, apply_voi_lut, get_decoder
 
+from cvfast.data.decode import decode
 from cvfast.errors import CvfastError
 
 WORKING_SIZE: tuple[int, int] = (1152, 896)  # (height, width), the paper's whole-image size
@@ -83,7 +84,7 @@ def read_dicom(path: str | os.PathLike) -> Mammogram:
         missing = "; ".join(decoder.missing_dependencies)
         raise CvfastError(f"{path}: transfer syntax {tsyntax.name} ({tsyntax}) needs a decoder that is not installed ({missing})")
     try:
-        raw = ds.pixel_array
+        raw = decode(ds)
     except Exception as e:
         raise CvfastError(f"{path}: pixel data cannot be decoded ({type(e).__name__}: {e}); the file may be truncated or corrupt") from None
     if raw.ndim != 2:

@@ -21,11 +21,9 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from scipy import ndimage
-from skimage.filters import threshold_otsu
-from skimage.measure import label as label_components
 
 from cvfast.data.convert import default_workers, parallel_map
+from cvfast.data.crop import segment_breast
 from cvfast.data.manifest import MANIFEST_NAME, PATCH_CLASSES, REJECTS_NAME, manifest_digest, read_manifest, rejects_frame, write_csv
 from cvfast.data.paths import inside, read_json, refuse_overwrite, unique_stems
 from cvfast.data.read import TEMP_GLOB, atomic_write_bytes, mean_grey, read_png, write_png
@@ -54,20 +52,6 @@ PATCH_SETS = {
     "s1": PatchSetSpec(name="s1", n_roi=1, n_background=1, centred=True),
     "s10": PatchSetSpec(name="s10", n_roi=10, n_background=10),
 }
-
-
-def segment_breast(img: np.ndarray) -> np.ndarray:
-    """Breast mask: Otsu threshold on a smoothed copy, largest connected component, holes filled."""
-    small = img[::4, ::4].astype(np.float32)
-    smooth = ndimage.uniform_filter(small, 5)
-    fg = smooth > threshold_otsu(smooth)
-    lab = label_components(fg)
-    if lab.max() == 0:
-        return np.ones(img.shape, bool)
-    largest = lab == (np.argmax(np.bincount(lab.ravel())[1:]) + 1)
-    largest = ndimage.binary_fill_holes(largest)
-    full = np.repeat(np.repeat(largest, 4, 0), 4, 1)[: img.shape[0], : img.shape[1]]
-    return full
 
 
 def _integral(mask: np.ndarray) -> np.ndarray:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +24,7 @@ from torch import nn
 
 from cvfast.data.manifest import REJECT_COLUMNS
 from cvfast.data.paths import check_output_name, refuse_overwrite
+from cvfast.data.crop import CropSpec, apply_crop, plan_crop
 from cvfast.data.read import atomic_write_bytes, read_mammogram, resize
 from cvfast.errors import CvfastError
 from cvfast.infer.inputs import collect_inputs
@@ -47,15 +49,19 @@ class MammogramFiles(torch.utils.data.Dataset):
     a batch; its reason is looked up afterwards.
     """
 
-    def __init__(self, paths: Sequence[str], size: tuple[int, int]):
-        self.paths, self.size = list(paths), tuple(size)
+    def __init__(self, paths: Sequence[str], size: tuple[int, int], crop: CropSpec | None = None, cropped: Sequence[bool] = ()):
+        self.paths, self.size, self.crop = list(paths), tuple(size), crop
+        self.cropped = list(cropped) or [False] * len(self.paths)  # already cut to the breast by prepare: not again
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         try:
-            image = working_image(read_mammogram(self.paths[i]).pixels, self.size)
+            pixels = read_mammogram(self.paths[i]).pixels
+            if self.crop is not None and not self.cropped[i]:
+                pixels = apply_crop(pixels, plan_crop(pixels, self.crop))
+            image = working_image(pixels, self.size)
         except Exception:  # CvfastError, or a decoder's own (PIL's DecompressionBombError, ...): reported afterwards
             return torch.zeros(1, *self.size), torch.tensor(1)
         return torch.from_numpy(image)[None], torch.tensor(0)
@@ -135,19 +141,24 @@ def inference_learner(model: nn.Module, dl: DataLoader) -> Learner:
 
 
 def predict_probabilities(members: Sequence[tuple[nn.Module, dict]], paths: Sequence[str], tta: bool = False, bs: int = 8,
-                          num_workers: int = 0, device: str | torch.device | None = None, progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
+                          num_workers: int = 0, device: str | torch.device | None = None, progress: bool = True,
+                          cropped: Sequence[bool] = ()) -> tuple[np.ndarray, np.ndarray]:
     """Averaged class probabilities (n, classes) for image files, and a mask of the files that could not be read.
 
-    Members trained at different sizes are run in one pass per size; files are read by `num_workers` processes.
+    Members trained at different sizes or crops are run in one pass per size and crop; files are read by `num_workers`
+    processes. A member trained on breast-cropped images gets every image cropped the same way, except those `cropped`
+    already (a prepared DATA folder's).
     """
     device = torch.device(device) if device is not None else default_device()
     flips = TTA_FLIPS if tta else ((),)
-    by_size: dict[tuple[int, int], list[tuple[nn.Module, dict]]] = {}
+    by_input: dict[tuple, list[tuple[nn.Module, dict]]] = {}
     for model, sidecar in members:
-        by_size.setdefault(tuple(sidecar["size"]), []).append((model, sidecar))
+        crop = json.dumps(sidecar.get("breast_crop"), sort_keys=True)
+        by_input.setdefault((tuple(sidecar["size"]), crop), []).append((model, sidecar))
     total, failed = None, np.zeros(len(paths), dtype=bool)
-    for size, group in by_size.items():
-        dl = DataLoader(MammogramFiles(paths, size), bs=bs, shuffle=False, drop_last=False, num_workers=num_workers, device=device)
+    for (size, crop), group in by_input.items():
+        spec = CropSpec(**json.loads(crop)) if json.loads(crop) else None
+        dl = DataLoader(MammogramFiles(paths, size, spec, cropped), bs=bs, shuffle=False, drop_last=False, num_workers=num_workers, device=device)
         model = AveragedProbabilities([m for m, _ in group], [s["mean_grey"] for _, s in group], flips).to(device).eval()
         learn = inference_learner(model, dl)
         cbs = [RichProgress(f"predicting at {size[0]}x{size[1]}")] if progress else []
@@ -169,7 +180,9 @@ def predict(models: Sequence[str | Path], inputs: Sequence[str | Path], tta: boo
     classes = members[0][1]["classes"]
     if df.empty:
         return Predictions(pd.DataFrame(columns=[*df.columns, *(f"p_{c}" for c in classes), "p_cancer"]), rejects, _describe(models, members), read)
-    probs, failed = predict_probabilities(members, df["path"].tolist(), tta=tta, bs=bs, num_workers=num_workers, device=device, progress=progress)
+    cropped = [bool(c) for c in df["breast_crop"].fillna("")] if "breast_crop" in df.columns else []
+    probs, failed = predict_probabilities(members, df["path"].tolist(), tta=tta, bs=bs, num_workers=num_workers, device=device, progress=progress,
+                                          cropped=cropped)
     for path, image_id in zip(df.loc[failed, "path"], df.loc[failed, "image_id"]):
         try:  # read again in this process for the reason (the worker that failed cannot return text)
             resize(read_mammogram(path).pixels, (8, 8))

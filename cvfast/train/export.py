@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from cvfast.data.blocks import WHOLE_IMAGE_CLASSES
+from cvfast.data.crop import CropSpec
 from cvfast.data.manifest import PATCH_CLASSES
 from cvfast.data.read import atomic_write_bytes
 from cvfast.errors import CvfastError
@@ -89,7 +90,10 @@ CLASSES = {"patch": PATCH_CLASSES, "whole": WHOLE_IMAGE_CLASSES}
 
 def content_digest(sidecar: dict) -> str:
     """SHA-256 of the sidecar fields that decide the model's outputs (canonical JSON)."""
-    return hashlib.sha256(json.dumps({k: sidecar.get(k) for k in CONTENT_FIELDS}, sort_keys=True).encode()).hexdigest()
+    fields = {k: sidecar.get(k) for k in CONTENT_FIELDS}
+    if sidecar.get("breast_crop") is not None:  # added later: absent, it leaves the digests of earlier models as they were
+        fields["breast_crop"] = sidecar["breast_crop"]
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
 
 
 def _pair(value, name: str, where: str) -> list[int]:
@@ -115,6 +119,11 @@ def check_info(info: dict, kind: str, where: str) -> None:
     crop = info.get("crop")
     if crop is not None and (isinstance(crop, bool) or not isinstance(crop, int) or crop < 1):
         raise CvfastError(f"{where}: crop {crop!r} is not a patch side in pixels")
+    if info.get("breast_crop") is not None:
+        try:
+            CropSpec(**info["breast_crop"])
+        except (TypeError, CvfastError):
+            raise CvfastError(f"{where}: breast_crop {info['breast_crop']!r} is not a crop spec (breast, flip_to, margin)") from None
 
 
 def check_sidecar(sidecar, path: Path) -> dict:
@@ -172,7 +181,7 @@ def load_model(path: str | Path) -> tuple[torch.nn.Module, dict]:
         raise CvfastError(f"{path}: {e}") from None
     except Exception as e:  # a spec that builds no model, or weights of another architecture
         raise CvfastError(f"{path}: its spec and weights do not make a model ({type(e).__name__}: {str(e)[:200]})") from None
-    model.info = {k: sidecar[k] for k in ("classes", "mean_grey", "size", "source_size", "crop", "mean_grey_source") if k in sidecar}
+    model.info = {k: sidecar[k] for k in ("classes", "mean_grey", "size", "source_size", "crop", "mean_grey_source", "breast_crop") if k in sidecar}
     return model.eval(), sidecar
 
 

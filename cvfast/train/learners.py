@@ -91,5 +91,7 @@ def _learner(dls: DataLoaders, model, splitter, metrics: list, path: str | Path,
     model.info = {"classes": list(dls.vocab), "mean_grey": info.mean_grey, "size": list(info.size), "mean_grey_source": info.mean_source}
     if info.source_size:  # patch models: what a sliding-window heatmap needs
         model.info.update(source_size=list(info.source_size), crop=info.crop)
+    if info.breast_crop:  # images were cropped to the breast before resizing: predict must do the same to new images
+        model.info["breast_crop"] = info.breast_crop
     return CvfastLearner(dls, model, loss_func=CrossEntropyLossFlat(), opt_func=opt_func, splitter=splitter, metrics=metrics,
                          path=Path(path), model_dir="checkpoints")

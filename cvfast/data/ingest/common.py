@@ -2,21 +2,25 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable
 
 import pandas as pd
 
 from cvfast.data.convert import ImageJob, convert_all
+from cvfast.data.crop import CropSpec
 from cvfast.data.manifest import MANIFEST_NAME, REJECTS_NAME, assign_splits, rejects_frame, write_csv, write_manifest
-from cvfast.data.paths import file_identity, refuse_overwrite, unique_stems
-from cvfast.data.read import WORKING_SIZE
+from cvfast.data.paths import file_identity, read_json, refuse_overwrite, unique_stems
+from cvfast.data.read import WORKING_SIZE, atomic_write_bytes
 from cvfast.errors import CvfastError
 
 log = logging.getLogger(__name__)
+
+SHARDS_DIR = ".shards"  # one JSON per finished shard of a sharded preparation
 
 
 @dataclass
@@ -29,6 +33,8 @@ class PrepareOptions:
     seed: int = 0
     valid_frac: float = 0.15
     test_frac: float = 0.2  # used only where the dataset has no official test split
+    shard: tuple[int, int] | None = None  # (k, n): convert only the k-th of n shards (1-based); `merge_shards` assembles them
+    crop: CropSpec = field(default_factory=CropSpec)  # breast crop and side flip before resizing
 
 
 def check_source(source: str | Path, what: str) -> Path:
@@ -66,7 +72,8 @@ def finish(dataset: str, images: dict[str, dict], jobs: list[ImageJob], rejects:
 
     `images` maps image_id -> patient_id, side, view, label, abnormalities (without masks), optional split
     and extra columns; side/view may be None and are then taken from the DICOM header. `inputs`: the label
-    files read (CSVs, sheets), protected like the images from being written over.
+    files read (CSVs, sheets), protected like the images from being written over. With `opts.shard` only that
+    shard's images are converted and recorded under OUT/.shards/ (no manifest): `merge_shards` assembles them.
     """
     stems = unique_stems(j.image_id for j in jobs)
     for j in jobs:
@@ -76,13 +83,73 @@ def finish(dataset: str, images: dict[str, dict], jobs: list[ImageJob], rejects:
     refuse_overwrite(outputs, [*inputs, *sources], hint="the cache would replace the source; choose an --out that holds no source files")
     source_of = {j.image_id: j.source for j in jobs}
     jobs, dup_rejects = _unique_sources(jobs, images, source_of)
+    order = {j.image_id: k for k, j in enumerate(jobs)}  # the listing's order decides which copy is kept, sharded or not
+    if opts.shard:
+        jobs = [j for j in jobs if shard_of(j.image_id, opts.shard[1]) == opts.shard[0]]
     try:
         opts.out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise CvfastError(f"{opts.out}: cannot create the output folder ({e.strerror or e})") from None
-    records, conv_rejects = convert_all(jobs, opts.out, opts.size, opts.workers)
+    records, conv_rejects = convert_all(jobs, opts.out, opts.size, opts.workers, opts.crop)
+    part = {"dataset": dataset, "options": _shared_options(opts), "listing_rejects": rejects + dup_rejects,
+            "images": {i: {**images[i], "order": order[i], "source": source_of[i]} for i in records},
+            "records": records, "conversion_rejects": conv_rejects}
+    if opts.shard:
+        k, n = opts.shard
+        atomic_write_bytes(opts.out / SHARDS_DIR / f"{k}-of-{n}.json", json.dumps(part).encode())
+        log.info("shard %d of %d: %d images converted; when all %d shards are done: cvfast prepare merge %s", k, n, len(records), n, opts.out)
+        return pd.DataFrame({"image_id": list(records)}).assign(split="", shard=f"{k}/{n}")
+    return _assemble([part], opts)
+
+
+def shard_of(image_id: str, n: int) -> int:
+    """The shard (1..n) an image belongs to: from a digest of its id, so every machine agrees whatever the listing order."""
+    return int(hashlib.sha256(image_id.encode()).hexdigest()[:12], 16) % n + 1
+
+
+def _shared_options(opts: PrepareOptions) -> dict:
+    """The options every shard of one preparation must share (the split is drawn with them at merge)."""
+    return {"size": list(opts.size), "seed": opts.seed, "valid_frac": opts.valid_frac, "test_frac": opts.test_frac, "crop": asdict(opts.crop)}
+
+
+def merge_shards(out: str | Path) -> pd.DataFrame:
+    """Assemble the shards under OUT/.shards/ into one manifest, with pixel de-duplication and the splits drawn over all."""
+    out = Path(out)
+    files = sorted((out / SHARDS_DIR).glob("*-of-*.json"))
+    if not files:
+        raise CvfastError(f"{out}: no shards here ({SHARDS_DIR}/K-of-N.json); run `cvfast prepare <dataset> ... --shard K/N` first")
+    counts = {f.stem.split("-of-")[1] for f in files}
+    if len(counts) > 1:
+        raise CvfastError(f"{out}: shards of different splittings ({', '.join(f.name for f in files)}); remove the stale ones")
+    n = int(counts.pop())
+    missing = sorted(set(range(1, n + 1)) - {int(f.stem.split("-of-")[0]) for f in files})
+    if missing:
+        raise CvfastError(f"{out}: shard(s) {', '.join(f'{k}/{n}' for k in missing)} of {n} not done yet; run them, then merge")
+    parts = [read_json(f, "shard record") for f in sorted(files, key=lambda f: int(f.stem.split("-of-")[0]))]
+    first = parts[0]
+    for f, part in zip(files, parts):
+        if (part["dataset"], part["options"]) != (first["dataset"], first["options"]):
+            raise CvfastError(f"{f}: prepared as {part['dataset']} with {part['options']}, but shard 1 as {first['dataset']} with "
+                              f"{first['options']}; every shard must run the same command")
+    o = first["options"]
+    opts = PrepareOptions(out=out, size=tuple(o["size"]), seed=o["seed"], valid_frac=o["valid_frac"], test_frac=o["test_frac"],
+                          crop=CropSpec(**o["crop"]))
+    return _assemble(parts, opts)
+
+
+def _assemble(parts: list[dict], opts: PrepareOptions) -> pd.DataFrame:
+    """Manifest and rejects.csv from converted parts (one, or every shard), in the listing's order."""
+    dataset = parts[0]["dataset"]
+    images = dict(sorted(((i, m) for p in parts for i, m in p["images"].items()), key=lambda kv: kv[1]["order"]))
+    records = {i: r for p in parts for i, r in p["records"].items()}
+    records = {i: records[i] for i in images}
+    source_of = {i: m.pop("source") for i, m in images.items()}
+    for m in images.values():
+        m.pop("order")
+    order_of_source = {source_of[i]: k for k, i in enumerate(images)}
+    conv_rejects = sorted((r for p in parts for r in p["conversion_rejects"]), key=lambda r: order_of_source.get(r["source"], -1))
     records, same_pixels = _unique_pixels(records, images, source_of)
-    rejects = rejects + dup_rejects + conv_rejects + same_pixels
+    rejects = parts[0]["listing_rejects"] + conv_rejects + same_pixels
     rows = []
     for image_id, meta in images.items():
         rec = records.get(image_id)
@@ -95,6 +162,7 @@ def finish(dataset: str, images: dict[str, dict], jobs: list[ImageJob], rejects:
             "path": rec["path"], "source": rec["source"], "orig_height": rec["orig_height"], "orig_width": rec["orig_width"],
             "pathology": "MALIGNANT" if any(a["pathology"] == "MALIGNANT" for a in abns) else ("BENIGN" if abns else "NORMAL"),
             "n_abnormalities": len(abns), "abnormalities": json.dumps(abns),
+            **({"breast_crop": rec["breast_crop"]} if opts.crop.active else {}),
         })
     write_csv(rejects_frame(rejects), opts.out / REJECTS_NAME)
     if rejects:

@@ -1,0 +1,49 @@
+"""A DICOM's pixel data decoded by the fastest measured backend for its transfer syntax, with identical pixels.
+
+pydicom picks among its installed plugins (pylibjpeg-openjpeg, -libjpeg, -rle, pyjpegls) on its own; imagecodecs
+wraps the same codec libraries (OpenJPEG, libjpeg-turbo / liblj92, CharLS) without pydicom's per-frame buffer
+handling. `bench/decode_throughput.py` measures both on the same files; `FASTEST` holds its verdict (BENCHMARKS.md),
+and `tests/test_read.py` checks that every backend gives the same pixels.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import imagecodecs
+import numpy as np
+import pydicom
+from pydicom.encaps import generate_frames
+from pydicom.uid import JPEG2000, JPEG2000Lossless, JPEGLossless, JPEGLosslessSV1, JPEGLSLossless, JPEGLSNearLossless
+
+# imagecodecs' decoder for each encapsulated syntax it reads
+IMAGECODECS: dict[str, Callable[[bytes], np.ndarray]] = {
+    JPEG2000Lossless: imagecodecs.jpeg2k_decode, JPEG2000: imagecodecs.jpeg2k_decode,
+    JPEGLosslessSV1: imagecodecs.ljpeg_decode, JPEGLossless: imagecodecs.ljpeg_decode,
+    JPEGLSLossless: imagecodecs.jpegls_decode, JPEGLSNearLossless: imagecodecs.jpegls_decode,
+}
+BACKENDS = ("pydicom", "imagecodecs")
+# the measured choice per transfer syntax (bench/decode_throughput.py, BENCHMARKS.md): imagecodecs' CharLS and liblj92
+# paths decode JPEG-LS and JPEG Lossless 2-5x faster than pydicom's plugins; JPEG 2000 is a tie (both OpenJPEG)
+FASTEST: dict[str, str] = {JPEGLSLossless: "imagecodecs", JPEGLSNearLossless: "imagecodecs", JPEGLosslessSV1: "imagecodecs",
+                           JPEGLossless: "imagecodecs"}
+
+
+def decode(ds: pydicom.Dataset, backend: str | None = None) -> np.ndarray:
+    """The stored pixel values of a single-frame grey DICOM (before any LUT), by `backend` or the fastest for its syntax."""
+    syntax = ds.file_meta.get("TransferSyntaxUID")
+    backend = backend or FASTEST.get(syntax, "pydicom")
+    if backend == "imagecodecs" and syntax in IMAGECODECS and _plain(ds):
+        frame = next(generate_frames(ds.PixelData, number_of_frames=1))
+        arr = IMAGECODECS[syntax](frame)
+        if arr.shape == (ds.Rows, ds.Columns):
+            return arr.astype(np.uint8 if ds.BitsAllocated == 8 else np.uint16, copy=False)
+    elif backend not in BACKENDS:
+        raise ValueError(f"decode backend {backend!r}: expected one of {BACKENDS}")
+    return ds.pixel_array
+
+
+def _plain(ds: pydicom.Dataset) -> bool:
+    """One unsigned grey frame: what the direct path handles (anything else goes through pydicom)."""
+    return (int(ds.get("NumberOfFrames", 1) or 1) == 1 and int(ds.get("SamplesPerPixel", 1)) == 1
+            and int(ds.get("PixelRepresentation", 0)) == 0 and int(ds.get("BitsAllocated", 16)) in (8, 16))
