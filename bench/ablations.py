@@ -20,7 +20,8 @@ the paired difference from the paper's configuration (mean, sd, and how many see
     python bench/ablations.py [--seeds 0 1 2] [--patients 80] [--epochs-scale 1.0] [--only heatmap vgg-top]
 
 Resumable: every model trains into its own folder under bench/out/ablations/ (a killed run continues from its last
-epoch), every finished (seed, variant) is a JSON file there, and a re-run does only what is missing; `--summary-only`
+epoch), every finished (seed, variant) is a JSON file there, and a re-run does only what is missing; two processes
+(one per core, e.g. `--seeds 1` and `--seeds 2`) can run at once: each (seed, variant) is claimed by a lock file; `--summary-only`
 writes the table of what is done. Cost at the demo's scale, one thread each, measured beside other jobs: 19 min for the
 random-init variant (patch, whole-image and transfer models retrained), 46 min for the heatmap variant while the test
 suite also ran -- roughly 1.5 hours of an idle 2-core machine per seed. At 40 women and half the epochs the chain does
@@ -33,6 +34,7 @@ import argparse
 import hashlib
 import json
 import logging
+import os
 import shutil
 import sys
 import time
@@ -117,6 +119,9 @@ def run_seed(seed: int, variants: list[str], args: argparse.Namespace) -> None:
         fingerprints = {step: fingerprint(r) for step, r in recipes.items()}
         if done.is_file() and json.loads(done.read_text()).get("fingerprints") == fingerprints:
             continue
+        if not _claim(done):
+            log.info("seed %d %s: another ablations process is training it; skipped here", seed, name)
+            continue
         t = time.perf_counter()
         patch = finished(patch_dir, recipes["patch"]) or train_patch(recipes["patch"], ddsm / "patches_s10", patch_dir).metrics
         whole = finished(whole_dir, recipes["whole"]) or train_whole(recipes["whole"], ddsm, patch_dir, whole_dir).metrics
@@ -128,7 +133,32 @@ def run_seed(seed: int, variants: list[str], args: argparse.Namespace) -> None:
             scratch = finished(scratch_dir, recipes["finetune"]) or finetune(recipes["finetune"], inbreast, whole_dir, scratch_dir, scratch=True).metrics
             result["scratch_auc"] = scratch.get("test_auc")
         atomic_write_bytes(done, json.dumps(result, indent=1).encode())
+        done.with_suffix(".lock").unlink(missing_ok=True)
         log.info("seed %d %s: whole AUC %.3f, transfer AUC %.3f (%.1f min)", seed, name, result["whole_auc"], result["transfer_auc"], result["minutes"])
+
+
+def _claim(done: Path) -> bool:
+    """Take the (seed, variant) for this process, so that two processes (one per core) never train into one folder.
+
+    A lock left by a killed process (its pid gone) is taken over.
+    """
+    lock = done.with_suffix(".lock")
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                os.kill(int(lock.read_text() or 0), 0)
+                return False  # its holder is alive
+            except (ProcessLookupError, ValueError):
+                lock.unlink(missing_ok=True)  # stale: try once more
+                continue
+            except PermissionError:
+                return False
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+        return True
+    return False
 
 
 def _data(work: Path, name: str, seed: int) -> tuple[Path, Path]:

@@ -134,6 +134,7 @@ def test_cmmd_labels_per_breast_side_and_view_from_headers(screening, prepared):
         assert (merged[col] == merged[f"{col}_truth"]).all(), col
     sheet = pd.read_excel(src / "cmmd" / "CMMD_clinicaldata_revision.xlsx")
     assert len(m) == 2 * len(sheet) and set(m["abnormality"]) == set(sheet["abnormality"])
+    assert (m["pathology"] == m["label"].map({1: "MALIGNANT", 0: "BENIGN"})).all()  # every listed breast had a biopsied finding
     _assert_patient_splits(m)
     assert pd.read_csv(prepared["cmmd"] / "rejects.csv").empty
 
@@ -184,6 +185,12 @@ def test_predictions_carry_site_columns_and_evaluate_breaks_down_by_group(prepar
         else:
             assert entry["auc"] is None
     assert "## By site_id" in out
+    # blank group values are a group of their own, not dropped: the groups add up to every evaluated case
+    gaps = df.assign(density=[v if k % 3 else "" for k, v in enumerate(df["density"].fillna(""))])
+    gaps.to_csv(tmp_path / "gaps.csv", index=False)
+    cli("evaluate", tmp_path / "gaps.csv", "--split", "all", "--thresholds-from", "self", "--by-group", "density", "--out", tmp_path / "g")
+    groups = json.loads((tmp_path / "g" / "report.json").read_text())["groups"]["values"]
+    assert sum(g["n"] for g in groups) == len(df) and "(missing)" in {g["value"] for g in groups}
     r = CliRunner().invoke(app, ["evaluate", str(preds), "--split", "all", "--by-group", "scanner", "--out", str(tmp_path / "s")])
     assert r.exit_code == 1 and "--by-group scanner" in r.output
 
@@ -235,24 +242,42 @@ def test_cropped_vindr_masks_map_back_to_their_source_boxes(screening, tmp_path)
 
 
 def test_a_model_trained_on_cropped_images_crops_new_images_the_same_way(screening, untrained_models, tmp_path):
-    import shutil
-
-    from cvfast.train.export import content_digest
+    from cvfast.data.blocks import whole_image_dataloaders
+    from cvfast.train.export import export_model, load_model
+    from cvfast.train.learners import whole_image_learner
 
     src, _ = screening
     cli("prepare", "cmmd", src / "cmmd", "--out", tmp_path / "d", "--size", f"{SIZE[0]}x{SIZE[1]}", "--workers", "1", "--crop", "breast")
-    model = Path(shutil.copytree(untrained_models[1], tmp_path / "m"))
-    sidecar = json.loads((model / "model.json").read_text())
-    assert sidecar["size"] == list(SIZE)
-    sidecar["breast_crop"] = {"breast": True, "flip_to": None, "margin": 0.01}  # as training on tmp_path/d records it
-    sidecar["content_sha256"] = content_digest(sidecar)
-    (model / "model.json").write_text(json.dumps(sidecar))
+    patch, _ = load_model(untrained_models[0])
+    dls = whole_image_dataloaders(tmp_path / "d", bs=2)
+    assert dls.info.breast_crop == {"breast": True, "flip_to": None, "margin": 0.01}  # the DATA folder's crop travels with the model
+    export_model(whole_image_learner(dls, patch, widths=(16, 16, 32)), tmp_path / "m")
+    assert json.loads((tmp_path / "m" / "model.json").read_text())["breast_crop"] == dls.info.breast_crop
     m = read_manifest(tmp_path / "d").head(4)
-    cli("predict", model, tmp_path / "d", "--out", tmp_path / "cached.csv")
-    cli("predict", model, *m["source"], "--out", tmp_path / "raw.csv")
+    cli("predict", tmp_path / "m", tmp_path / "d", "--out", tmp_path / "cached.csv")
+    cli("predict", tmp_path / "m", *m["source"], "--out", tmp_path / "raw.csv")
     cached = pd.read_csv(tmp_path / "cached.csv").set_index("image_id").loc[m["image_id"], "p_cancer"].to_numpy()
     raw = pd.read_csv(tmp_path / "raw.csv").set_index("path")["p_cancer"]
     raw = raw.loc[[str(Path(s).resolve()) for s in m["source"]]].to_numpy()
     np.testing.assert_allclose(raw, cached, atol=1e-6)  # the raw DICOM is cropped exactly as prepare cropped it
     cli("predict", untrained_models[1], *m["source"], "--out", tmp_path / "uncropped.csv")
     assert not np.allclose(pd.read_csv(tmp_path / "uncropped.csv")["p_cancer"].to_numpy(), cached, atol=1e-6)
+    # a model trained on uncropped images is not fed the cropped cache
+    r = CliRunner().invoke(app, ["predict", str(untrained_models[1]), str(tmp_path / "d"), "--out", str(tmp_path / "x.csv")])
+    assert r.exit_code == 1 and "prepared with crop" in " ".join(r.output.split())
+
+
+def test_repeated_rows_count_once_or_not_at_all(screening, tmp_path):
+    import shutil
+
+    src, truth = screening
+    rsna = Path(shutil.copytree(src / "rsna", tmp_path / "rsna"))
+    df = pd.read_csv(rsna / "train.csv", dtype=str, keep_default_na=False)
+    twin, rival = df.iloc[[0]], df.iloc[[1]].assign(cancer="1" if df.loc[1, "cancer"] == "0" else "0")
+    pd.concat([df, twin, rival]).to_csv(rsna / "train.csv", index=False)
+    cli("prepare", "rsna", rsna, "--out", tmp_path / "d", "--size", "64x48", "--workers", "1")
+    m, rejects = read_manifest(tmp_path / "d"), pd.read_csv(tmp_path / "d" / "rejects.csv", dtype=str)
+    assert list(m["image_id"]).count(df.loc[0, "image_id"]) == 1 and df.loc[1, "image_id"] not in set(m["image_id"])
+    assert len(m) == len(df) - 1  # the identical copy counted once, the disagreeing pair not at all
+    assert rejects["reason"].str.contains("counted once").sum() == 1 and rejects["reason"].str.contains("different values").sum() == 2
+    assert not rejects["reason"].str.contains("no label").any()  # a rejected row's file is not also called unlisted

@@ -68,3 +68,25 @@ def test_shards_of_different_commands_are_not_merged(synth_dir, tmp_path):
 def test_merge_of_a_folder_without_shards_is_a_clear_error(tmp_path):
     r = _run("prepare", "merge", tmp_path)
     assert r.exit_code == 1 and "no shards here" in " ".join(r.output.split())
+
+
+def test_shards_with_crop_failures_and_repeats_merge_to_the_unsharded_run(tmp_path):
+    from cvfast.data.synth import synthesize
+
+    synthesize(tmp_path / "s", patients=8, seed=2, layouts=("rsna",))
+    src = tmp_path / "s" / "rsna"
+    dicoms = sorted((src / "train_images").rglob("*.dcm"))
+    for f in dicoms[1::9]:  # truncated files, met by different shards
+        f.write_bytes(f.read_bytes()[:3000])
+    rows = (src / "train.csv").read_text().splitlines()
+    (src / "train.csv").write_text("\n".join([*rows, rows[3]]) + "\n")  # a repeated row
+    common = ["prepare", "rsna", src, "--size", "64x48", "--workers", "1", "--crop", "breast", "--flip-to", "left"]
+    assert _run(*common, "--out", tmp_path / "one").exit_code == 0
+    for k in (1, 2, 3):
+        assert _run(*common, "--out", tmp_path / "sharded", "--shard", f"{k}/3").exit_code == 0
+    assert _run("prepare", "merge", tmp_path / "sharded").exit_code == 0
+    one, merged = _tree(tmp_path / "one"), _tree(tmp_path / "sharded")
+    assert merged.keys() == one.keys() and all(merged[k] == one[k] for k in one)
+    rejects = (tmp_path / "one" / "rejects.csv").read_text()
+    assert all(str(f) in rejects for f in dicoms[1::9]) and len(dicoms[1::9]) >= 2 and "counted once" in rejects
+    assert {shard_of(p.stem, 3) for p in dicoms[1::9]} != {1}  # the failures really were in more than one shard

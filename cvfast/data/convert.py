@@ -19,7 +19,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from cvfast.data.crop import CropSpec, apply_crop, plan_crop
 from cvfast.data.paths import inside, read_json, safe_stem
-from cvfast.data.read import TEMP_GLOB, WORKING_SIZE, atomic_write_bytes, read_mammogram, read_png, resize, resize_mask, write_png
+from cvfast.data.read import TEMP_GLOB, TEMP_PREFIX, WORKING_SIZE, atomic_write_bytes, read_mammogram, read_png, resize, resize_mask, write_png
 from cvfast.errors import CvfastError
 
 log = logging.getLogger(__name__)
@@ -220,9 +220,13 @@ def convert_all(jobs: list[ImageJob], data_dir: str | Path, size: tuple[int, int
                 workers: int | None = None, crop: CropSpec = CropSpec()) -> tuple[dict[str, dict], list[dict]]:
     """Convert every job (skipping finished ones); return records by image_id and the rejects."""
     data_dir = Path(data_dir)
-    for sub in ("images", "masks", RECORDS_DIR):  # temporaries of a killed run; finished files are never .tmp
+    # temporaries of a killed run (finished files are never .tmp); only of this run's own files, as the shards of a
+    # job array write into one folder at the same time
+    own = {Path(rel).name for j in jobs for rel in j.outputs()}
+    for sub in ("images", "masks", RECORDS_DIR):
         for tmp in (data_dir / sub).glob(TEMP_GLOB):
-            tmp.unlink(missing_ok=True)
+            if tmp.name[len(TEMP_PREFIX):].rsplit(".", 2)[0] in own:
+                tmp.unlink(missing_ok=True)
     done = sum((data_dir / j.record_path).is_file() for j in jobs)
     if done:
         log.info("resuming: %d of %d images already converted (re-done where their sources or ROIs changed)", done, len(jobs))

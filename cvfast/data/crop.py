@@ -2,8 +2,9 @@
 
 Cropping each image to the breast's bounding box (the largest connected tissue component: film labels, markers and
 the background fall outside it) spends the working resolution on tissue, as the RSNA 2023 winning solutions did.
-The box and flip of every image are stored (manifest column ``breast_crop``) so masks, patches, heatmaps and
-predictions map back to the original pixels (`working_to_source`).
+The box and flip of every image are stored (manifest column ``breast_crop``, carried into predictions) so masks,
+patches and predicted findings map back to the original pixels (`working_to_source`); a model trained on cropped
+images stores the spec, and predict and heatmap crop new images the same way.
 """
 
 from __future__ import annotations
@@ -64,6 +65,11 @@ class Crop:
         """The manifest's breast_crop cell (with the spec that planned it, which a model trained on it stores)."""
         return json.dumps({"box": list(self.box), "flipped": self.flipped, "spec": asdict(spec)})
 
+    @staticmethod
+    def spec_of(text: str) -> dict | None:
+        """The crop spec recorded in a breast_crop cell (None for an empty cell: an uncropped image)."""
+        return json.loads(text)["spec"] if text else None
+
     @classmethod
     def from_json(cls, text: str) -> "Crop":
         """Parse a breast_crop cell."""
@@ -99,7 +105,7 @@ def apply_crop(array: np.ndarray, crop: Crop) -> np.ndarray:
 
 def crop_spec_of(cells: Iterable[str]) -> dict | None:
     """The one crop spec of a DATA folder's breast_crop cells (None when it was not cropped); refused when they differ."""
-    specs = {json.dumps(json.loads(c)["spec"], sort_keys=True) for c in cells if c}
+    specs = {json.dumps(Crop.spec_of(c), sort_keys=True) for c in cells if c}
     if len(specs) > 1:
         raise CvfastError(f"images prepared with different crop settings ({', '.join(sorted(specs))}); prepare them again with one")
     return json.loads(specs.pop()) if specs else None

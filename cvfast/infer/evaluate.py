@@ -213,10 +213,23 @@ def _evaluate(preds: str | Path, st: EvalSettings, compare: str | Path | None, l
     return report, curves
 
 
+MISSING_GROUP = "(missing)"
+
+
+def group_labels(values: pd.Series) -> pd.Series:
+    """A group column as text: whole numbers without '.0' (a CSV column with blanks reads as floats), blanks as MISSING_GROUP."""
+    def text(v) -> str:
+        if pd.isna(v) or not str(v).strip():
+            return MISSING_GROUP
+        return str(int(v)) if isinstance(v, float) and v.is_integer() else str(v).strip()
+
+    return values.map(text)
+
+
 def _by_group(rows: pd.DataFrame, st: EvalSettings) -> list[dict]:
     """AUC (patient-bootstrap CI), probabilistic F1 and counts for each value of the group column, in sorted order."""
     out = []
-    for value, g in rows.groupby(rows[st.by_group].astype(str), sort=True):
+    for value, g in rows.groupby(group_labels(rows[st.by_group]), sort=True):
         y, s = g["label"].to_numpy(), g[st.score].to_numpy(dtype=np.float64)
         entry = {"value": value, "n": int(len(g)), "n_positive": int(y.sum()), "n_patients": int(g["patient_id"].nunique()),
                  "probabilistic_f1": probabilistic_f1(y, s), "auc": None, "auc_ci95": None}

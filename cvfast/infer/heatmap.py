@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cvfast.data.crop import CropSpec, apply_crop, plan_crop
 from cvfast.data.paths import check_output_name, refuse_overwrite, safe_stem
 from cvfast.data.read import WORKING_SIZE, atomic_write_bytes, read_mammogram, resize
 from cvfast.errors import CvfastError
@@ -34,11 +35,16 @@ class Heatmap:
     inputs: list[str] = field(default_factory=list)  # the files it was made from: save_overlay never writes onto them
 
 
-def _image(source: str | Path | np.ndarray, size: tuple[int, int]) -> tuple[np.ndarray, tuple[int, int]]:
-    """A file or uint16 array as the working-size [0, 1] float image (prepare's resize) and its original shape."""
+def _image(source: str | Path | np.ndarray, size: tuple[int, int], breast_crop: dict | None = None) -> tuple[np.ndarray, tuple[int, int]]:
+    """A file or uint16 array as the working-size [0, 1] float image (prepare's crop and resize) and the shape it was resized from.
+
+    A model trained on breast-cropped images sees the image cropped the same way (`breast_crop`: its stored spec).
+    """
     pixels = source if isinstance(source, np.ndarray) else read_mammogram(source).pixels
     if pixels.dtype != np.uint16:
         raise CvfastError(f"heatmap input array must be uint16 (got {pixels.dtype}); read files with cvfast.data.read.read_mammogram")
+    if breast_crop:
+        pixels = apply_crop(pixels, plan_crop(pixels, CropSpec(**breast_crop)))
     return working_image(pixels, size), tuple(pixels.shape)
 
 
@@ -65,7 +71,7 @@ def sliding_window_heatmap(model: nn.Module, sidecar: dict, source: str | Path |
     if stride > p:  # windows further apart than their side would leave stripes no window covers, drawn as "no finding"
         log.warning("--stride %d is larger than the %d-pixel window; using %d so that every pixel is covered", stride, p, p)
         stride = p
-    image, orig = _image(source, image_size)
+    image, orig = _image(source, image_size, sidecar.get("breast_crop"))
     h, w = image.shape
     if h < p or w < p:
         raise CvfastError(f"image size {h}x{w} is smaller than the model's {p}-pixel patches")
@@ -101,7 +107,7 @@ def class_activation_map(model: WholeImageClassifier, sidecar: dict, source: str
     The top's features weighted by the FC layer's cancer-minus-no-cancer weights give a per-position logit whose
     spatial mean plus the bias is the model's logit; the map is its sigmoid, a local cancer probability.
     """
-    image, orig = _image(source, tuple(sidecar["size"]))
+    image, orig = _image(source, tuple(sidecar["size"]), sidecar.get("breast_crop"))
     x = torch.from_numpy(image - float(sidecar["mean_grey"]))[None, None].to(device)
     model = model.to(device).eval()
     f = model.body(x)

@@ -24,7 +24,7 @@ from torch import nn
 
 from cvfast.data.manifest import REJECT_COLUMNS
 from cvfast.data.paths import check_output_name, refuse_overwrite
-from cvfast.data.crop import CropSpec, apply_crop, plan_crop
+from cvfast.data.crop import Crop, CropSpec, apply_crop, plan_crop
 from cvfast.data.read import atomic_write_bytes, read_mammogram, resize
 from cvfast.errors import CvfastError
 from cvfast.infer.inputs import collect_inputs
@@ -142,12 +142,13 @@ def inference_learner(model: nn.Module, dl: DataLoader) -> Learner:
 
 def predict_probabilities(members: Sequence[tuple[nn.Module, dict]], paths: Sequence[str], tta: bool = False, bs: int = 8,
                           num_workers: int = 0, device: str | torch.device | None = None, progress: bool = True,
-                          cropped: Sequence[bool] = ()) -> tuple[np.ndarray, np.ndarray]:
+                          prepared_crops: Sequence[dict | None] = ()) -> tuple[np.ndarray, np.ndarray]:
     """Averaged class probabilities (n, classes) for image files, and a mask of the files that could not be read.
 
     Members trained at different sizes or crops are run in one pass per size and crop; files are read by `num_workers`
-    processes. A member trained on breast-cropped images gets every image cropped the same way, except those `cropped`
-    already (a prepared DATA folder's).
+    processes. A member trained on breast-cropped images gets every image cropped the same way, except those that
+    `prepare` already cropped with the same settings (`prepared_crops`: each file's crop spec, None when uncropped);
+    a file cropped with other settings than a member's is refused.
     """
     device = torch.device(device) if device is not None else default_device()
     flips = TTA_FLIPS if tta else ((),)
@@ -156,8 +157,15 @@ def predict_probabilities(members: Sequence[tuple[nn.Module, dict]], paths: Sequ
         crop = json.dumps(sidecar.get("breast_crop"), sort_keys=True)
         by_input.setdefault((tuple(sidecar["size"]), crop), []).append((model, sidecar))
     total, failed = None, np.zeros(len(paths), dtype=bool)
+    prepared_crops = list(prepared_crops) or [None] * len(paths)
     for (size, crop), group in by_input.items():
-        spec = CropSpec(**json.loads(crop)) if json.loads(crop) else None
+        wanted = json.loads(crop)
+        clash = next((i for i, c in enumerate(prepared_crops) if c is not None and c != wanted), None)
+        if clash is not None:
+            raise CvfastError(f"{paths[clash]}: prepared with crop {prepared_crops[clash]}, but a model here was trained on images with crop "
+                              f"{wanted}; predict on the source images (they are cropped as the model needs) or prepare them again")
+        cropped = [c is not None for c in prepared_crops]  # cut already, as this member wants
+        spec = CropSpec(**wanted) if wanted else None
         dl = DataLoader(MammogramFiles(paths, size, spec, cropped), bs=bs, shuffle=False, drop_last=False, num_workers=num_workers, device=device)
         model = AveragedProbabilities([m for m, _ in group], [s["mean_grey"] for _, s in group], flips).to(device).eval()
         learn = inference_learner(model, dl)
@@ -180,9 +188,9 @@ def predict(models: Sequence[str | Path], inputs: Sequence[str | Path], tta: boo
     classes = members[0][1]["classes"]
     if df.empty:
         return Predictions(pd.DataFrame(columns=[*df.columns, *(f"p_{c}" for c in classes), "p_cancer"]), rejects, _describe(models, members), read)
-    cropped = [bool(c) for c in df["breast_crop"].fillna("")] if "breast_crop" in df.columns else []
+    crops = [Crop.spec_of(c) for c in df["breast_crop"].fillna("")] if "breast_crop" in df.columns else []
     probs, failed = predict_probabilities(members, df["path"].tolist(), tta=tta, bs=bs, num_workers=num_workers, device=device, progress=progress,
-                                          cropped=cropped)
+                                          prepared_crops=crops)
     for path, image_id in zip(df.loc[failed, "path"], df.loc[failed, "image_id"]):
         try:  # read again in this process for the reason (the worker that failed cannot return text)
             resize(read_mammogram(path).pixels, (8, 8))

@@ -87,11 +87,13 @@ def prepare_cmmd(source: str | Path, opts: PrepareOptions) -> pd.DataFrame:
             continue
         found.add(key)
         image_id = f"{patient}_{f.stem}"
-        if image_id in images:  # two series of one woman both holding 1-1.dcm
-            image_id = f"{patient}_{f.parent.name}_{f.stem}"
+        if image_id in images:  # two series of one woman both holding 1-1.dcm: the path tells them apart
+            image_id = "_".join((patient, *f.relative_to(source).with_suffix("").parts))
+        while image_id in images:  # a patient id in two folders' headers
+            image_id += "_"
         meta = {k: v for k, v in breasts[key].items() if k != "row"}
         images[image_id] = {**meta, "patient_id": patient, "side": header["side"], "view": header["view"],
-                            "abnormalities": [abnormality(1, "lesion", True)] if meta["label"] else []}
+                            "abnormalities": [abnormality(1, "lesion", bool(meta["label"]))]}  # every listed breast has a biopsied finding
         jobs.append(ImageJob(image_id, str(f)))
     for key in sorted(set(breasts) - found - conflicting):
         rejects.append({"source": str(sheet_path), "row": breasts[key]["row"], "reason": f"no DICOM of {key[0]} {key[1]} under {source}"})

@@ -61,6 +61,21 @@ def read_table(path: Path, required: Iterable[str], what: str) -> pd.DataFrame:
     return df.apply(lambda col: col.str.strip())
 
 
+def repeated_rows(table: pd.DataFrame, key: str, path: Path, source: str | None = None) -> tuple[set[int], list[dict]]:
+    """Rows to skip for ids listed more than once: the later copies of identical rows (counted once), every copy of rows
+    that disagree (which is right is unknown); each with a rejects entry naming its row."""
+    skip, rejects = set(), []
+    for value, rows in table[table[key].duplicated(keep=False)].groupby(key, sort=False):
+        first = row_name(path, rows.index[0])
+        same = (rows.nunique(dropna=False) <= 1).all()
+        for i in rows.index[1:] if same else rows.index:
+            skip.add(i)
+            reason = (f"{key} {value} listed again (first at {first}); counted once" if same else
+                      f"{key} {value} listed {len(rows)} times with different values; which is right is unknown, so none is used")
+            rejects.append({"source": source or str(path), "row": row_name(path, i), "reason": reason})
+    return skip, rejects
+
+
 def row_name(path: Path, index: int) -> str:
     """How a rejects entry names a table row: the file and its 1-based line, the header being line 1."""
     return f"{path.name} row {index + 2}"
@@ -91,7 +106,11 @@ def finish(dataset: str, images: dict[str, dict], jobs: list[ImageJob], rejects:
     except OSError as e:
         raise CvfastError(f"{opts.out}: cannot create the output folder ({e.strerror or e})") from None
     records, conv_rejects = convert_all(jobs, opts.out, opts.size, opts.workers, opts.crop)
-    part = {"dataset": dataset, "options": _shared_options(opts), "listing_rejects": rejects + dup_rejects,
+    order_of_source = {j.source: order[j.image_id] for j in jobs}
+    for r in conv_rejects:  # ordered as an unsharded run lists them, whichever shard met them
+        r["order"] = order_of_source.get(r["source"], -1)
+    part = {"dataset": dataset, "options": _shared_options(opts), "listing": _listing_digest(order, source_of),
+            "listing_rejects": rejects + dup_rejects,
             "images": {i: {**images[i], "order": order[i], "source": source_of[i]} for i in records},
             "records": records, "conversion_rejects": conv_rejects}
     if opts.shard:
@@ -105,6 +124,11 @@ def finish(dataset: str, images: dict[str, dict], jobs: list[ImageJob], rejects:
 def shard_of(image_id: str, n: int) -> int:
     """The shard (1..n) an image belongs to: from a digest of its id, so every machine agrees whatever the listing order."""
     return int(hashlib.sha256(image_id.encode()).hexdigest()[:12], 16) % n + 1
+
+
+def _listing_digest(order: dict[str, int], source_of: dict[str, str]) -> str:
+    """A digest of the images listed (ids and sources): every shard of one preparation must have seen the same."""
+    return hashlib.sha256(json.dumps([[i, source_of[i]] for i in order]).encode()).hexdigest()
 
 
 def _shared_options(opts: PrepareOptions) -> dict:
@@ -127,10 +151,13 @@ def merge_shards(out: str | Path) -> pd.DataFrame:
         raise CvfastError(f"{out}: shard(s) {', '.join(f'{k}/{n}' for k in missing)} of {n} not done yet; run them, then merge")
     parts = [read_json(f, "shard record") for f in sorted(files, key=lambda f: int(f.stem.split("-of-")[0]))]
     first = parts[0]
-    for f, part in zip(files, parts):
+    for f, part in zip(sorted(files, key=lambda f: int(f.stem.split("-of-")[0])), parts):
         if (part["dataset"], part["options"]) != (first["dataset"], first["options"]):
             raise CvfastError(f"{f}: prepared as {part['dataset']} with {part['options']}, but shard 1 as {first['dataset']} with "
                               f"{first['options']}; every shard must run the same command")
+        if part["listing"] != first["listing"]:
+            raise CvfastError(f"{f}: made from another listing of the dataset than shard 1 (its label files or images changed in "
+                              "between); run every shard again on the same files")
     o = first["options"]
     opts = PrepareOptions(out=out, size=tuple(o["size"]), seed=o["seed"], valid_frac=o["valid_frac"], test_frac=o["test_frac"],
                           crop=CropSpec(**o["crop"]))
@@ -146,8 +173,8 @@ def _assemble(parts: list[dict], opts: PrepareOptions) -> pd.DataFrame:
     source_of = {i: m.pop("source") for i, m in images.items()}
     for m in images.values():
         m.pop("order")
-    order_of_source = {source_of[i]: k for k, i in enumerate(images)}
-    conv_rejects = sorted((r for p in parts for r in p["conversion_rejects"]), key=lambda r: order_of_source.get(r["source"], -1))
+    conv_rejects = [{k: v for k, v in r.items() if k != "order"} for r in sorted((r for p in parts for r in p["conversion_rejects"]),
+                                                                                key=lambda r: r["order"])]
     records, same_pixels = _unique_pixels(records, images, source_of)
     rejects = parts[0]["listing_rejects"] + conv_rejects + same_pixels
     rows = []

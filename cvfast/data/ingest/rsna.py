@@ -16,7 +16,7 @@ from pathlib import Path
 import pandas as pd
 
 from cvfast.data.convert import ImageJob
-from cvfast.data.ingest.common import PrepareOptions, check_source, finish, read_table, row_name
+from cvfast.data.ingest.common import PrepareOptions, check_source, finish, read_table, repeated_rows, row_name
 from cvfast.data.manifest import abnormality
 from cvfast.data.paths import walk_files
 from cvfast.errors import CvfastError
@@ -43,12 +43,17 @@ def prepare_rsna(source: str | Path, opts: PrepareOptions, test_site: str | None
     if test_site is not None and str(test_site) not in set(df["site_id"]):
         raise CvfastError(f"--test-site {test_site}: {table} has sites {', '.join(sorted(set(df['site_id'])))} only")
     images_root = source / "train_images"
-    images, jobs, rejects, listed = {}, [], [], set()
+    skip, rejects = repeated_rows(df, "image_id", table)
+    images, jobs, listed = {}, [], set()
     for i, row in df.iterrows():
         where = row_name(table, i)
         pid, iid = row["patient_id"], row["image_id"]
         if not (pid.isdigit() and iid.isdigit()):  # the documented ids are integers; anything else could name a path
             rejects.append({"source": str(table), "row": where, "reason": f"patient_id {pid!r} / image_id {iid!r} are not the integers RSNA uses"})
+            continue
+        f = images_root / pid / f"{iid}.dcm"
+        listed.add(f)  # its file has a row (rejected or not): not also reported as unlisted
+        if i in skip:
             continue
         side, view, cancer = row["laterality"].upper(), row["view"].upper(), row["cancer"]
         if side not in ("L", "R"):
@@ -60,11 +65,6 @@ def prepare_rsna(source: str | Path, opts: PrepareOptions, test_site: str | None
         if not view:
             rejects.append({"source": str(table), "row": where, "reason": "view is empty"})
             continue
-        if iid in images:
-            rejects.append({"source": str(table), "row": where, "reason": f"image_id {iid} listed again; the first row is used"})
-            continue
-        f = images_root / pid / f"{iid}.dcm"
-        listed.add(f)
         if not f.is_file():
             rejects.append({"source": str(table), "row": where, "reason": f"image {iid} resolves to nothing: no {f}"})
             continue

@@ -25,7 +25,7 @@ from pathlib import Path
 import pandas as pd
 
 from cvfast.data.convert import ImageJob, RoiSpec
-from cvfast.data.ingest.common import PrepareOptions, check_source, finish, read_table, row_name
+from cvfast.data.ingest.common import PrepareOptions, check_source, finish, read_table, repeated_rows, row_name
 from cvfast.data.manifest import abnormality
 from cvfast.data.paths import walk_files
 from cvfast.errors import CvfastError
@@ -59,22 +59,24 @@ def prepare_vindr(source: str | Path, opts: PrepareOptions, positive: tuple[str,
             raise CvfastError(f"{source}: no {p.name} here (the VinDr-Mammo download has both annotation CSVs beside images/)")
     breasts = read_table(breast_path, BREAST_REQUIRED, "VinDr breast-level table")
     findings = read_table(finding_path, FINDING_REQUIRED, "VinDr finding table")
-    images, jobs, rejects, listed = {}, [], [], set()
+    skip, rejects = repeated_rows(breasts, "image_id", breast_path)
+    images, jobs, listed = {}, [], set()
     for i, row in breasts.iterrows():
         where = row_name(breast_path, i)
         study, iid = row["study_id"], row["image_id"]
         if not (_plain_id(study) and _plain_id(iid)):  # hex ids in the release; anything else could name a path
             rejects.append({"source": str(breast_path), "row": where, "reason": f"study_id {study!r} / image_id {iid!r} are not plain ids"})
             continue
+        f = source / "images" / study / f"{iid}.dicom"
+        listed.add(f)  # its file has a row (rejected or not): not also reported as unlisted
+        if i in skip:
+            continue
         side, birads, split = row["laterality"].upper(), birads_value(row["breast_birads"]), SPLITS.get(row["split"].lower())
         reason = (f"laterality {row['laterality']!r} is not L or R" if side not in ("L", "R") else
-                  f"split {row['split']!r} is not training or test" if split is None else
-                  f"image_id {iid} listed again; the first row is used" if iid in images else None)
+                  f"split {row['split']!r} is not training or test" if split is None else None)
         if reason:
             rejects.append({"source": str(breast_path), "row": where, "reason": reason})
             continue
-        f = source / "images" / study / f"{iid}.dicom"
-        listed.add(f)
         if birads not in positive + negative:
             rejects.append({"source": str(f), "row": where, "reason": f"BI-RADS {birads!r} excluded (neither in positive {positive} nor negative {negative})"})
             continue
@@ -101,8 +103,12 @@ def _attach_findings(findings: pd.DataFrame, path: Path, images: dict[str, dict]
                      positive: tuple[str, ...]) -> list[dict]:
     """Add each finding row to its image: an abnormality record, and a box ROI for masses and calcifications."""
     rejects = []
+    repeated = findings.duplicated(keep="first")  # the same finding listed twice would be two ROIs and twice the patches
     for i, row in findings.iterrows():
         where, iid = row_name(path, i), row["image_id"]
+        if repeated[i]:
+            rejects.append({"source": str(path), "row": where, "reason": "the same finding row as an earlier one; counted once"})
+            continue
         try:
             categories = ast.literal_eval(row["finding_categories"])  # a Python list literal, e.g. "['Mass', 'Suspicious Calcification']"
             assert isinstance(categories, list) and all(isinstance(c, str) for c in categories)
