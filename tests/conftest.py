@@ -78,7 +78,8 @@ def untrained_models(s10, ddsm_data, tmp_path_factory) -> tuple[Path, Path]:
     return out / "patch", out / "whole"
 
 
-def run_cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    """Run the installed `cvfast` entry point in a fresh process."""
+def run_cli(*args: str, timeout: float = 1800) -> subprocess.CompletedProcess:
+    """Run the installed `cvfast` entry point in a fresh process (the timeout only guards against a hang: a loaded 2-core
+    machine takes over 10 minutes for the 1024x1024 VGG-heatmap run)."""
     env = {**os.environ, "COLUMNS": "200"}
     return subprocess.run([sys.executable, "-m", "cvfast.cli", *args], capture_output=True, text=True, timeout=timeout, env=env)
