@@ -18,7 +18,7 @@ from pathlib import Path
 import pandas as pd
 
 from cvfast.data.convert import ImageJob
-from cvfast.data.ingest.common import PrepareOptions, check_source, finish, read_table, row_name
+from cvfast.data.ingest.common import PrepareOptions, check_source, find_sheet, finish, read_table, row_name
 from cvfast.data.manifest import abnormality
 from cvfast.data.paths import walk_files
 from cvfast.data.read import dicom_identity, norm_side
@@ -32,19 +32,10 @@ CARRIED = {"Age": "age", "abnormality": "abnormality", "subtype": "subtype"}
 CLASSES = {"malignant": 1, "benign": 0}
 
 
-def find_sheet(source: Path) -> Path:
-    """The clinical sheet in SOURCE or one level up."""
-    for folder in (source, source.parent):
-        for name in SHEET_NAMES:
-            if (folder / name).is_file():
-                return folder / name
-    raise CvfastError(f"{source}: no clinical sheet ({', '.join(SHEET_NAMES)}) here or one level up")
-
-
 def prepare_cmmd(source: str | Path, opts: PrepareOptions) -> pd.DataFrame:
     """Ingest CMMD: each DICOM's patient and side from its header, labelled by its breast's row of the clinical sheet."""
     source = check_source(source, "CMMD folder")
-    sheet_path = find_sheet(source)
+    sheet_path = find_sheet(source, SHEET_NAMES, "clinical sheet")
     sheet = read_table(sheet_path, REQUIRED, "CMMD clinical sheet")
     rejects: list[dict] = []
     breasts: dict[tuple[str, str], dict] = {}

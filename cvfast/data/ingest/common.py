@@ -45,6 +45,16 @@ def check_source(source: str | Path, what: str) -> Path:
     return p
 
 
+def find_sheet(source: Path, names: Iterable[str], what: str) -> Path:
+    """A dataset's label sheet (the first of `names` found) in SOURCE or one level up."""
+    names = tuple(names)
+    for folder in (source, source.parent):
+        for name in names:
+            if (folder / name).is_file():
+                return folder / name
+    raise CvfastError(f"{source}: no {what} ({', '.join(names)}) here or one level up")
+
+
 def read_table(path: Path, required: Iterable[str], what: str) -> pd.DataFrame:
     """A dataset's label table (CSV, or XLSX/XLS) as stripped strings; a clear error for an unreadable file or missing columns."""
     try:

@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 
 from cvfast.data.convert import ImageJob
-from cvfast.data.ingest.common import PrepareOptions, check_source, finish
+from cvfast.data.ingest.common import PrepareOptions, check_source, find_sheet, finish
 from cvfast.data.manifest import abnormality
 from cvfast.data.paths import walk_files
 from cvfast.errors import CvfastError
@@ -25,15 +25,6 @@ POSITIVE_BIRADS = ("4a", "4b", "4c", "5", "6")
 NEGATIVE_BIRADS = ("1", "2")  # BI-RADS 3 (probably benign) is ambiguous and excluded unless listed
 REQUIRED = ["File Name", "Bi-Rads", "Laterality", "View"]
 SHEET_NAMES = ("INbreast.csv", "INbreast.xls", "INbreast.xlsx")
-
-
-def find_sheet(source: Path) -> Path:
-    """The label sheet in SOURCE or one level up."""
-    for folder in (source, source.parent):
-        for name in SHEET_NAMES:
-            if (folder / name).is_file():
-                return folder / name
-    raise CvfastError(f"{source}: no label sheet ({', '.join(SHEET_NAMES)}) here or one level up")
 
 
 def read_sheet(path: Path) -> pd.DataFrame:
@@ -65,7 +56,7 @@ def prepare_inbreast(source: str | Path, opts: PrepareOptions, positive: tuple[s
     positive, negative = tuple(map(normalize_birads, positive)), tuple(map(normalize_birads, negative))
     if set(positive) & set(negative):
         raise CvfastError(f"BI-RADS {sorted(set(positive) & set(negative))} listed as both positive and negative")
-    sheet_path = find_sheet(source)
+    sheet_path = find_sheet(source, SHEET_NAMES, "label sheet")
     sheet = read_sheet(sheet_path)
     files: dict[str, Path] = {}
     rejects: list[dict] = []
