@@ -56,7 +56,7 @@ from cvfast.data.crop import CropSpec  # noqa: E402
 from cvfast.data.ingest import prepare_ddsm, prepare_inbreast  # noqa: E402
 from cvfast.data.ingest.common import PrepareOptions  # noqa: E402
 from cvfast.data.sample import PATCH_SETS, make_patches  # noqa: E402
-from cvfast.demo import DEMO_SIZE, demo_data  # noqa: E402
+from cvfast.demo import demo_data  # noqa: E402
 from cvfast.train.pipeline import finetune, train_patch, train_whole  # noqa: E402
 from cvfast.train.recipes import fingerprint, load_recipe, resolve  # noqa: E402
 
@@ -64,6 +64,8 @@ NAME = "ablations"
 log = logging.getLogger("ablations")
 
 # variant -> overrides of the demo recipes, per step ({step: {section: {key: value}}})
+# The table's scale, pinned here (not the demo's defaults) so the published results stay resumable and comparable.
+SIZE, PATCH_SIZE = (256, 192), 48
 VARIANTS: dict[str, dict[str, dict[str, dict]]] = {
     "paper": {},
     "random-init": {"patch": {"model": {"pretrained": False}}},
@@ -101,7 +103,7 @@ def run_seed(seed: int, variants: list[str], args: argparse.Namespace) -> None:
     if not (work / "data" / "ddsm" / "patches_s10" / "patchset.json").is_file():
         if not (work / "synthetic" / "ground_truth.json").is_file():
             shutil.rmtree(work / "synthetic", ignore_errors=True)  # a kill inside synth: this run's own partial data, redone
-        demo_data(work, patients=args.patients, seed=seed, difficulty="hard")
+        demo_data(work, patients=args.patients, size=SIZE, patch_size=PATCH_SIZE, seed=seed, difficulty="hard")
     models = work / "models"
     for name in variants:
         over = VARIANTS[name]
@@ -166,11 +168,11 @@ def _data(work: Path, name: str, seed: int) -> tuple[Path, Path]:
     if name not in DATA_VARIANTS:
         return work / "data" / "ddsm", work / "data" / "inbreast"
     data = work / f"data-{name}"
-    opts = dict(size=DEMO_SIZE, seed=seed, crop=DATA_VARIANTS[name])
+    opts = dict(size=SIZE, seed=seed, crop=DATA_VARIANTS[name])
     if not (data / "ddsm" / "patches_s10" / "patchset.json").is_file():  # each step resumes on its own
         prepare_ddsm(work / "synthetic" / "ddsm", PrepareOptions(out=data / "ddsm", **opts))
         prepare_inbreast(work / "synthetic" / "inbreast", PrepareOptions(out=data / "inbreast", **opts))
-        make_patches(data / "ddsm", replace(PATCH_SETS["s10"], size=48, seed=seed))
+        make_patches(data / "ddsm", replace(PATCH_SETS["s10"], size=PATCH_SIZE, seed=seed))
     return data / "ddsm", data / "inbreast"
 
 

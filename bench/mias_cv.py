@@ -69,9 +69,9 @@ from cvfast.data.read import atomic_write_bytes, read_png  # noqa: E402
 from cvfast.data.sample import PATCH_SETS, check_patch_set, make_patches  # noqa: E402
 from cvfast.data.synth import parse_size  # noqa: E402
 from cvfast.errors import CvfastError  # noqa: E402
-from cvfast.infer.heldout import predict_frame  # noqa: E402
+from cvfast.train.heldout import predict_frame  # noqa: E402
 from cvfast.infer.heatmap import heatmap, save_overlay  # noqa: E402
-from cvfast.infer.stats import patient_bootstrap_aucs, percentile_ci, thresholds_at  # noqa: E402
+from cvfast.stats import patient_bootstrap_aucs, percentile_ci, thresholds_at  # noqa: E402
 from cvfast.train.pipeline import train_patch, train_whole  # noqa: E402
 from cvfast.train.recipes import fingerprint, load_recipe, resolve  # noqa: E402
 from cvfast.train.runtime import Runtime  # noqa: E402

@@ -587,7 +587,7 @@ def evaluate(preds: Annotated[Path, typer.Argument(help="Predictions CSV from `c
              agg: Annotated[Aggregation, typer.Option(help="Combine a breast's/exam's images by mean or max.")] = Aggregation.mean,
              out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Report folder (default: PREDS name + _eval).")] = None,
              compare: Annotated[Optional[Path], typer.Option(help="A second model's predictions on the same cases: DeLong + paired bootstrap.")] = None,
-             labels: Annotated[Optional[Path], typer.Option(help="CSV image_id,label when PREDS has no labels.")] = None,
+             labels: Annotated[Optional[Path], typer.Option(help="CSV image_id,label for PREDS (and for --compare or --thresholds-from files without a label column).")] = None,
              split: Annotated[str, typer.Option(help="Rows to evaluate: a split name, 'all', or 'auto' (test when present).")] = "auto",
              thresholds_from: Annotated[str, typer.Option(help="Operating points chosen on: a split, a predictions CSV, 'auto' (valid when present) or 'self'.")] = "auto",
              specificity: Annotated[Optional[list[float]], typer.Option(help="Operating points at these specificities (repeat; default 0.8 and 0.9).")] = None,

@@ -15,7 +15,7 @@ from cvfast.data.ingest.common import PrepareOptions
 from cvfast.data.read import atomic_write_bytes
 from cvfast.data.sample import PATCH_SETS, make_patches
 from cvfast.data.synth import synthesize
-from cvfast.infer.stats import patient_bootstrap_aucs, percentile_ci
+from cvfast.stats import patient_bootstrap_aucs, percentile_ci
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ def train_chain(out: Path, ddsm_dir: Path, inbreast_dir: Path, lap, transfer: bo
 
 def paired_difference(a, b, data: Path, n_boot: int = 2000) -> dict:
     """Test AUC of learner a minus learner b on the same images, with a patient-bootstrap 95% CI (paired resamples)."""
-    from cvfast.infer.heldout import heldout_scores
+    from cvfast.train.heldout import heldout_scores
 
     both = heldout_scores(a, data).merge(heldout_scores(b, data)[["image_id", "p_cancer"]], on="image_id", suffixes=("_a", "_b"),
                                          validate="one_to_one")

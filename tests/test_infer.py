@@ -19,10 +19,10 @@ from cvfast.data.read import read_png
 from cvfast.errors import CvfastError
 from cvfast.infer.evaluate import EvalSettings, aggregate, evaluate
 from cvfast.infer.heatmap import heatmap, save_overlay
-from cvfast.infer.heldout import predict_frame
+from cvfast.train.heldout import predict_frame
 from cvfast.infer.predict import predict, write_predictions
 from cvfast.infer.show import show
-from cvfast.infer.stats import delong_test, patient_bootstrap_aucs
+from cvfast.stats import delong_test, patient_bootstrap_aucs
 from cvfast.train.export import export_model
 from cvfast.train.learners import learner_for, patch_learner, whole_image_learner
 
@@ -142,6 +142,39 @@ def test_one_file_spelled_two_ways_is_predicted_once(models, ddsm_data, monkeypa
     assert len(frame) == len(read_manifest(ddsm_data)) and frame["image_id"].is_unique
 
 
+def test_predict_reads_a_csv_of_paths_and_a_nested_folder_with_identity_from_dicom_headers(models, ddsm_data, tmp_path):
+    from cvfast.data.synth import make_dicom
+
+    rows = read_manifest(ddsm_data).iloc[:4].reset_index(drop=True)
+    site = tmp_path / "site"
+    headers = {"women/W1/2024/left_cc.dcm": ("W1", "L", "CC"), "women/W2/right_mlo.dcm": ("W2", "R", "MLO")}
+    for (rel, (patient, side, view)), png in zip(headers.items(), rows["path"]):
+        (site / rel).parent.mkdir(parents=True, exist_ok=True)
+        make_dicom(site / rel, read_png(png), patient_id=patient, laterality=side, view=view, uid_seed=patient)
+    (site / "scans").mkdir()
+    cv2.imwrite(str(site / "scans" / "extra.png"), read_png(rows["path"][2]))
+    (site / "scans" / "readme.txt").write_text("not an image")
+    frame = predict([models["whole"]], [site], progress=False).frame.set_index("image_id")
+    assert sorted(frame.index) == ["scans/extra", "women/W1/2024/left_cc", "women/W2/right_mlo"]  # found at every depth, ids = relative paths
+    for rel, (patient, side, view) in headers.items():
+        ds = pydicom.dcmread(site / rel, stop_before_pixels=True)
+        got = frame.loc[rel.removesuffix(".dcm")]
+        assert (got["patient_id"], got["side"], got["view"], got["exam_id"]) == (patient, side, view, ds.StudyInstanceUID)
+    direct = predict([models["whole"]], list(rows["path"][:3]), progress=False).frame["p_cancer"].to_numpy()
+    np.testing.assert_allclose(frame.loc[["women/W1/2024/left_cc", "women/W2/right_mlo", "scans/extra"], "p_cancer"], direct, atol=1e-5)
+
+    listing = tmp_path / "lists" / "inputs.csv"  # paths relative to the CSV, labels and identity carried to the predictions
+    listing.parent.mkdir()
+    pd.DataFrame({"path": ["../site/scans/extra.png", "../site/women/W2/right_mlo.dcm"], "patient_id": ["W3", "W2"],
+                  "label": [0, 1], "side": ["L", "R"]}).to_csv(listing, index=False)
+    res = run_cli("predict", str(models["whole"]), str(listing), "--out", str(tmp_path / "p.csv"))
+    assert res.returncode == 0, res.stderr
+    out = pd.read_csv(tmp_path / "p.csv").set_index("image_id")
+    assert sorted(out.index) == ["extra", "right_mlo"] and list(out.loc[["extra", "right_mlo"], "label"]) == [0, 1]
+    assert out.loc["extra", "patient_id"] == "W3" and out.loc["right_mlo", "side"] == "R"
+    np.testing.assert_allclose(out.loc[["extra", "right_mlo"], "p_cancer"], frame.loc[["scans/extra", "women/W2/right_mlo"], "p_cancer"], atol=1e-5)
+
+
 def test_a_file_that_is_not_a_model_is_refused(ddsm_data, tmp_path):
     (tmp_path / "model.json").write_text('{"hello": 1}')
     (tmp_path / "fake.pkl").write_bytes(b"not a pickle")
@@ -186,7 +219,7 @@ def test_no_test_rows_and_overlapping_threshold_rows_are_not_passed_off_as_held_
 
 
 def test_saturated_scores_keep_the_specificity_target():
-    from cvfast.infer.stats import at_threshold, thresholds_at
+    from cvfast.stats import at_threshold, thresholds_at
 
     y = np.array([0] * 10 + [1] * 10)
     s = np.array([0.1] * 8 + [1.0, 1.0] + [1.0] * 10)  # 2 negatives as confident as the positives

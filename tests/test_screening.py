@@ -151,7 +151,7 @@ def test_finetune_runs_on_each_screening_set(name, prepared, untrained_models, t
 
 
 def test_probabilistic_f1_is_the_rsna_formula():
-    from cvfast.infer.stats import probabilistic_f1
+    from cvfast.stats import probabilistic_f1
 
     y = np.array([1, 0, 1, 0, 0])
     p = np.array([0.9, 0.2, 0.4, 0.1, 0.6])
@@ -170,7 +170,7 @@ def test_predictions_carry_site_columns_and_evaluate_breaks_down_by_group(prepar
     out = cli("evaluate", preds, "--split", "all", "--thresholds-from", "self", "--by-group", "site_id", "--by", "breast", "--out", tmp_path / "r")
     report = json.loads((tmp_path / "r" / "report.json").read_text())
     from cvfast.infer.evaluate import aggregate
-    from cvfast.infer.stats import probabilistic_f1
+    from cvfast.stats import probabilistic_f1
     from sklearn.metrics import roc_auc_score
 
     breasts = aggregate(df.astype({"patient_id": str}), "breast", keep=("site_id",))

@@ -14,7 +14,7 @@ from sklearn.metrics import average_precision_score, precision_recall_curve, roc
 from cvfast.data.paths import refuse_overwrite
 from cvfast.data.read import atomic_write_bytes
 from cvfast.errors import CvfastError
-from cvfast.infer.stats import (at_threshold, calibration, delong_test, patient_bootstrap_aucs, percentile_ci, probabilistic_f1,
+from cvfast.stats import (at_threshold, calibration, delong_test, patient_bootstrap_aucs, percentile_ci, probabilistic_f1,
                                 thresholds_at)
 
 log = logging.getLogger(__name__)
@@ -132,6 +132,15 @@ def _units(path: str | Path, st: EvalSettings, labels: str | Path | None = None)
     return aggregate(df, st.by, st.agg, st.score, keep=(st.by_group,) if st.by_group else ())
 
 
+def _other_units(path: str | Path, st: EvalSettings, labels: str | Path | None) -> pd.DataFrame:
+    """A second predictions file (thresholds or comparison) aggregated: its own labels when it has them, else --labels'."""
+    try:
+        own = "label" in pd.read_csv(path, nrows=0).columns
+    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError):
+        own = False  # read_predictions names the problem
+    return _units(path, st, None if own else labels)
+
+
 def _select(df: pd.DataFrame, split: str | None) -> tuple[pd.DataFrame, str]:
     """The rows to evaluate and a description of them."""
     if split == "auto" and "split" in df.columns:
@@ -157,7 +166,7 @@ def _threshold_rows(df: pd.DataFrame, evaluated: pd.DataFrame, source: str | Non
     if source is None:
         return evaluated, "the evaluated rows themselves (optimistic: no separate validation predictions)"
     if Path(source).suffix == ".csv":
-        rows, desc = _units(source, settings, labels), f"predictions in {source}"
+        rows, desc = _other_units(source, settings, labels), f"predictions in {source}"
         if "split" in rows.columns and (rows["split"] == "valid").any():
             rows, desc = rows[rows["split"] == "valid"], f"the valid rows of {source}"
     else:
@@ -242,7 +251,7 @@ def _by_group(rows: pd.DataFrame, st: EvalSettings) -> list[dict]:
 
 def _compare(rows: pd.DataFrame, other_path: str | Path, st: EvalSettings, labels: str | Path | None = None) -> tuple[dict, Curve]:
     """DeLong's test and a paired patient bootstrap of the AUC difference on the cases both files predict."""
-    other = _units(other_path, st, labels)
+    other = _other_units(other_path, st, labels)
     both = rows.merge(other[["unit", st.score, "label"]], on="unit", suffixes=("", "_b"))
     if len(both) < len(rows):
         log.warning("comparison: %d of %d %ss are not in %s and are left out of the comparison", len(rows) - len(both), len(rows), st.by, other_path)

@@ -20,7 +20,7 @@ from cvfast.data.read import atomic_write_bytes
 from cvfast.errors import CvfastError
 from cvfast.train.callbacks import (BestModel, EarlyStop, EpochCheckpoint, HoldBodyBatchNorm, read_progress, read_progress_raw,
                                     restore_rng_state)
-from cvfast.infer.heldout import heldout_patch_metrics, heldout_whole_metrics
+from cvfast.train.heldout import heldout_patch_metrics, heldout_whole_metrics
 from cvfast.train.export import PKL, SIDECAR, WEIGHTS, build_model, export_model, load_model, model_files
 from cvfast.train.learners import learner_for, patch_learner, whole_image_learner
 from cvfast.train.optim import optimizer_from, optimizer_settings

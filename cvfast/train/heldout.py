@@ -12,7 +12,7 @@ from sklearn.metrics import accuracy_score, recall_score, roc_auc_score
 
 from cvfast.data.blocks import WHOLE_IMAGE_CLASSES
 from cvfast.data.manifest import PATCH_CLASSES, read_manifest
-from cvfast.infer.stats import patient_bootstrap_aucs, percentile_ci
+from cvfast.stats import patient_bootstrap_aucs, percentile_ci
 
 log = logging.getLogger(__name__)
 
