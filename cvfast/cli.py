@@ -325,18 +325,20 @@ DEVICE = Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:1, mps (def
                                                rich_help_panel="Runtime")]
 PRECISION = Annotated[str, typer.Option(help="auto (bf16 on GPUs that have it, else fp16 with loss scaling; fp32 on CPU), bf16, fp16, fp32.",
                                         rich_help_panel="Runtime")]
-CHANNELS_LAST = Annotated[Optional[bool], typer.Option(help="channels_last memory format (default: on a CUDA GPU).", rich_help_panel="Runtime")]
+LOG = Annotated[Optional[str], typer.Option(help="Also log to tensorboard (OUT/tensorboard; `tensorboard --logdir OUT`). "
+                                             "Every run writes OUT/checkpoints/history.csv.", rich_help_panel="Runtime")]
+CHANNELS_LAST = Annotated[Optional[bool], typer.Option(help="channels_last memory format (default: on CUDA GPUs and CPUs, where it is faster; off on MPS).", rich_help_panel="Runtime")]
 COMPILE = Annotated[bool, typer.Option("--compile", help="torch.compile the model (first batches are slow while it compiles).",
                                        rich_help_panel="Runtime")]
 LOADER_WORKERS = Annotated[Optional[int], typer.Option("--workers", help="DataLoader reader processes (default: up to 8 on a GPU, 0 on CPU).",
                                                        rich_help_panel="Runtime")]
 
 
-def _runtime(device: str | None, precision: str, channels_last: bool | None, compile: bool, workers: int | None):
+def _runtime(device: str | None, precision: str, channels_last: bool | None, compile: bool, workers: int | None, log: str | None = None):
     """The Runtime of a training command from its options."""
     from cvfast.train.runtime import Runtime
 
-    return Runtime(device=device, precision=precision, channels_last=channels_last, compile=compile, workers=workers)
+    return Runtime(device=device, precision=precision, channels_last=channels_last, compile=compile, workers=workers, log=log)
 
 
 def _resolve(default: str, recipe: str | None, overrides: dict, epochs_scale: float | None, quick: bool) -> dict:
@@ -378,7 +380,7 @@ def patch(data: Annotated[Path, typer.Option("--data", help="Patch set folder fr
           size: Annotated[Optional[int], typer.Option(help="Resize patches to this side on the fly.")] = None,
           epochs_scale: EPOCHS_SCALE = None, quick: QUICK = False, resume: RESUME = True,
           device: DEVICE = None, precision: PRECISION = "auto", channels_last: CHANNELS_LAST = None, compile: COMPILE = False,
-          workers: LOADER_WORKERS = None) -> None:
+          workers: LOADER_WORKERS = None, log: LOG = None) -> None:
     """Step 1: train the patch classifier (5 classes) with the paper's 3-stage schedule."""
     from cvfast.data.sample import check_patch_set
     from cvfast.train.pipeline import train_patch
@@ -387,7 +389,7 @@ def patch(data: Annotated[Path, typer.Option("--data", help="Patch set folder fr
     patch_set = check_patch_set(data)["spec"]["name"]
     default = f"patch-{patch_set}-{arch}" if f"patch-{patch_set}-{arch}" in recipe_paths() else f"patch-{patch_set}-resnet50"
     r = _resolve(default, recipe, {"model": {"arch": arch, "pretrained": pretrained, "head": head}, "data": {"bs": bs, "size": size}}, epochs_scale, quick)
-    runtime = _runtime(device, precision, channels_last, compile, workers)
+    runtime = _runtime(device, precision, channels_last, compile, workers, log)
     _print_metrics(train_patch(r, data, out, weights=weights, resume=resume, runtime=runtime), "patch classifier")
 
 
@@ -409,14 +411,14 @@ def whole(patch: Annotated[Path, typer.Option("--patch", help="Patch model: fold
           size: TRAIN_SIZE = None, grad_acc: GRAD_ACC = None,
           epochs_scale: EPOCHS_SCALE = None, quick: QUICK = False, resume: RESUME = True,
           device: DEVICE = None, precision: PRECISION = "auto", channels_last: CHANNELS_LAST = None, compile: COMPILE = False,
-          workers: LOADER_WORKERS = None) -> None:
+          workers: LOADER_WORKERS = None, log: LOG = None) -> None:
     """Step 2: convert the patch classifier into the all-convolutional whole-image classifier and train it."""
     from cvfast.train.pipeline import train_whole
 
     default = f"whole-{top.value if top else 'resnet'}{'-heatmap' if heatmap else ''}"
     r = _resolve(default, recipe, {"model": {"top": top.value if top else None, "heatmap": heatmap},
                                    "data": {"bs": bs, "size": list(_size(size)) if size else None, "grad_acc": grad_acc}}, epochs_scale, quick)
-    runtime = _runtime(device, precision, channels_last, compile, workers)
+    runtime = _runtime(device, precision, channels_last, compile, workers, log)
     _print_metrics(train_whole(r, data, patch, out, resume=resume, runtime=runtime), "whole-image classifier")
 
 
@@ -442,13 +444,13 @@ def finetune(source: Annotated[Path, typer.Option("--from", help="Whole-image mo
              size: TRAIN_SIZE = None, grad_acc: GRAD_ACC = None,
              epochs_scale: EPOCHS_SCALE = None, quick: QUICK = False, resume: RESUME = True,
              device: DEVICE = None, precision: PRECISION = "auto", channels_last: CHANNELS_LAST = None, compile: COMPILE = False,
-             workers: LOADER_WORKERS = None) -> None:
+             workers: LOADER_WORKERS = None, log: LOG = None) -> None:
     """Transfer: fine-tune a whole-image model on a dataset with image-level labels only (early stopping on AUC)."""
     from cvfast.train.pipeline import finetune as run_finetune
 
     r = _resolve("finetune-inbreast", recipe, {"data": {"bs": bs, "size": list(_size(size)) if size else None, "grad_acc": grad_acc,
                                                         "dataset": dataset.value}}, epochs_scale, quick)
-    runtime = _runtime(device, precision, channels_last, compile, workers)
+    runtime = _runtime(device, precision, channels_last, compile, workers, log)
     _print_metrics(run_finetune(r, data, source, out, scratch=scratch, resume=resume, runtime=runtime), f"fine-tuned on {dataset.value}")
 
 
@@ -461,7 +463,7 @@ def lr_find(recipe: Annotated[str, typer.Option(help="Recipe name or path (its k
             num_it: Annotated[int, typer.Option(help="Iterations (at least 50).")] = 100,
             out: Annotated[Path, typer.Option("--out", "-o", help="PNG of the loss vs learning-rate curve.")] = Path("lr_find.png"),
             device: DEVICE = None, precision: PRECISION = "auto", channels_last: CHANNELS_LAST = None, compile: COMPILE = False,
-            workers: LOADER_WORKERS = None) -> None:
+            workers: LOADER_WORKERS = None, log: LOG = None) -> None:
     """Run fastai's lr_find on the learner a recipe builds; save the plot and print the suggestions."""
     import tempfile
 
@@ -479,7 +481,7 @@ def lr_find(recipe: Annotated[str, typer.Option(help="Recipe name or path (its k
         raise CvfastError(f"--stage {stage}: the recipe has {len(stages)} stages")
     if r["kind"] != "patch" and model is None:
         raise CvfastError(f"--model is required for a {r['kind']} recipe")
-    runtime = _runtime(device, precision, channels_last, compile, workers)
+    runtime = _runtime(device, precision, channels_last, compile, workers, log)
     refuse_overwrite([out], [*data_files(data), *(model_files(model) if model else [])], hint="choose another --out for the plot")
     with tempfile.TemporaryDirectory() as tmp:
         if r["kind"] == "patch":
@@ -608,6 +610,36 @@ def evaluate(preds: Annotated[Path, typer.Argument(help="Predictions CSV from `c
     report = evaluate_to(preds, out, settings, compare=compare, labels=labels)
     typer.echo(report_markdown(report))  # plain: Markdown tables must not be re-wrapped
     console.print(f"report and plots written to {out}")
+
+
+@app.command()
+@handles_errors
+def review(preds: Annotated[Path, typer.Argument(help="Predictions CSV from `cvfast predict` (with labels and a path column).")],
+           out: Annotated[Path, typer.Option("--out", "-o", help="Folder for index.html, its plots, thumbnails and error overlays.")],
+           model: Annotated[Optional[Path], typer.Option(help="The model that made PREDS: the worst errors get its heatmap (CAM or sliding window).")] = None,
+           by: Annotated[Level, typer.Option(help="Review unit: image, breast or exam.")] = Level.image,
+           agg: Annotated[Aggregation, typer.Option(help="Combine a breast's/exam's images by mean or max.")] = Aggregation.mean,
+           labels: Annotated[Optional[Path], typer.Option(help="CSV image_id,label when PREDS has no labels.")] = None,
+           split: Annotated[str, typer.Option(help="Rows to review: a split name, 'all', or 'auto' (test when present).")] = "auto",
+           thresholds_from: Annotated[str, typer.Option(help="Operating point chosen on: a split, a predictions CSV, 'auto' (valid when present) or 'self'.")] = "auto",
+           point: Annotated[str, typer.Option(help="Operating point: youden, specificity_0.8, specificity_0.9 or fixed_0.5.")] = "youden",
+           errors: Annotated[int, typer.Option(help="False negatives and false positives each shown large with the heatmap.")] = 6,
+           page_size: Annotated[int, typer.Option(help="Cases per page (JavaScript pagination).")] = 100,
+           workers: WORKERS = None, n_boot: Annotated[int, typer.Option(help="Bootstrap resamples of patients.")] = 2000) -> None:
+    """An HTML case review: metrics with CIs, plots, every case (sortable, filterable by outcome), the worst errors with heatmaps."""
+    from cvfast.data.convert import default_workers
+    from cvfast.infer.evaluate import EvalSettings
+    from cvfast.infer.review import ReviewSettings, review as make_review
+
+    _at_least(0, errors=errors)
+    _at_least(1, page_size=page_size)
+    if n_boot < 100:
+        raise CvfastError(f"--n-boot {n_boot}: at least 100 resamples")
+    settings = EvalSettings(by=by.value, agg=agg.value, split=None if split == "all" else split,
+                            thresholds_from=None if thresholds_from == "self" else thresholds_from, n_boot=n_boot)
+    options = ReviewSettings(point=point, errors=errors, page_size=page_size, workers=workers or default_workers())
+    page = make_review(preds, out, model, settings, options, labels)
+    console.print(f"review written to {page} (open it in a browser)")
 
 
 @app.command()

@@ -214,7 +214,17 @@ class Interrupt(Exception):
     """Stands for a kill between two epochs."""
 
 
-def test_a_resumed_training_ends_with_the_weights_of_an_uninterrupted_one(s10, tmp_path):
+def _tensorboard_scalars(log_dir: Path, tag: str) -> list[tuple[int, float]]:
+    """(step, value) of one scalar over every event file of a run (one per stage, and per resume)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(log_dir))
+    acc.Reload()
+    return [(e.step, e.value) for e in acc.Scalars(tag)]
+
+
+def test_a_resumed_training_ends_with_the_weights_and_logs_of_an_uninterrupted_one(s10, tmp_path):
+    """Weights, the per-epoch CSV log and the TensorBoard curve (one step axis over stages and the resume) all match."""
     from fastai.callback.core import Callback
 
     class KillAfter(Callback):
@@ -230,7 +240,7 @@ def test_a_resumed_training_ends_with_the_weights_of_an_uninterrupted_one(s10, t
     def run(out: Path, cbs=None) -> dict:
         learn, _ = patch_learner_from_recipe(recipe, s10, out)
         with learn.no_bar(), learn.no_logging():
-            train_schedule(learn, stages, out, recipe, cbs=cbs)
+            train_schedule(learn, stages, out, recipe, cbs=cbs, logger="tensorboard")
         return {k: v.detach().clone() for k, v in learn.model.state_dict().items()}
 
     reference = run(tmp_path / "ref")
@@ -243,6 +253,17 @@ def test_a_resumed_training_ends_with_the_weights_of_an_uninterrupted_one(s10, t
     resumed = run(tmp_path / "resumed")
     assert reference.keys() == resumed.keys()
     assert all(torch.equal(reference[k], resumed[k]) for k in reference), "resumed weights differ from the uninterrupted run"
+    log = pd.read_csv(tmp_path / "ref" / "checkpoints" / "history.csv")
+    assert list(log[["stage", "epoch"]].itertuples(index=False, name=None)) == [(0, 0), (0, 1), (1, 0), (1, 1)]  # epoch within its stage
+    assert {"train_loss", "valid_loss", "accuracy"} <= set(log.columns) and log["valid_loss"].notna().all()
+    assert (tmp_path / "resumed" / "checkpoints" / "history.csv").read_bytes() == (tmp_path / "ref" / "checkpoints" / "history.csv").read_bytes()
+    curve = _tensorboard_scalars(tmp_path / "ref" / "tensorboard", "valid_loss")
+    steps = [s for s, _ in curve]
+    assert len(steps) == 4 and steps == sorted(steps) and len(set(steps)) == 4  # fastai alone restarts at 0 in stage 2
+    np.testing.assert_allclose([v for _, v in curve], log["valid_loss"], rtol=1e-6)
+    assert [s for s, _ in _tensorboard_scalars(tmp_path / "resumed" / "tensorboard", "valid_loss")] == steps
+    train_steps = [s for s, _ in _tensorboard_scalars(tmp_path / "ref" / "tensorboard", "train_loss")]
+    assert train_steps == sorted(set(train_steps))  # one point per training batch, none from validation batches
 
 
 def test_an_interrupted_recut_leaves_the_old_set_whole(ddsm_data, tmp_path, monkeypatch):

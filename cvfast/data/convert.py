@@ -15,12 +15,12 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from cvfast.data.crop import CropSpec, apply_crop, plan_crop
 from cvfast.data.paths import inside, read_json, safe_stem
 from cvfast.data.read import TEMP_GLOB, TEMP_PREFIX, WORKING_SIZE, atomic_write_bytes, read_mammogram, read_png, resize, resize_mask, write_png
 from cvfast.errors import CvfastError
+from cvfast.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -192,8 +192,7 @@ def _run_job(args: tuple[ImageJob, str, tuple[int, int], CropSpec]) -> tuple[str
 
 def parallel_map(fn: Callable, items: list, workers: int, description: str, chunksize: int = 1) -> Iterator:
     """Map fn over items in worker processes (or inline for workers<=1) with a rich progress bar, in order."""
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, transient=True, disable=not items) as progress:
+    with progress_bar(enabled=bool(items)) as progress:
         task = progress.add_task(description, total=len(items))
         if workers <= 1 or len(items) <= 1:
             results: Iterable = map(fn, items)

@@ -99,6 +99,15 @@ def _refuse_repeats(df: pd.DataFrame, path: Path, what: str) -> None:
                           "each image must appear once (de-duplicate the file, or give images distinct ids)")
 
 
+def unit_of(df: pd.DataFrame, by: str = "image") -> pd.Series:
+    """Each image row's evaluation unit: its image_id, or patient/exam[/side] (a patient's images are one exam without exam_id)."""
+    if by == "image":
+        return df["image_id"].astype(str)
+    exam = df["exam_id"].fillna(df["patient_id"]) if "exam_id" in df.columns else df["patient_id"]
+    parts = [df["patient_id"], exam] + ([df["side"]] if by == "breast" else [])
+    return pd.concat(parts, axis=1).astype(str).agg("/".join, axis=1)
+
+
 def aggregate(df: pd.DataFrame, by: str = "image", agg: str = "mean", score: str = "p_cancer", keep: tuple[str, ...] = ()) -> pd.DataFrame:
     """Predictions per image, per breast (patient, exam, side) or per exam (patient, exam): score mean|max, label max.
 
@@ -109,18 +118,18 @@ def aggregate(df: pd.DataFrame, by: str = "image", agg: str = "mean", score: str
     if "patient_id" not in df.columns or df["patient_id"].isna().any():
         raise CvfastError("predictions lack patient_id for some rows; the patient bootstrap (and breast/exam levels) need it")
     if by == "image":
-        return df.assign(unit=df["image_id"], n_images=1)
-    df = df.assign(exam=df["exam_id"].fillna(df["patient_id"]) if "exam_id" in df.columns else df["patient_id"])
-    keys = ["patient_id", "exam"] + (["side"] if by == "breast" else [])
+        return df.assign(unit=unit_of(df), n_images=1)
     if by == "breast" and ("side" not in df.columns or df["side"].isna().any()):
         rows = df["image_id"][df["side"].isna()].head(3).tolist() if "side" in df.columns else "all"
         raise CvfastError(f"--by breast needs the side (L/R) of every image; missing for {rows}")
-    g = df.groupby(keys, sort=True)
-    out = g.agg(label=("label", "max"), n_images=("image_id", "size"), **{score: (score, agg)}).reset_index()
+    df = df.assign(unit=unit_of(df, by))
+    g = df.groupby("unit", sort=True)
+    out = g.agg(patient_id=("patient_id", "first"), label=("label", "max"), n_images=("image_id", "size"), **{score: (score, agg)}).reset_index()
+    if by == "breast":
+        out["side"] = g["side"].first().to_numpy()
     for col in ("split", *keep):
         if col in df.columns:
             out[col] = g[col].first().to_numpy()
-    out["unit"] = out[keys].astype(str).agg("/".join, axis=1)
     return out
 
 
@@ -183,14 +192,25 @@ def _threshold_rows(df: pd.DataFrame, evaluated: pd.DataFrame, source: str | Non
 Curve = tuple[str, np.ndarray, np.ndarray]  # (model name, labels, scores) of the evaluated cases, for the plots
 
 
+@dataclass
+class Evaluation:
+    """An evaluation: the report, the curves' data, and the evaluated cases (one row per unit) for a case review."""
+
+    report: dict
+    curves: list[Curve]
+    cases: pd.DataFrame
+
+
 def evaluate(preds: str | Path, settings: EvalSettings | None = None, compare: str | Path | None = None,
              labels: str | Path | None = None) -> dict:
     """The evaluation report (a dict) of a predictions CSV, optionally compared with a second model's predictions."""
-    return _evaluate(preds, settings or EvalSettings(), compare, labels)[0]
+    return run_evaluation(preds, settings, compare, labels).report
 
 
-def _evaluate(preds: str | Path, st: EvalSettings, compare: str | Path | None, labels: str | Path | None) -> tuple[dict, list[Curve]]:
-    """The report and the ROC/PR curves' data (each file read and aggregated once)."""
+def run_evaluation(preds: str | Path, settings: EvalSettings | None = None, compare: str | Path | None = None,
+                   labels: str | Path | None = None) -> Evaluation:
+    """The report, the ROC/PR curves' data and the evaluated cases (each file read and aggregated once)."""
+    st = settings or EvalSettings()
     units = _units(preds, st, labels)
     rows, rows_desc = _select(units, st.split)
     y, s = rows["label"].to_numpy(), rows[st.score].to_numpy(dtype=np.float64)
@@ -219,7 +239,7 @@ def _evaluate(preds: str | Path, st: EvalSettings, compare: str | Path | None, l
     if compare is not None:
         report["comparison"], other_curve = _compare(rows, compare, st, labels)
         curves.append(other_curve)
-    return report, curves
+    return Evaluation(report, curves, rows.reset_index(drop=True))
 
 
 MISSING_GROUP = "(missing)"
@@ -368,7 +388,7 @@ def evaluate_to(preds: str | Path, out: str | Path, settings: EvalSettings | Non
     settings = settings or EvalSettings()
     read = [p for p in (preds, compare, labels, settings.thresholds_from) if p is not None and Path(p).is_file()]
     refuse_overwrite([Path(out) / name for name in REPORT_FILES], read, hint="choose another --out for the report")
-    report, curves = _evaluate(preds, settings, compare, labels)
-    write_report(report, curves, out)
-    return report
+    ev = run_evaluation(preds, settings, compare, labels)
+    write_report(ev.report, ev.curves, out)
+    return ev.report
 

@@ -13,13 +13,11 @@ import numpy as np
 import pandas as pd
 import fastai.callback.progress  # noqa: F401  (Learner.no_bar)
 import torch
-from fastai.callback.core import Callback
 from fastai.data.core import DataLoaders
 from fastai.data.load import DataLoader
 from fastai.learner import Learner
 from fastai.losses import CrossEntropyLossFlat
 from fastai.torch_core import default_device
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import nn
 
 from cvfast.data.manifest import REJECT_COLUMNS
@@ -28,6 +26,7 @@ from cvfast.data.crop import Crop, CropSpec, apply_crop, plan_crop
 from cvfast.data.read import atomic_write_bytes, read_mammogram, resize
 from cvfast.errors import CvfastError
 from cvfast.infer.inputs import collect_inputs
+from cvfast.train.callbacks import BatchProgress
 from cvfast.train.export import load_model, model_files
 
 log = logging.getLogger(__name__)
@@ -89,30 +88,6 @@ class AveragedProbabilities(nn.Module):
         return total / (len(self.members) * len(self.flips))
 
 
-class RichProgress(Callback):
-    """A rich progress bar over the batches of get_preds (fastai's own bar is for notebooks and training)."""
-
-    order = 60
-
-    def __init__(self, description: str = "predicting"):
-        self.description = description
-
-    def before_validate(self):
-        """Start the bar."""
-        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-        self.bar = Progress(*columns, transient=True)
-        self.bar.start()
-        self.task = self.bar.add_task(self.description, total=len(self.dl.dataset))
-
-    def after_batch(self):
-        """Advance by the batch's images."""
-        self.bar.advance(self.task, len(self.xb[0]))
-
-    def after_validate(self):
-        """Close the bar."""
-        self.bar.stop()
-
-
 @dataclass
 class Predictions:
     """One row per predicted image (identity columns, p_<class>, p_cancer), the rejected inputs, and the models used."""
@@ -169,7 +144,7 @@ def predict_probabilities(members: Sequence[tuple[nn.Module, dict]], paths: Sequ
         dl = DataLoader(MammogramFiles(paths, size, spec, cropped), bs=bs, shuffle=False, drop_last=False, num_workers=num_workers, device=device)
         model = AveragedProbabilities([m for m, _ in group], [s["mean_grey"] for _, s in group], flips).to(device).eval()
         learn = inference_learner(model, dl)
-        cbs = [RichProgress(f"predicting at {size[0]}x{size[1]}")] if progress else []
+        cbs = [BatchProgress(f"predicting at {size[0]}x{size[1]}")] if progress else []
         with learn.no_bar(), learn.no_logging():
             probs, flags = learn.get_preds(dl=dl, act=lambda p: p, cbs=cbs)  # the model already returns probabilities
         weighted = probs.numpy().astype(np.float64) * len(group)

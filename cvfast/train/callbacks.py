@@ -1,8 +1,10 @@
-"""Callbacks: epoch checkpoints for resume, and the whole-image BatchNorm policy."""
+"""Callbacks: epoch checkpoints for resume (with the per-epoch CSV log), the whole-image BatchNorm policy, progress, TensorBoard."""
 
 from __future__ import annotations
 
 import base64
+import csv
+import io
 import json
 import logging
 import math
@@ -21,6 +23,7 @@ from torch import nn
 from cvfast.data.paths import read_json
 from cvfast.data.read import atomic_write_bytes
 from cvfast.errors import CvfastError
+from cvfast.progress import progress_bar
 from cvfast.train.runtime import is_main_process
 
 log = logging.getLogger(__name__)
@@ -131,12 +134,110 @@ class EpochCheckpoint(Callback):
             "fingerprint": self.fingerprint, "stage": self.stage_index, "checkpoint": f"{name}.pth",
             "epochs_done": self.n_epoch + self.offset if stopped else epoch + 1, "trackers": trackers, "history": history,
             "rng": rng_state(self.learn)}, indent=1).encode())
+        write_history_csv(self.dir, history)
         for old in self.dir.glob("s*e*.pth"):
             if old.name != f"{name}.pth":
                 old.unlink(missing_ok=True)
         log.info("stage %d epoch %d: %s%s", self.stage_index + 1, epoch + 1,
                  ", ".join(f"{k} {_num(v):.4f}" if isinstance(_num(v), float) else f"{k} {v}" for k, v in values.items()),
                  " (early stop)" if stopped else "")
+
+
+HISTORY_CSV = "history.csv"
+
+
+def write_history_csv(checkpoint_dir: Path, history: list[dict]) -> Path:
+    """The per-epoch log (stage, epoch, losses, metrics) as CSV beside the checkpoints, rewritten whole and atomically.
+
+    Written from the checkpointed history rather than with fastai's CSVLogger, which appends a header per fit (one per
+    stage, with different columns for patch and whole-image runs) and, after a kill, keeps rows of epochs whose
+    checkpoint was never saved: a resumed run's log would then differ from an uninterrupted one's.
+    """
+    columns = list(dict.fromkeys(k for row in history for k in row))
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(history)
+    atomic_write_bytes(Path(checkpoint_dir) / HISTORY_CSV, buf.getvalue().encode())
+    return Path(checkpoint_dir) / HISTORY_CSV
+
+
+class BatchProgress(Callback):
+    """A rich bar with ETA over the batches of each training epoch and each validation or get_preds pass (rank 0 only)."""
+
+    order = 60
+
+    def __init__(self, description: str = "predicting", epoch_offset: int = 0, epochs: int | None = None):
+        self.description, self.epoch_offset, self.epochs = description, epoch_offset, epochs
+        self.bar = None
+
+    def _start(self, phase: str) -> None:
+        where = f" epoch {self.epoch_offset + self.epoch + 1}/{self.epochs}" if self.epochs else ""
+        self.bar = progress_bar(enabled=is_main_process())
+        self.bar.start()
+        self.task = self.bar.add_task(f"{self.description}{where} {phase}".rstrip(), total=len(self.dl))
+
+    def _stop(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+            self.bar = None
+
+    def before_train(self):
+        """A bar over the epoch's training batches."""
+        self._start("train")
+
+    def before_validate(self):
+        """A bar over the validation (or prediction) batches."""
+        self._stop()
+        self._start("valid" if self.epochs else "")
+
+    def after_batch(self):
+        """One batch done."""
+        if self.bar is not None:
+            self.bar.advance(self.task)
+
+    def after_validate(self):
+        """Close the bar."""
+        self._stop()
+
+    def after_cancel_fit(self):
+        """A stopped fit closes its bar too."""
+        self._stop()
+
+
+LOGGERS = ("tensorboard",)
+
+
+def tensorboard_callback(log_dir: str | Path, epochs_before: int) -> Callback:
+    """fastai's TensorBoardCallback (rank 0 only, as fastai runs it) on one step axis across stages and resumes.
+
+    fastai restarts its step counter at every fit, i.e. at every stage of a schedule; here the steps continue from
+    the epochs already trained, so a schedule (or a resumed run) draws one continuous curve.
+    """
+    try:
+        from fastai.callback.tensorboard import TensorBoardCallback
+    except ImportError:
+        raise CvfastError("--log tensorboard needs the tensorboard package: pip install tensorboard") from None
+
+    class StagedTensorBoard(TensorBoardCallback):
+        def before_fit(self):
+            super().before_fit()
+            self.offset = epochs_before * len(self.dls.train)
+
+        def after_batch(self):
+            if not self.training:  # fastai's logs the smoothed training loss on validation batches too
+                return
+            step = self.offset + self.train_iter
+            self.writer.add_scalar("train_loss", self.smooth_loss, step)
+            for i, h in enumerate(self.opt.hypers):
+                for k, v in h.items():
+                    self.writer.add_scalar(f"{k}_{i}", v, step)
+
+        def after_epoch(self):
+            for name, value in zip(self.recorder.metric_names[2:-1], self.recorder.log[2:-1]):
+                self.writer.add_scalar(name, value, self.offset + self.train_iter)
+
+    return StagedTensorBoard(log_dir=str(log_dir), trace_model=False, log_preds=False)
 
 
 def rng_state(learn) -> dict:

@@ -7,12 +7,14 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import fastai.callback.progress  # noqa: F401  (Learner.no_bar)
 from fastai.learner import Learner
 from sklearn.metrics import accuracy_score, recall_score, roc_auc_score
 
 from cvfast.data.blocks import WHOLE_IMAGE_CLASSES
 from cvfast.data.manifest import PATCH_CLASSES, read_manifest
 from cvfast.stats import patient_bootstrap_aucs, percentile_ci
+from cvfast.train.callbacks import BatchProgress
 
 log = logging.getLogger(__name__)
 
@@ -20,7 +22,8 @@ log = logging.getLogger(__name__)
 def predict_frame(learn: Learner, df: pd.DataFrame) -> np.ndarray:
     """Class probabilities for the rows of a frame with a 'path' column, through the learner's own pipeline."""
     dl = learn.dls.test_dl(df.reset_index(drop=True))
-    probs, _ = learn.get_preds(dl=dl)
+    with learn.no_bar():  # fastai's bar prints into logs and terminals outside notebooks
+        probs, _ = learn.get_preds(dl=dl, cbs=[BatchProgress("held-out predictions")])
     return probs.numpy()
 
 

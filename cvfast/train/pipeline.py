@@ -18,8 +18,8 @@ from cvfast.data.blocks import data_files, patch_dataloaders, patch_set_train_me
 from cvfast.data.paths import refuse_overwrite
 from cvfast.data.read import atomic_write_bytes
 from cvfast.errors import CvfastError
-from cvfast.train.callbacks import (BestModel, EarlyStop, EpochCheckpoint, HoldBodyBatchNorm, read_progress, read_progress_raw,
-                                    restore_rng_state)
+from cvfast.train.callbacks import (HISTORY_CSV, BatchProgress, BestModel, EarlyStop, EpochCheckpoint, HoldBodyBatchNorm, read_progress,
+                                    read_progress_raw, restore_rng_state, tensorboard_callback)
 from cvfast.train.heldout import heldout_patch_metrics, heldout_whole_metrics
 from cvfast.train.export import PKL, SIDECAR, WEIGHTS, build_model, export_model, load_model, model_files
 from cvfast.train.learners import learner_for, patch_learner, whole_image_learner
@@ -41,17 +41,18 @@ class TrainResult:
 
 
 def train_schedule(learn: Learner, stages: list[Stage], out: Path, recipe: dict, cbs: Callable[[dict], list] | None = None,
-                   resume: bool = True) -> None:
-    """Run the stages with epoch checkpoints; continue an interrupted run of the same recipe and inputs.
+                   resume: bool = True, logger: str | None = None) -> None:
+    """Run the stages with epoch checkpoints, a per-epoch CSV log and progress bars; continue an interrupted run of the
+    same recipe and inputs.
 
     cbs(tracker_state) returns the extra callbacks of a stage; tracker_state carries early stopping's
-    best value and patience counter across a resume.
+    best value and patience counter across a resume. logger='tensorboard' also logs to OUT/tensorboard.
     """
     fp = fingerprint(recipe)
     ckpt = out / "checkpoints"
     progress = read_progress(out, fp) if resume else None
     if progress is None and is_main_process():  # a fresh run: no checkpoint of an earlier run may leak into this one
-        for old in [*ckpt.glob("s*e*.pth"), ckpt / "progress.json", ckpt / "best.pth", ckpt / "history.json"]:
+        for old in [*ckpt.glob("s*e*.pth"), ckpt / "progress.json", ckpt / "best.pth", ckpt / "history.json", ckpt / HISTORY_CSV]:
             old.unlink(missing_ok=True)
     distrib_barrier()
     carried: dict = {}  # a resumed run's best validation score, for the stage after a completed one
@@ -70,8 +71,12 @@ def train_schedule(learn: Learner, stages: list[Stage], out: Path, recipe: dict,
             continue
         log.info("stage %d (%s): %d epochs, lr %s, wd %s, training %s", i + 1, stage.name, stage.epochs, stage.lr, stage.wd, stage.train)
         checkpoint = EpochCheckpoint(out, i, fp, start)
+        extra = [BatchProgress(f"stage {i + 1}/{len(stages)} ({stage.name})", start, stage.epochs)]
+        if logger == "tensorboard":
+            extra.append(tensorboard_callback(out / "tensorboard", sum(s.epochs for s in stages[:i]) + start))
         # constant learning rates: resuming is fitting the remaining epochs (no schedule position to restore)
-        fit_stage(learn, replace(stage, epochs=stage.epochs - start), [checkpoint, TerminateOnNaNCallback(), *(cbs(trackers) if cbs else [])])
+        fit_stage(learn, replace(stage, epochs=stage.epochs - start),
+                  [checkpoint, TerminateOnNaNCallback(), *extra, *(cbs(trackers) if cbs else [])])
         if checkpoint.diverged:
             raise CvfastError(f"training diverged (non-finite loss) in stage {i + 1}; the last good checkpoint is kept in {ckpt}; "
                               "lower the learning rate and re-run the same command to resume from it")
@@ -221,11 +226,13 @@ def _refuse_overwriting_inputs(out: Path, data: str | Path, model: str | Path | 
     refuse_overwrite(outputs, inputs, hint="train into a new --out folder")
 
 
-def _train(learn: Learner, stages: list[Stage], out: Path, recipe: dict, extra: Callable[[], dict], cbs=None, resume: bool = True) -> TrainResult:
+def _train(learn: Learner, stages: list[Stage], out: Path, recipe: dict, extra: Callable[[], dict], cbs=None, resume: bool = True,
+           runtime: Runtime | None = None) -> TrainResult:
     """Train (data-parallel under torchrun / accelerate launch), then validate and export on rank 0 only."""
-    with learn.no_bar(), learn.no_logging():  # epochs are logged by EpochCheckpoint instead: readable in terminals, logs, notebooks
+    # fastai's bar and printed table give way to rich bars and EpochCheckpoint's log lines: readable in terminals, logs, notebooks
+    with learn.no_bar(), learn.no_logging():
         with data_parallel(learn):
-            train_schedule(learn, stages, out, recipe, cbs=cbs, resume=resume)
+            train_schedule(learn, stages, out, recipe, cbs=cbs, resume=resume, logger=(runtime or Runtime()).log)
         if not is_main_process():
             return TrainResult(learn, out, {})
         with this_process_only():
@@ -242,7 +249,7 @@ def train_patch(recipe: dict, patches: str | Path, out: str | Path, weights: str
     recipe = {**recipe, "init": init, "inputs": _inputs(patches=patches, weights=weights), "resolved_stages": describe(stages),
               "optimizer": optimizer_settings(recipe.get("train", {}))}
     return _train(learn, stages, out, recipe, lambda: {"init": init, **heldout_patch_metrics(learn, patches)}, cbs=_stage_cbs(recipe),
-                  resume=resume)
+                  resume=resume, runtime=runtime)
 
 
 def train_whole(recipe: dict, data: str | Path, patch: str | Path, out: str | Path, resume: bool = True,
@@ -254,7 +261,8 @@ def train_whole(recipe: dict, data: str | Path, patch: str | Path, out: str | Pa
     stages = _schedule(recipe, False)
     recipe = {**recipe, "inputs": _inputs(data=data, patch_model=patch), "resolved_stages": describe(stages),
               "optimizer": optimizer_settings(recipe.get("train", {}))}
-    return _train(learn, stages, out, recipe, lambda: heldout_whole_metrics(learn, data), cbs=_stage_cbs(recipe), resume=resume)
+    return _train(learn, stages, out, recipe, lambda: heldout_whole_metrics(learn, data), cbs=_stage_cbs(recipe), resume=resume,
+                  runtime=runtime)
 
 
 def finetune(recipe: dict, data: str | Path, source: str | Path, out: str | Path, scratch: bool = False, resume: bool = True,
@@ -271,4 +279,4 @@ def finetune(recipe: dict, data: str | Path, source: str | Path, out: str | Path
               "optimizer": optimizer_settings(recipe.get("train", {}))}
     # the from-scratch control has no pretrained BatchNorm statistics to hold: its BN layers train normally
     return _train(learn, stages, out, recipe, lambda: heldout_whole_metrics(learn, data), cbs=_stage_cbs(recipe, hold_body_bn=not scratch),
-                  resume=resume)
+                  resume=resume, runtime=runtime)
