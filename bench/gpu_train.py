@@ -41,9 +41,10 @@ from cvfast.train.runtime import Runtime  # noqa: E402
 
 NAME = "gpu_train"
 TITLE = "GPU training throughput and MFU"
-# Dense (no sparsity) bf16 tensor-core peaks from NVIDIA's datasheets, TFLOP/s; longest matching name wins.
+# Dense (no sparsity) bf16 tensor-core peaks from NVIDIA's datasheets, TFLOP/s; longest matching name wins, so
+# "NVIDIA H200 NVL" (the PCIe card, 600 W) is not read as the 700 W SXM module ("NVIDIA H200").
 PEAK_BF16_TFLOPS = {
-    "B200": 2250.0, "B100": 1750.0, "GH200": 989.4, "H200": 989.4, "H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.4,
+    "B200": 2250.0, "B100": 1750.0, "GH200": 989.4, "H200 NVL": 835.5, "H200": 989.4, "H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.4,
     "H800": 989.4, "A100": 312.0, "A800": 312.0, "L40S": 362.1, "L40": 181.0, "L4": 121.0, "A10": 125.0, "A30": 165.0,
     "RTX 6000 Ada": 364.2, "RTX A6000": 154.8, "RTX 4090": 165.2, "RTX 3090": 71.0,
 }
@@ -55,7 +56,11 @@ def peak_flops(device: torch.device, override: float | None) -> tuple[float | No
         return override * 1e12, f"{override:g} TFLOP/s (--peak-tflops)"
     if device.type != "cuda":
         return None, "none (not a GPU; pass --peak-tflops)"
-    name = torch.cuda.get_device_name(device)
+    return peak_for_name(torch.cuda.get_device_name(device))
+
+
+def peak_for_name(name: str) -> tuple[float | None, str]:
+    """The dense bf16 peak of a GPU by its CUDA device name (the longest matching table entry)."""
     for key in sorted(PEAK_BF16_TFLOPS, key=len, reverse=True):
         if key in name:
             return PEAK_BF16_TFLOPS[key] * 1e12, f"{PEAK_BF16_TFLOPS[key]:g} TFLOP/s dense bf16 ({key} datasheet)"

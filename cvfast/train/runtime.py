@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator
@@ -76,9 +77,37 @@ class Runtime:
         return dict(num_workers=workers, pin_memory=gpu, device=device)  # fastai starts its workers anew each epoch anyway
 
 
+PREFETCH = 2  # batches each loader worker keeps ready (torch's default prefetch_factor)
+
+
+def check_shared_memory(workers: int, batch_bytes: int, shm: str = "/dev/shm") -> None:
+    """Refuse loader workers whose batches would not fit in shared memory, where a worker would die with "Bus error".
+
+    Docker gives containers 64 MB of /dev/shm by default; 8 workers with 2 batches each of 2 images of 1152x896 int32
+    pixels need ~130 MB.
+    """
+    if workers <= 0 or not os.path.isdir(shm):
+        return
+    need, free = workers * PREFETCH * batch_bytes, shutil.disk_usage(shm).free
+    if free < 1.25 * need:  # headroom: the collation's own temporaries
+        fit = int(free / 1.25 // (PREFETCH * batch_bytes))
+        raise CvfastError(f"{shm} has {free / 2**20:.0f} MB free, but {workers} loader workers with batches of {batch_bytes / 2**20:.1f} MB need "
+                          f"about {need / 2**20:.0f} MB of shared memory; give the machine more (docker run --shm-size=1g, or a larger tmpfs "
+                          f"on {shm}) or pass --workers {fit}")
+
+
+def batch_bytes(dls) -> int:
+    """Bytes of one training batch as the loader workers hand it over (int32 pixels at the cut size, before resizing)."""
+    info = dls.info
+    h, w = (info.crop, info.crop) if info.crop else tuple(info.size)
+    return int(dls.train.bs) * max(h, info.size[0]) * max(w, info.size[1]) * 4
+
+
 def apply_runtime(learn: Learner, runtime: Runtime) -> Learner:
     """Move the learner to the runtime's device and add fastai's MixedPrecision / ChannelsLast callbacks; compile if asked."""
     device = runtime.torch_device
+    if hasattr(learn.dls, "info"):
+        check_shared_memory(learn.dls.train.fake_l.num_workers, batch_bytes(learn.dls))
     learn.model.to(device)
     learn.dls.to(device)
     if (amp := runtime.amp_mode) is not None:
