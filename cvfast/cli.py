@@ -463,7 +463,7 @@ def lr_find(recipe: Annotated[str, typer.Option(help="Recipe name or path (its k
             num_it: Annotated[int, typer.Option(help="Iterations (at least 50).")] = 100,
             out: Annotated[Path, typer.Option("--out", "-o", help="PNG of the loss vs learning-rate curve.")] = Path("lr_find.png"),
             device: DEVICE = None, precision: PRECISION = "auto", channels_last: CHANNELS_LAST = None, compile: COMPILE = False,
-            workers: LOADER_WORKERS = None, log: LOG = None) -> None:
+            workers: LOADER_WORKERS = None) -> None:
     """Run fastai's lr_find on the learner a recipe builds; save the plot and print the suggestions."""
     import tempfile
 
@@ -481,7 +481,7 @@ def lr_find(recipe: Annotated[str, typer.Option(help="Recipe name or path (its k
         raise CvfastError(f"--stage {stage}: the recipe has {len(stages)} stages")
     if r["kind"] != "patch" and model is None:
         raise CvfastError(f"--model is required for a {r['kind']} recipe")
-    runtime = _runtime(device, precision, channels_last, compile, workers, log)
+    runtime = _runtime(device, precision, channels_last, compile, workers)
     refuse_overwrite([out], [*data_files(data), *(model_files(model) if model else [])], hint="choose another --out for the plot")
     with tempfile.TemporaryDirectory() as tmp:
         if r["kind"] == "patch":
@@ -637,7 +637,7 @@ def review(preds: Annotated[Path, typer.Argument(help="Predictions CSV from `cvf
         raise CvfastError(f"--n-boot {n_boot}: at least 100 resamples")
     settings = EvalSettings(by=by.value, agg=agg.value, split=None if split == "all" else split,
                             thresholds_from=None if thresholds_from == "self" else thresholds_from, n_boot=n_boot)
-    options = ReviewSettings(point=point, errors=errors, page_size=page_size, workers=workers or default_workers())
+    options = ReviewSettings(point=point, errors=errors, page_size=page_size, workers=default_workers() if workers is None else workers)
     page = make_review(preds, out, model, settings, options, labels)
     console.print(f"review written to {page} (open it in a browser)")
 

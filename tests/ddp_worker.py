@@ -20,9 +20,11 @@ from cvfast.train.recipes import load_recipe, resolve
 from cvfast.train.runtime import Runtime
 
 patches, data, work = (Path(p) for p in sys.argv[1:4])
+patch_only = "--patch-only" in sys.argv[4:]  # the re-run that checks each rank's augmentation is reproducible
 rank = int(os.environ["RANK"])
 torch.set_num_threads(1)
 shards: dict[str, list] = {"patch": [], "whole": []}
+shifts: dict[str, list] = {"patch": [], "whole": []}  # each epoch's first batch: the intensity shift this rank drew per image
 step = "patch"
 
 
@@ -32,6 +34,11 @@ class RecordShards(Callback):
     def after_train(self):
         shards[step].append(self.learn.dl.shard)
 
+    def after_batch(self):
+        if self.training and self.iter == 0:
+            shift = next(t for t in self.learn.dls.train.after_batch.fs if type(t).__name__ == "IntensityShift")
+            shifts[step].append([round(v, 7) for v in shift.shift.tolist()])
+
 
 defaults.callbacks = [*defaults.callbacks, RecordShards]
 rt = Runtime(device="cpu")
@@ -40,8 +47,11 @@ rt = Runtime(device="cpu")
 last_epoch = {"train": {"keep_best": False}}
 train_patch(resolve(load_recipe("demo-patch"), last_epoch, epochs_scale=0.25), patches, work / f"patch_rank{rank}", runtime=rt)
 dist.barrier()  # rank 0 exports after training: the whole-image step below needs its patch model
+if patch_only:
+    (work / f"rank{rank}.json").write_text(json.dumps({"shards": shards, "shifts": shifts}))
+    sys.exit(0)
 step = "whole"
 whole = train_whole(resolve(load_recipe("demo-whole"), last_epoch, epochs_scale=0.05), data, work / "patch_rank0", work / f"whole_rank{rank}",
                     runtime=rt)
 weights = hashlib.sha256(b"".join(v.detach().cpu().numpy().tobytes() for v in whole.learn.model.state_dict().values())).hexdigest()
-(work / f"rank{rank}.json").write_text(json.dumps({"shards": shards, "weights": weights, "metrics": whole.metrics}))
+(work / f"rank{rank}.json").write_text(json.dumps({"shards": shards, "shifts": shifts, "weights": weights, "metrics": whole.metrics}))

@@ -48,6 +48,31 @@ def test_two_ranks_train_disjoint_shards_and_only_rank0_writes(s10, ddsm_data, t
     model, sidecar = load_model(tmp_path / "whole_rank0")
     assert sidecar["kind"] == "whole" and "valid_loss" in sidecar["metrics"]
 
+    # each rank augments its shard with its own draws (the same seed everywhere would give every GPU the same flips and
+    # shifts), and a re-run draws them again exactly
+    for step in ("patch", "whole"):
+        a, b = (rk["shifts"][step] for rk in ranks)
+        assert len(a) == len(b) >= 1 and all(x != y for x, y in zip(a, b)), step
+    again = tmp_path / "again"
+    again.mkdir()
+    r = _torchrun(str(Path(__file__).with_name("ddp_worker.py")), str(s10), str(ddsm_data), str(again), "--patch-only")
+    assert r.returncode == 0, r.stderr[-3000:]
+    for i in range(2):
+        rerun = json.loads((again / f"rank{i}.json").read_text())
+        assert rerun["shifts"]["patch"] == ranks[i]["shifts"]["patch"] and rerun["shards"]["patch"] == ranks[i]["shards"]["patch"]
+
+
+def test_a_nan_on_one_rank_stops_every_rank_with_the_resume_message(s10, tmp_path):
+    r = _torchrun(str(Path(__file__).with_name("ddp_nan_worker.py")), str(s10), str(tmp_path / "m"))
+    assert r.returncode != 0
+    poisoned = float((tmp_path / "poisoned_at.txt").read_text())
+    for i in range(2):  # both ranks stop with cvfast's message within seconds (not at the collective's 30-minute timeout)
+        rank = json.loads((tmp_path / f"rank{i}.json").read_text())
+        assert "training diverged (non-finite loss) in stage 2" in rank["outcome"] and "re-run the same command to resume" in rank["outcome"]
+        assert rank["ended"] - poisoned < 60
+    progress = json.loads((tmp_path / "m" / "checkpoints" / "progress.json").read_text())
+    assert progress["stage"] == 0 and (tmp_path / "m" / "checkpoints" / progress["checkpoint"]).is_file()  # stage 1's last epoch kept
+
 
 def test_the_cli_under_torchrun_exports_one_model_and_reports_once(s10, tmp_path):
     out = tmp_path / "m"

@@ -19,6 +19,8 @@ def _cvfast_imports(path: Path) -> set[str]:
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("cvfast"):
             out.add(node.module)
+            out |= {f"{node.module}.{a.name}" for a in node.names if (PACKAGE.parent / node.module.replace(".", "/") / a.name).exists()
+                    or (PACKAGE.parent / node.module.replace(".", "/") / f"{a.name}.py").exists()}  # from cvfast.data import read
         elif isinstance(node, ast.Import):
             out |= {a.name for a in node.names if a.name.startswith("cvfast")}
     return out

@@ -75,14 +75,19 @@ def _visible(page, column: int) -> list[str]:
 def test_review_page_in_a_real_browser(ddsm_data, untrained_models, page_of, tmp_path):
     df = _predictions(ddsm_data, 60)
     df.to_csv(tmp_path / "preds.csv", index=False)
+    threshold = evaluate(tmp_path / "preds.csv", EvalSettings(n_boot=200))["operating_points"]["youden"]["threshold"]
+    tied = df.index[df["split"] == "test"][3]
+    df.loc[tied, "p_cancer"] = threshold  # a test case exactly at the threshold (chosen on valid): called positive (>=)
+    df.to_csv(tmp_path / "preds.csv", index=False)
     res = run_cli("review", str(tmp_path / "preds.csv"), "--model", str(untrained_models[1]), "--out", str(tmp_path / "review"),
                   "--errors", "2", "--page-size", "15", "--n-boot", "200", "--workers", "1")
     assert res.returncode == 0, res.stderr
     out = tmp_path / "review"
     report = evaluate(tmp_path / "preds.csv", EvalSettings(n_boot=200))
     test = df[df["split"] == "test"]
-    threshold = report["operating_points"]["youden"]["threshold"]
-    expected = outcomes(test["label"], test["p_cancer"], threshold)
+    assert report["operating_points"]["youden"]["threshold"] == threshold
+    expected = np.where(test["p_cancer"] >= threshold, np.where(test["label"] == 1, "TP", "FP"), np.where(test["label"] == 1, "FN", "TN"))
+    np.testing.assert_array_equal(outcomes(test["label"], test["p_cancer"], threshold), expected)
     truth_fn = sorted(test["image_id"][expected == "FN"])
     assert truth_fn and (expected == "FP").any()
     # every case's thumbnail and each worst error's image + heatmap overlay are PNG files beside the page, none inline
@@ -92,6 +97,11 @@ def test_review_page_in_a_real_browser(ddsm_data, untrained_models, page_of, tmp
 
     page = page_of(out / "index.html")
     assert page.locator("#cases tbody tr").count() == len(test)  # every evaluated case, valid rows left out
+    confusion = report["operating_points"]["youden"]["confusion"]  # the page's counts are evaluate's confusion matrix
+    for outcome in ("TP", "FP", "FN", "TN"):
+        assert page.inner_text(f"#controls button[data-filter='{outcome}']") == f"{outcome} ({confusion[outcome.lower()]})"
+    tied_row = page.locator(f"#cases tbody tr:has(td.id:text-is('{df.at[tied, 'image_id']}'))")
+    assert tied_row.get_attribute("data-outcome") == ("TP" if df.at[tied, "label"] == 1 else "FP")
     assert len(_visible(page, 0)) == 15  # paginated
     page.click("th:has-text('p_cancer')")  # first click: highest first
     shown = [float(v) for v in _visible(page, 6)]
@@ -101,6 +111,12 @@ def test_review_page_in_a_real_browser(ddsm_data, untrained_models, page_of, tmp
     assert shown == sorted(shown) and shown[0] == pytest.approx(test["p_cancer"].min(), abs=1e-4)
     page.click("#controls button[data-filter='FN']")
     assert sorted(_visible(page, 0)) == truth_fn and set(_visible(page, 7)) == {"FN"}
+    page.click("#controls button[data-filter='TN']")  # more than a page of TN: the pager moves through them
+    tn = int((expected == "TN").sum())
+    assert tn > 15 and len(_visible(page, 0)) == 15 and page.inner_text("#pageinfo") == f"page 1 of {-(-tn // 15)} ({tn} cases)"
+    first = _visible(page, 0)
+    page.click("#next")
+    assert set(_visible(page, 7)) == {"TN"} and not set(first) & set(_visible(page, 0))
     page.click("#controls button[data-filter='all']")
     assert page.locator("img[alt='overlay']").count() == 4
     assert page.evaluate("Array.from(document.images).filter(i => i.complete && i.naturalWidth === 0).map(i => i.src)") == []  # no broken image

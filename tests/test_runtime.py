@@ -9,7 +9,7 @@ from fastai.callback.fp16 import MixedPrecision
 
 from cvfast.errors import CvfastError
 from cvfast.train.export import load_model
-from cvfast.train.pipeline import patch_learner_from_recipe, train_patch
+from cvfast.train.pipeline import patch_learner_from_recipe, train_patch, train_schedule
 from cvfast.train.recipes import load_recipe, resolve
 from cvfast.train.runtime import Runtime
 
@@ -103,3 +103,41 @@ def test_a_small_dev_shm_is_named_before_a_worker_dies_of_it(s10, tmp_path, monk
     recipe = resolve(load_recipe("demo-patch"), {"data": {"bs": 400}}, epochs_scale=0.1)  # 400 x 48 x 48 x 4 bytes = 3.5 MB a batch
     with pytest.raises(CvfastError, match="10 MB free, but 2 loader workers with batches of 3.5 MB"):
         patch_learner_from_recipe(recipe, s10, tmp_path / "m", runtime=Runtime(device="cpu", workers=2))
+
+
+def test_compile_stays_compiled_through_a_schedule_and_in_a_second_model(s10, tmp_path):
+    """Every compiled module of a process shares one dynamo cache: after a 3-stage schedule, a second model's last
+    epoch must still run its compiled graph, not fall back to eager at torch's recompile limit (8)."""
+    import torch._dynamo
+    from fastai.callback.core import Callback
+
+    from cvfast.train.schedule import stages_from
+
+    calls = []
+
+    def counting(gm, example_inputs):  # a torch.compile backend that runs the graph eagerly and counts each call
+        def run(*args):
+            calls.append(1)
+            return gm.forward(*args)
+        return run
+
+    class CountEpochs(Callback):
+        def before_epoch(self):
+            self.start = len(calls)
+
+        def after_epoch(self):
+            self.learn.compiled_calls = getattr(self.learn, "compiled_calls", []) + [len(calls) - self.start]
+
+    torch._dynamo.reset()
+    torch._dynamo.config.recompile_limit = 8  # torch's default, whatever ran before in this process
+    recipe = resolve(load_recipe("demo-patch"), {}, epochs_scale=0.125)
+    stages = stages_from(recipe["stages"])
+    assert len(stages) == 3
+    runtime = Runtime(device="cpu", compile=True, compile_backend=counting)
+    for k, arch in enumerate(["tf_efficientnet_lite0", "test_resnet"]):
+        r = resolve(recipe, {"model": {"arch": arch, "pretrained": False}})
+        learn, _ = patch_learner_from_recipe(r, s10, tmp_path / str(k), runtime=runtime)
+        with learn.no_bar(), learn.no_logging():
+            train_schedule(learn, stages, tmp_path / str(k), r, cbs=lambda trackers: [CountEpochs()])
+        batches = len(learn.dls.train) + len(learn.dls.valid)
+        assert len(learn.compiled_calls) == 3 and all(n >= batches for n in learn.compiled_calls), learn.compiled_calls

@@ -227,15 +227,18 @@ def test_a_resumed_training_ends_with_the_weights_and_logs_of_an_uninterrupted_o
     """Weights, the per-epoch CSV log and the TensorBoard curve (one step axis over stages and the resume) all match."""
     from fastai.callback.core import Callback
 
+    epochs_seen = []
+
     class KillAfter(Callback):
         order = 99  # after the epoch checkpoint
 
         def after_epoch(self):
-            if self.epoch == 1:
+            epochs_seen.append(1)
+            if len(epochs_seen) in (2, 3):  # first at the stage boundary, then (after a resume) in the middle of stage 2
                 raise Interrupt("killed between two epochs")
 
     recipe = load_recipe("demo-patch")
-    stages = [Stage(epochs=2, lr=1e-3, train="head", name="head"), Stage(epochs=2, lr=1e-3, train="all", name="all")]
+    stages = [Stage(epochs=2, lr=1e-3, train="head", name="head"), Stage(epochs=3, lr=1e-3, train="all", name="all")]
 
     def run(out: Path, cbs=None) -> dict:
         learn, _ = patch_learner_from_recipe(recipe, s10, out)
@@ -248,18 +251,22 @@ def test_a_resumed_training_ends_with_the_weights_and_logs_of_an_uninterrupted_o
         run(tmp_path / "resumed", cbs=lambda trackers: [KillAfter()])
     progress = json.loads((tmp_path / "resumed" / "checkpoints" / "progress.json").read_text())
     assert (progress["stage"], progress["epochs_done"]) == (0, 2)  # killed at the stage boundary
+    with pytest.raises(Interrupt):
+        run(tmp_path / "resumed", cbs=lambda trackers: [KillAfter()])
+    progress = json.loads((tmp_path / "resumed" / "checkpoints" / "progress.json").read_text())
+    assert (progress["stage"], progress["epochs_done"]) == (1, 1)  # killed inside stage 2
     torch.manual_seed(12345)  # whatever ran in between: the resumed run must not depend on it
     np.random.seed(999)
     resumed = run(tmp_path / "resumed")
     assert reference.keys() == resumed.keys()
     assert all(torch.equal(reference[k], resumed[k]) for k in reference), "resumed weights differ from the uninterrupted run"
     log = pd.read_csv(tmp_path / "ref" / "checkpoints" / "history.csv")
-    assert list(log[["stage", "epoch"]].itertuples(index=False, name=None)) == [(0, 0), (0, 1), (1, 0), (1, 1)]  # epoch within its stage
+    assert list(log[["stage", "epoch"]].itertuples(index=False, name=None)) == [(0, 0), (0, 1), (1, 0), (1, 1), (1, 2)]  # epoch within its stage
     assert {"train_loss", "valid_loss", "accuracy"} <= set(log.columns) and log["valid_loss"].notna().all()
     assert (tmp_path / "resumed" / "checkpoints" / "history.csv").read_bytes() == (tmp_path / "ref" / "checkpoints" / "history.csv").read_bytes()
     curve = _tensorboard_scalars(tmp_path / "ref" / "tensorboard", "valid_loss")
     steps = [s for s, _ in curve]
-    assert len(steps) == 4 and steps == sorted(steps) and len(set(steps)) == 4  # fastai alone restarts at 0 in stage 2
+    assert len(steps) == 5 and steps == sorted(steps) and len(set(steps)) == 5  # fastai alone restarts at 0 in stage 2
     np.testing.assert_allclose([v for _, v in curve], log["valid_loss"], rtol=1e-6)
     assert [s for s, _ in _tensorboard_scalars(tmp_path / "resumed" / "tensorboard", "valid_loss")] == steps
     train_steps = [s for s, _ in _tensorboard_scalars(tmp_path / "ref" / "tensorboard", "train_loss")]

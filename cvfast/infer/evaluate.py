@@ -142,10 +142,11 @@ def _units(path: str | Path, st: EvalSettings, labels: str | Path | None = None)
 
 
 def _other_units(path: str | Path, st: EvalSettings, labels: str | Path | None) -> pd.DataFrame:
-    """A second predictions file (thresholds or comparison) aggregated: its own labels when it has them, else --labels'."""
+    """A second predictions file (thresholds or comparison) aggregated: its own labels when it has them all, else --labels'."""
     try:
-        own = "label" in pd.read_csv(path, nrows=0).columns
-    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError):
+        head = pd.read_csv(path, usecols=lambda c: c == "label")
+        own = "label" in head.columns and head["label"].notna().all()
+    except (OSError, ValueError, pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError):
         own = False  # read_predictions names the problem
     return _units(path, st, None if own else labels)
 

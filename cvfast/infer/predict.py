@@ -145,8 +145,12 @@ def predict_probabilities(members: Sequence[tuple[nn.Module, dict]], paths: Sequ
         model = AveragedProbabilities([m for m, _ in group], [s["mean_grey"] for _, s in group], flips).to(device).eval()
         learn = inference_learner(model, dl)
         cbs = [BatchProgress(f"predicting at {size[0]}x{size[1]}")] if progress else []
-        with learn.no_bar(), learn.no_logging():
-            probs, flags = learn.get_preds(dl=dl, act=lambda p: p, cbs=cbs)  # the model already returns probabilities
+        try:
+            with learn.no_bar(), learn.no_logging():
+                probs, flags = learn.get_preds(dl=dl, act=lambda p: p, cbs=cbs)  # the model already returns probabilities
+        finally:
+            for bar in cbs:
+                bar.close()
         weighted = probs.numpy().astype(np.float64) * len(group)
         total = weighted if total is None else total + weighted
         failed |= flags.numpy().astype(bool)

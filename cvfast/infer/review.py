@@ -56,14 +56,18 @@ def review(preds: str | Path, out: str | Path, model: str | Path | None = None, 
            options: ReviewSettings | None = None, labels: str | Path | None = None) -> Path:
     """Write the review page OUT/index.html (+ the evaluation report, plots, thumbnails, error overlays); returns its path."""
     settings, options, out = settings or EvalSettings(), options or ReviewSettings(), Path(out)
-    ev = run_evaluation(preds, settings, labels=labels)
-    if options.point not in ev.report["operating_points"]:
-        raise CvfastError(f"--point {options.point}: expected one of {', '.join(ev.report['operating_points'])}")
-    op = ev.report["operating_points"][options.point]
+    points = ("youden", "fixed_0.5", *(f"specificity_{s:g}" for s in settings.specificities))
+    if options.point not in points:  # before the bootstrap, not after it
+        raise CvfastError(f"--point {options.point}: expected one of {', '.join(points)}")
     images = read_predictions(preds, labels, settings.score)
     if "path" not in images.columns:
         raise CvfastError(f"{preds}: no 'path' column, so the review has no images to show; review a `cvfast predict` output")
-    images = images.assign(unit=unit_of(images, settings.by))
+    blank = images["path"].isna() | (images["path"].astype(str).str.strip() == "")
+    if blank.any():
+        raise CvfastError(f"{preds}: row {int(images.index[blank][0]) + 2} (image_id {images.loc[blank, 'image_id'].iloc[0]}): empty path")
+    ev = run_evaluation(preds, settings, labels=labels)
+    op = ev.report["operating_points"][options.point]
+    images = images.assign(path=images["path"].astype(str), unit=unit_of(images, settings.by))
     cases = ev.cases.assign(outcome=outcomes(ev.cases["label"], ev.cases[settings.score], op["threshold"]))
     members = images[images["unit"].isin(cases["unit"])].sort_values(["unit", "view" if "view" in images.columns else "image_id"])
     inputs = [str(preds), *map(str, members["path"]), *([str(labels)] if labels else []), *(map(str, model_files(model)) if model else [])]
@@ -73,9 +77,10 @@ def review(preds: str | Path, out: str | Path, model: str | Path | None = None, 
     refuse_overwrite(planned, inputs, hint="choose another --out for the review")
     check_output_name(out / PAGE)
     write_report(ev.report, ev.curves, out)
-    _write_thumbnails(out / THUMBS, thumb_names, options)
+    unreadable = _write_thumbnails(out / THUMBS, thumb_names, options)
     errors = _write_errors(out / ERRORS, error_rows, members, model, options, inputs)
-    page = _page(ev.report, op, options, cases, members.groupby("unit")["path"].apply(list).to_dict(), thumb_names, errors, settings)
+    page = _page(ev.report, op, options, cases, members.groupby("unit")["path"].apply(list).to_dict(), thumb_names, errors, settings,
+                 unreadable)
     atomic_write_bytes(out / PAGE, page.encode())
     log.info("review of %d %ss written to %s", len(cases), settings.by, out / PAGE)
     return out / PAGE
@@ -119,13 +124,16 @@ def _thumbnail(args: tuple[str, str, int]) -> str | None:
     return None
 
 
-def _write_thumbnails(folder: Path, names: dict[str, str], options: ReviewSettings) -> None:
-    """Every case image's thumbnail (parallel, resumable); unreadable images are named in the log and shown as missing."""
+def _write_thumbnails(folder: Path, names: dict[str, str], options: ReviewSettings) -> dict[str, str]:
+    """Every case image's thumbnail (parallel, resumable); returns the unreadable sources with the reason (logged too)."""
     folder.mkdir(parents=True, exist_ok=True)
     jobs = [(src, str(folder / name), options.thumb_height) for src, name in names.items()]
-    for error in parallel_map(_thumbnail, jobs, options.workers, "thumbnails", chunksize=16):
+    failed = {}
+    for (src, _, _), error in zip(jobs, parallel_map(_thumbnail, jobs, options.workers, "thumbnails", chunksize=16)):
         if error:
             log.warning("thumbnail not drawn: %s", error)
+            failed[src] = error
+    return failed
 
 
 def _write_errors(folder: Path, rows: pd.DataFrame, members: pd.DataFrame, model: str | Path | None, options: ReviewSettings,
@@ -173,7 +181,7 @@ def _fmt(v, digits: int = 3) -> str:
 
 
 def _page(report: dict, op: dict, options: ReviewSettings, cases: pd.DataFrame, unit_paths: dict[str, list[str]],
-          thumbs: dict[str, str], errors: list[dict], st: EvalSettings) -> str:
+          thumbs: dict[str, str], errors: list[dict], st: EvalSettings, unreadable: dict[str, str]) -> str:
     """The HTML page; every value from the predictions file is escaped (ids are untrusted text)."""
     e = html.escape
     score = st.score
@@ -189,7 +197,8 @@ def _page(report: dict, op: dict, options: ReviewSettings, cases: pd.DataFrame, 
     has = {col: col in cases.columns for col in ("side", "view")}
     for r in cases.itertuples(index=False):
         unit = str(r.unit)
-        imgs = "".join(f'<img src="{THUMBS}/{e(thumbs[p])}" loading="lazy" height="{options.thumb_height}" alt="{e(Path(p).name)}">'
+        imgs = "".join(f'<span class="warn" title="{e(unreadable[p])}">unreadable: {e(Path(p).name)}</span>' if p in unreadable else
+                       f'<img src="{THUMBS}/{e(thumbs[p])}" loading="lazy" height="{options.thumb_height}" alt="{e(Path(p).name)}">'
                        for p in unit_paths.get(unit, []))
         s = float(getattr(r, score))
         side = e(str(getattr(r, "side"))) if has["side"] and pd.notna(getattr(r, "side")) else ""
@@ -202,8 +211,10 @@ def _page(report: dict, op: dict, options: ReviewSettings, cases: pd.DataFrame, 
         units = cases.set_index("unit")
         entries = [x for x in errors if units.at[x["unit"], "outcome"] == kind]
         error_html.append(f"<h3>{e(title)}</h3>")
-        if not entries:
+        if not counts[kind]:
             error_html.append("<p>none at this operating point.</p>")
+        elif not entries:
+            error_html.append(f"<p>{counts[kind]} at this operating point, none drawn (--errors {options.errors}).</p>")
         for x in entries:
             caption = f"{e(x['unit'])}: {score} {float(units.at[x['unit'], score]):.4f}, label {int(units.at[x['unit'], 'label'])} &mdash; {e(Path(x['path']).name)}"
             figs = "".join(f'<img src="{e(x[k])}" alt="{k}">' for k in ("image", "overlay") if x.get(k))

@@ -14,10 +14,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from fastai.callback.core import Callback, CancelFitException
 from fastai.callback.tracker import EarlyStoppingCallback, SaveModelCallback, TrackerCallback
-from fastai.torch_core import distrib_barrier, get_model
+from fastai.learner import Recorder
+from fastai.torch_core import distrib_barrier, get_model, num_distrib, rank_distrib
 from torch import nn
 
 from cvfast.data.paths import read_json
@@ -109,10 +111,9 @@ class EpochCheckpoint(Callback):
     def after_cancel_fit(self):
         """Early stopping cancels the fit before this callback's after_epoch: record that epoch, stage complete.
 
-        fastai's TerminateOnNaNCallback cancels it mid-epoch on a non-finite batch loss: then nothing is recorded.
+        StopOnNonFinite cancels it mid-epoch on a non-finite loss of any rank: then nothing is recorded.
         """
-        loss = getattr(self.learn, "loss", None)
-        if loss is not None and not math.isfinite(float(loss)):
+        if getattr(self.learn, "diverged", False):
             self.diverged = True
         if not self.diverged and self.recorded != self.epoch:
             self._checkpoint(dict(zip(self.recorder.metric_names[1:-1], self.recorder.log[1:-1])), stopped=True)
@@ -133,7 +134,7 @@ class EpochCheckpoint(Callback):
         atomic_write_bytes(self.dir / "progress.json", json.dumps({
             "fingerprint": self.fingerprint, "stage": self.stage_index, "checkpoint": f"{name}.pth",
             "epochs_done": self.n_epoch + self.offset if stopped else epoch + 1, "trackers": trackers, "history": history,
-            "rng": rng_state(self.learn)}, indent=1).encode())
+            "rng": rng_state(self.learn), "smooth_loss": smooth_loss_state(self.learn)}, indent=1).encode())
         write_history_csv(self.dir, history)
         for old in self.dir.glob("s*e*.pth"):
             if old.name != f"{name}.pth":
@@ -177,7 +178,8 @@ class BatchProgress(Callback):
         self.bar.start()
         self.task = self.bar.add_task(f"{self.description}{where} {phase}".rstrip(), total=len(self.dl))
 
-    def _stop(self) -> None:
+    def close(self) -> None:
+        """Stop the bar (callers call it in a finally: fastai runs no after_* event on an exception or Ctrl-C)."""
         if self.bar is not None:
             self.bar.stop()
             self.bar = None
@@ -188,7 +190,7 @@ class BatchProgress(Callback):
 
     def before_validate(self):
         """A bar over the validation (or prediction) batches."""
-        self._stop()
+        self.close()
         self._start("valid" if self.epochs else "")
 
     def after_batch(self):
@@ -198,11 +200,58 @@ class BatchProgress(Callback):
 
     def after_validate(self):
         """Close the bar."""
-        self._stop()
+        self.close()
 
     def after_cancel_fit(self):
         """A stopped fit closes its bar too."""
-        self._stop()
+        self.close()
+
+
+class StopOnNonFinite(Callback):
+    """Stop every rank together when the loss of any rank is not finite -- after the loss, before the backward pass.
+
+    fastai's TerminateOnNaNCallback cancels only its own rank, after the step: under data parallel the others then wait
+    in the next collective until the NCCL timeout (gloo: "connection closed by peer"), and the non-finite gradient has
+    already been all-reduced into every rank's weights. Here the ranks agree on the stop with one all-reduce of a
+    flag per batch (a few bytes); the epoch checkpoint then keeps the last good epoch and the caller reports it.
+    """
+
+    def before_fit(self):
+        """A new fit (stage, or resumed run) starts undiverged."""
+        self.learn.diverged = False
+
+    def after_loss(self):
+        """Cancel the fit on every rank when any rank's loss is nan or inf."""
+        if not self.training:
+            return
+        bad = torch.tensor([0.0 if torch.isfinite(self.learn.loss).all() else 1.0], device=self.learn.loss.device)
+        if num_distrib() > 1:
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        if bad.item():
+            self.learn.diverged = True
+            raise CancelFitException()
+
+
+class RankStreams(Callback):
+    """Under data parallel: each rank's own torch and Python random streams for augmentation and dropout.
+
+    Every rank is seeded alike, so that all draw the same data order and take disjoint shards of it; without this,
+    every GPU would also flip, rotate, zoom and shift its shard exactly as the others do, and drop the same units.
+    Before each epoch the streams are seeded from (seed, rank, epoch) -- after the shared choices: the shuffle has
+    its own generator per DataLoader and fastai's weighted sampler draws from NumPy's, both left alone -- so a
+    resumed run draws what an uninterrupted one would.
+    """
+
+    order = -20  # before any callback that draws
+
+    def __init__(self, seed: int, epoch_offset: int = 0):
+        self.seed, self.epoch_offset = seed, epoch_offset
+
+    def before_epoch(self):
+        """Seed this rank's streams for the epoch."""
+        torch_seed, python_seed = np.random.SeedSequence([self.seed, rank_distrib(), self.epoch_offset + self.epoch]).generate_state(2)
+        torch.manual_seed(int(torch_seed))
+        random.seed(int(python_seed))
 
 
 LOGGERS = ("tensorboard",)
@@ -221,8 +270,15 @@ def tensorboard_callback(log_dir: str | Path, epochs_before: int) -> Callback:
 
     class StagedTensorBoard(TensorBoardCallback):
         def before_fit(self):
-            super().before_fit()
             self.offset = epochs_before * len(self.dls.train)
+            super().before_fit()
+
+        def _setup_writer(self):
+            from torch.utils.tensorboard import SummaryWriter
+
+            # a resumed run drops what the killed one logged after its last checkpoint (whose epoch-end metrics sit at step
+            # `offset`), instead of drawing it twice
+            self.writer = SummaryWriter(log_dir=self.log_dir, purge_step=self.offset + 1)
 
         def after_batch(self):
             if not self.training:  # fastai's logs the smoothed training loss on validation batches too
@@ -238,6 +294,27 @@ def tensorboard_callback(log_dir: str | Path, epochs_before: int) -> Callback:
                 self.writer.add_scalar(name, value, self.offset + self.train_iter)
 
     return StagedTensorBoard(log_dir=str(log_dir), trace_model=False, log_preds=False)
+
+
+def smooth_loss_state(learn) -> list:
+    """The Recorder's smoothed training loss (value, batches): it runs on across the epochs of a stage."""
+    smooth = learn.recorder.smooth_loss
+    return [float(smooth.val), int(smooth.count)]
+
+
+class RestoreSmoothLoss(Callback):
+    """A resumed stage's smoothed training loss continues from the checkpoint, so its log matches an uninterrupted run's."""
+
+    order = Recorder.order + 1  # after the Recorder resets it at before_fit
+
+    def __init__(self, state: list | None):
+        self.state = state
+
+    def before_fit(self):
+        """Put the saved smoother state back (a progress.json of an older run has none: nothing to do)."""
+        if self.state:
+            self.learn.recorder.smooth_loss.val = torch.tensor(self.state[0])
+            self.learn.recorder.smooth_loss.count = self.state[1]
 
 
 def rng_state(learn) -> dict:

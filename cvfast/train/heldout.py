@@ -22,8 +22,12 @@ log = logging.getLogger(__name__)
 def predict_frame(learn: Learner, df: pd.DataFrame) -> np.ndarray:
     """Class probabilities for the rows of a frame with a 'path' column, through the learner's own pipeline."""
     dl = learn.dls.test_dl(df.reset_index(drop=True))
-    with learn.no_bar():  # fastai's bar prints into logs and terminals outside notebooks
-        probs, _ = learn.get_preds(dl=dl, cbs=[BatchProgress("held-out predictions")])
+    bar = BatchProgress("held-out predictions")
+    try:
+        with learn.no_bar():  # fastai's bar prints into logs and terminals outside notebooks
+            probs, _ = learn.get_preds(dl=dl, cbs=[bar])
+    finally:
+        bar.close()
     return probs.numpy()
 
 

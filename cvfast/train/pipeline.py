@@ -4,22 +4,23 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
 import fastai.callback.progress  # noqa: F401  (Learner.no_bar)
-from fastai.callback.tracker import TerminateOnNaNCallback
 from fastai.callback.training import GradientAccumulation
 from fastai.learner import Learner
-from fastai.torch_core import distrib_barrier, set_seed
+from fastai.torch_core import distrib_barrier, num_distrib, set_seed
 
 from cvfast.data.blocks import data_files, patch_dataloaders, patch_set_train_mean, whole_image_dataloaders
 from cvfast.data.paths import refuse_overwrite
 from cvfast.data.read import atomic_write_bytes
 from cvfast.errors import CvfastError
-from cvfast.train.callbacks import (HISTORY_CSV, BatchProgress, BestModel, EarlyStop, EpochCheckpoint, HoldBodyBatchNorm, read_progress,
-                                    read_progress_raw, restore_rng_state, tensorboard_callback)
+from cvfast.train.callbacks import (HISTORY_CSV, BatchProgress, BestModel, EarlyStop, EpochCheckpoint, HoldBodyBatchNorm, RankStreams,
+                                    RestoreSmoothLoss, StopOnNonFinite, read_progress, read_progress_raw, restore_rng_state,
+                                    tensorboard_callback, write_history_csv)
 from cvfast.train.heldout import heldout_patch_metrics, heldout_whole_metrics
 from cvfast.train.export import PKL, SIDECAR, WEIGHTS, build_model, export_model, load_model, model_files
 from cvfast.train.learners import learner_for, patch_learner, whole_image_learner
@@ -54,29 +55,36 @@ def train_schedule(learn: Learner, stages: list[Stage], out: Path, recipe: dict,
     if progress is None and is_main_process():  # a fresh run: no checkpoint of an earlier run may leak into this one
         for old in [*ckpt.glob("s*e*.pth"), ckpt / "progress.json", ckpt / "best.pth", ckpt / "history.json", ckpt / HISTORY_CSV]:
             old.unlink(missing_ok=True)
+        shutil.rmtree(out / "tensorboard", ignore_errors=True)  # an earlier run's curves would be drawn over this one's
     distrib_barrier()
     carried: dict = {}  # a resumed run's best validation score, for the stage after a completed one
     for i, stage in enumerate(stages):
         if progress and i < progress["stage"]:
             continue
         begin_stage(learn, stage)
-        start, trackers, carried = 0, carried, {}
+        start, trackers, carried, smooth = 0, carried, {}, None
         if progress and i == progress["stage"]:
             learn.load((ckpt / progress["checkpoint"]).with_suffix("").resolve(), with_opt=True)  # after begin_stage: same groups
             restore_rng_state(learn, progress.get("rng"))  # the same data order and augmentation as an uninterrupted run
-            start, trackers, progress = progress["epochs_done"], progress.get("trackers", {}), None
+            start, trackers, smooth, progress = progress["epochs_done"], progress.get("trackers", {}), progress.get("smooth_loss"), None
             log.info("resuming at stage %d (%s), epoch %d of %d", i + 1, stage.name, start + 1, stage.epochs)
         if start >= stage.epochs:  # the stage was complete when the run stopped: the best score so far carries on
             carried = {k: v for k, v in trackers.items() if k == "BestModel"}
             continue
         log.info("stage %d (%s): %d epochs, lr %s, wd %s, training %s", i + 1, stage.name, stage.epochs, stage.lr, stage.wd, stage.train)
         checkpoint = EpochCheckpoint(out, i, fp, start)
-        extra = [BatchProgress(f"stage {i + 1}/{len(stages)} ({stage.name})", start, stage.epochs)]
+        extra = [BatchProgress(f"stage {i + 1}/{len(stages)} ({stage.name})", start, stage.epochs), RestoreSmoothLoss(smooth)]
+        epochs_before = sum(s.epochs for s in stages[:i]) + start
+        if num_distrib() > 1:
+            extra.append(RankStreams(recipe.get("train", {}).get("seed", 0), epochs_before))
         if logger == "tensorboard":
-            extra.append(tensorboard_callback(out / "tensorboard", sum(s.epochs for s in stages[:i]) + start))
+            extra.append(tensorboard_callback(out / "tensorboard", epochs_before))
         # constant learning rates: resuming is fitting the remaining epochs (no schedule position to restore)
-        fit_stage(learn, replace(stage, epochs=stage.epochs - start),
-                  [checkpoint, TerminateOnNaNCallback(), *extra, *(cbs(trackers) if cbs else [])])
+        try:
+            fit_stage(learn, replace(stage, epochs=stage.epochs - start),
+                      [checkpoint, StopOnNonFinite(), *extra, *(cbs(trackers) if cbs else [])])
+        finally:
+            extra[0].close()
         if checkpoint.diverged:
             raise CvfastError(f"training diverged (non-finite loss) in stage {i + 1}; the last good checkpoint is kept in {ckpt}; "
                               "lower the learning rate and re-run the same command to resume from it")
@@ -86,12 +94,15 @@ def train_schedule(learn: Learner, stages: list[Stage], out: Path, recipe: dict,
 
 def _finish(learn: Learner, out: Path, recipe: dict, extra: Callable[[], dict]) -> TrainResult:
     """Validate, export (pkl + safetensors + JSON), save the resolved recipe and the epoch history beside the model."""
+    export_ready(learn)  # scored as exported (fp32, contiguous, uncompiled): the held-out figures are what predict reproduces
     values = learn.validate()
     metrics = {"valid_loss": float(values[0]), **{m.name: float(v) for m, v in zip(learn.metrics, values[1:])}, **extra()}
-    export_model(export_ready(learn), out, recipe, metrics)
+    export_model(learn, out, recipe, metrics)
     atomic_write_bytes(out / "recipe.json", json.dumps(recipe, indent=1, default=str).encode())
     ckpt = out / "checkpoints"
-    atomic_write_bytes(ckpt / "history.json", json.dumps(read_progress_raw(ckpt).get("history", []), indent=1).encode())
+    history = read_progress_raw(ckpt).get("history", [])
+    atomic_write_bytes(ckpt / "history.json", json.dumps(history, indent=1).encode())
+    write_history_csv(ckpt, history)  # a kill between progress.json and the CSV at the last epoch is made good here
     for old in [*ckpt.glob("s*e*.pth"), ckpt / "progress.json", ckpt / "best.pth"]:  # complete: nothing to resume
         old.unlink(missing_ok=True)
     return TrainResult(learn, out, metrics)

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import shutil
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 import torch.distributed as dist
+from torch import nn
 from fastai.callback.channelslast import ChannelsLast
 from fastai.callback.fp16 import AMPMode, MixedPrecision
 from fastai.distributed import DistributedDL, DistributedTrainer
@@ -32,6 +34,7 @@ class Runtime:
     precision: str = "auto"  # auto: bf16 on a GPU that has it, else fp16 with loss scaling; fp32 off the GPU
     channels_last: bool | None = None  # None: on a CUDA GPU and on the CPU (1.6x faster training steps there: bench/memory_format.py)
     compile: bool = False  # torch.compile the model (in place: state_dict keys and exports are unchanged)
+    compile_backend: str | Callable = "inductor"  # torch.compile's backend ("eager", "aot_eager" for cheap checks on a CPU)
     workers: int | None = None  # DataLoader reader processes; None: up to 8 per process on a GPU, none on CPU
     log: str | None = None  # 'tensorboard': also log to OUT/tensorboard (the per-epoch CSV is always written)
 
@@ -40,6 +43,8 @@ class Runtime:
             raise CvfastError(f"precision {self.precision!r}: expected one of {', '.join(PRECISIONS)}")
         if self.log not in (None, "tensorboard"):
             raise CvfastError(f"--log {self.log}: expected tensorboard")
+        if self.log == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
+            raise CvfastError("--log tensorboard needs the tensorboard package: pip install tensorboard (or cvfast[log])")
         if self.workers is not None and self.workers < 0:
             raise CvfastError(f"workers {self.workers}: must be at least 0")
 
@@ -115,11 +120,35 @@ def apply_runtime(learn: Learner, runtime: Runtime) -> Learner:
     if runtime.channels_last if runtime.channels_last is not None else device.type in ("cuda", "cpu"):
         learn.add_cb(ChannelsLast())
     if runtime.compile:
-        learn.model.compile()  # nn.Module.compile: compiled in place, so checkpoints and exports keep plain parameter names
+        compile_in_place(learn.model, runtime.compile_backend)
     log.info("training on %s, %s%s%s, %d loader workers", device, amp.value if amp else "fp32",
              ", channels_last" if hasattr(learn, "channels_last") else "", ", compiled" if runtime.compile else "",
              learn.dls.train.fake_l.num_workers)
     return learn
+
+
+# Guard entries one model's training needs: each stage of a freeze schedule changes requires_grad, training and
+# evaluation trace apart, and the short last batch adds one -- about 7 for the paper's 3 stages; twice that for slack.
+COMPILE_ENTRIES_PER_MODEL = 16
+_compiled_models = 0  # dynamo's cache is per process, so the budget that grows with it is too
+
+
+def compile_in_place(model: nn.Module, backend: str | Callable = "inductor") -> nn.Module:
+    """nn.Module.compile (state_dict keys unchanged), with a recompile budget of its own, and recompiles logged.
+
+    nn.Module.compile compiles Module._call_impl, one code object shared by every module of the process, whose dynamo
+    cache holds torch's recompile_limit (8) entries in all: a 3-stage schedule nearly fills it, so a run's held-out
+    evaluation, or the second model of a process (bench/mias_cv.py's folds), fell back to eager without a word. Each
+    compiled model raises the limit by its own share; every recompile is logged with its reason.
+    """
+    global _compiled_models
+    _compiled_models += 1
+    config = torch._dynamo.config
+    config.recompile_limit = max(config.recompile_limit, COMPILE_ENTRIES_PER_MODEL * _compiled_models)
+    config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, 4 * config.recompile_limit)
+    torch._logging.set_logs(recompiles=True)
+    model.compile(backend=backend)
+    return model
 
 
 def export_ready(learn: Learner) -> Learner:
