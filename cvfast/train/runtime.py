@@ -32,7 +32,7 @@ class Runtime:
 
     device: str | None = None  # None: the best available (cuda, mps, cpu)
     precision: str = "auto"  # auto: bf16 on a GPU that has it, else fp16 with loss scaling; fp32 off the GPU
-    channels_last: bool | None = None  # None: on a CUDA GPU and on the CPU (1.6x faster training steps there: bench/memory_format.py)
+    channels_last: bool | None = None  # None: on a CUDA GPU and on the CPU (1.3-1.6x faster training steps there: bench/memory_format.py)
     compile: bool = False  # torch.compile the model (in place: state_dict keys and exports are unchanged)
     compile_backend: str | Callable = "inductor"  # torch.compile's backend ("eager", "aot_eager" for cheap checks on a CPU)
     workers: int | None = None  # DataLoader reader processes; None: up to 8 per process on a GPU, none on CPU
@@ -105,14 +105,15 @@ def batch_bytes(dls) -> int:
     """Bytes of one training batch as the loader workers hand it over (int32 pixels at the cut size, before resizing)."""
     info = dls.info
     h, w = (info.crop, info.crop) if info.crop else tuple(info.size)
-    return int(dls.train.bs) * max(h, info.size[0]) * max(w, info.size[1]) * 4
+    return int(dls.train.bs or 1) * max(h, info.size[0]) * max(w, info.size[1]) * 4
 
 
 def apply_runtime(learn: Learner, runtime: Runtime) -> Learner:
     """Move the learner to the runtime's device and add fastai's MixedPrecision / ChannelsLast callbacks; compile if asked."""
     device = runtime.torch_device
-    if hasattr(learn.dls, "info"):
-        check_shared_memory(learn.dls.train.fake_l.num_workers, batch_bytes(learn.dls))
+    workers = learn.dls.train.fake_l.num_workers
+    if workers and hasattr(learn.dls, "info"):
+        check_shared_memory(workers, batch_bytes(learn.dls))
     learn.model.to(device)
     learn.dls.to(device)
     if (amp := runtime.amp_mode) is not None:
