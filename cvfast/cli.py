@@ -53,8 +53,18 @@ def handles_errors(fn: Callable) -> Callable:
                 console.print_exception()
             text = " ".join(str(e).split())  # one line, whatever the library put in its message
             _error(f"{type(e).__name__}: {text[:300]}{'...' if len(text) > 300 else ''} (unexpected; run `cvfast --verbose ...` for the traceback)")
+        finally:
+            _leave_process_group()
 
     return wrapper
+
+
+def _leave_process_group() -> None:
+    """Under torchrun, leave the process group before the process ends (torch warns, and NCCL may hang, otherwise)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _error(message: str) -> None:

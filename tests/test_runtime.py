@@ -141,3 +141,27 @@ def test_compile_stays_compiled_through_a_schedule_and_in_a_second_model(s10, tm
             train_schedule(learn, stages, tmp_path / str(k), r, cbs=lambda trackers: [CountEpochs()])
         batches = len(learn.dls.train) + len(learn.dls.valid)
         assert len(learn.compiled_calls) == 3 and all(n >= batches for n in learn.compiled_calls), learn.compiled_calls
+
+
+@pytest.mark.parametrize("local_rank", [0, 1])
+def test_each_torchrun_rank_takes_only_its_own_gpu(monkeypatch, local_rank):
+    """Simulated torchrun on 2 GPUs: every rank lands on cuda:LOCAL_RANK, made current before anything allocates;
+    a --device naming another rank's GPU is refused instead of putting two ranks on one GPU."""
+    import cvfast.train.runtime as runtime
+
+    current = []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", str(local_rank))
+    monkeypatch.setenv("LOCAL_RANK", str(local_rank))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: current.append(torch.device(d)))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: pytest.fail("asked for the current device: a context on GPU 0"))
+    monkeypatch.setattr(runtime, "default_device", lambda *a: pytest.fail("fastai's default_device asks torch.cuda.current_device"))
+    mine = torch.device("cuda", local_rank)
+    assert Runtime().torch_device == mine and current == [mine]
+    assert Runtime(device="cuda").torch_device == mine
+    assert Runtime(device=f"cuda:{local_rank}").torch_device == mine
+    other = 1 - local_rank
+    with pytest.raises(CvfastError, match=rf"--device cuda:{other} under torchrun: rank {local_rank} trains on the GPU of its LOCAL_RANK \({local_rank}\)"):
+        _ = Runtime(device=f"cuda:{other}").torch_device
+    assert Runtime(device="cpu").torch_device == torch.device("cpu")  # gloo on CPU stays on the CPU

@@ -26,7 +26,7 @@ from cvfast.train.export import PKL, SIDECAR, WEIGHTS, build_model, export_model
 from cvfast.train.learners import learner_for, patch_learner, whole_image_learner
 from cvfast.train.optim import optimizer_from, optimizer_settings
 from cvfast.train.recipes import fingerprint
-from cvfast.train.runtime import Runtime, apply_runtime, data_parallel, export_ready, is_main_process, this_process_only
+from cvfast.train.runtime import Runtime, apply_runtime, data_parallel, export_ready, is_main_process, rank0_decision, this_process_only
 from cvfast.train.schedule import Stage, begin_stage, describe, fit_stage, random_init_schedule, stages_from
 
 log = logging.getLogger(__name__)
@@ -189,7 +189,7 @@ def patch_learner_from_recipe(recipe: dict, patches: str | Path, out: str | Path
         log.warning("%s; training from random init instead, with the paper's random-init schedule. "
                     "Use --weights PATH for a local weights file.", e)
         learn, init = patch_learner(dls, m["arch"], **kwargs), "random"
-    return apply_runtime(learn, runtime), init
+    return apply_runtime(learn, runtime), rank0_decision(init, "the patch classifier's initialisation", runtime.torch_device)
 
 
 def whole_learner_from_recipe(recipe: dict, data: str | Path, patch: str | Path, out: str | Path, runtime: Runtime | None = None) -> Learner:

@@ -50,17 +50,29 @@ class Runtime:
 
     @property
     def torch_device(self) -> torch.device:
-        """The device to train on; under torchrun/accelerate each process takes the GPU of its local rank."""
+        """The device to train on; under torchrun/accelerate each process takes the GPU of its local rank, and only it.
+
+        Under data parallel the rank's GPU is made current before anything allocates: fastai's default_device() asks
+        torch.cuda.current_device(), which would open a CUDA context on GPU 0 from every rank.
+        """
+        distributed, local = num_distrib() > 1, int(os.environ.get("LOCAL_RANK", 0))
         try:
-            device = torch.device(self.device) if self.device else default_device()
+            if self.device:
+                device = torch.device(self.device)
+            else:
+                device = torch.device("cuda", local) if distributed and torch.cuda.is_available() else default_device()
         except RuntimeError as e:
             raise CvfastError(f"device {self.device!r}: {e}") from e
         if device.type == "cuda" and not torch.cuda.is_available():
             raise CvfastError(f"device {self.device!r}: no CUDA GPU is visible to torch")
         if device.type == "mps" and not torch.backends.mps.is_available():
             raise CvfastError(f"device {self.device!r}: MPS is not available")
-        if device.type == "cuda" and num_distrib() > 1 and (self.device is None or device.index is None):
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        if device.type == "cuda" and distributed:
+            if device.index is not None and device.index != local:
+                raise CvfastError(f"--device {self.device} under torchrun: rank {rank_distrib()} trains on the GPU of its LOCAL_RANK ({local}); "
+                                  "pass --device cuda, or no --device, and each rank takes its own")
+            device = torch.device("cuda", local)
+            torch.cuda.set_device(device)
         return device
 
     @property
@@ -158,6 +170,25 @@ def export_ready(learn: Learner) -> Learner:
     learn.model.to(memory_format=torch.contiguous_format)
     learn.model._compiled_call_impl = None  # undo nn.Module.compile (a compiled function does not pickle)
     return learn
+
+
+def ensure_process_group(device: torch.device) -> None:
+    """Join torchrun's process group now (accelerate, which fastai's data parallel uses, adopts it at the first fit)."""
+    if num_distrib() > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+
+
+def rank0_decision(value, what: str, device: torch.device):
+    """Rank 0's value of a decision every rank made alone, on every rank (a hub may answer one rank and not another:
+    ranks would then run different schedules). Data parallel copies rank 0's weights to every rank at its start."""
+    if num_distrib() <= 1:
+        return value
+    ensure_process_group(device)
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    if box[0] != value:
+        log.warning("rank %d: %s was %r here but %r on rank 0; following rank 0", rank_distrib(), what, value, box[0])
+    return box[0]
 
 
 def is_main_process() -> bool:
