@@ -16,6 +16,7 @@ from cvfast.data.crop import CropSpec, apply_crop, plan_crop
 from cvfast.data.paths import check_output_name, refuse_overwrite, safe_stem
 from cvfast.data.read import WORKING_SIZE, atomic_write_bytes, read_mammogram, resize
 from cvfast.errors import CvfastError
+from cvfast.progress import progress_bar
 from cvfast.infer.predict import MALIGNANT_PATCH_CLASSES, working_image
 from cvfast.models.whole import WholeImageClassifier
 from cvfast.train.export import load_model, model_files
@@ -58,7 +59,7 @@ def _starts(length: int, window: int, stride: int) -> list[int]:
 
 @torch.no_grad()
 def sliding_window_heatmap(model: nn.Module, sidecar: dict, source: str | Path | np.ndarray, image_size: tuple[int, int] = WORKING_SIZE,
-                           stride: int | None = None, bs: int = 64, device: str | torch.device = "cpu") -> Heatmap:
+                           stride: int | None = None, bs: int = 64, device: str | torch.device = "cpu", progress: bool = True) -> Heatmap:
     """A patch classifier's class probabilities for every window of the working-size image (batched).
 
     Each pixel gets the mean probability of the windows covering it. Maps: one per class, plus 'malignant'
@@ -80,11 +81,14 @@ def sliding_window_heatmap(model: nn.Module, sidecar: dict, source: str | Path |
     corners = [(y, x0) for y in ys for x0 in xs]
     model = model.to(device).eval()
     probs = []
-    for i in range(0, len(corners), bs):
-        batch = torch.cat([x[..., y:y + p, x0:x0 + p] for y, x0 in corners[i:i + bs]])
-        if fed != p:  # the model was trained on patches resized on the fly
-            batch = F.interpolate(batch, size=(fed, fed), mode="bilinear", align_corners=False)
-        probs.append(torch.softmax(model(batch), dim=1).cpu())
+    with progress_bar(enabled=progress and len(corners) > bs) as bar:  # thousands of windows at full resolution on a CPU
+        task = bar.add_task(f"{len(corners)} windows", total=len(corners))
+        for i in range(0, len(corners), bs):
+            batch = torch.cat([x[..., y:y + p, x0:x0 + p] for y, x0 in corners[i:i + bs]])
+            if fed != p:  # the model was trained on patches resized on the fly
+                batch = F.interpolate(batch, size=(fed, fed), mode="bilinear", align_corners=False)
+            probs.append(torch.softmax(model(batch), dim=1).cpu())
+            bar.advance(task, len(batch))
     probs = torch.cat(probs).numpy()
     classes = sidecar["classes"]
     total, count = np.zeros((len(classes), h, w), np.float32), np.zeros((h, w), np.float32)
@@ -124,7 +128,7 @@ def class_activation_map(model: WholeImageClassifier, sidecar: dict, source: str
 
 
 def heatmap(model_path: str | Path, source: str | Path | np.ndarray, image_size: tuple[int, int] | None = None, stride: int | None = None,
-            bs: int = 64, device: str | torch.device = "cpu") -> Heatmap:
+            bs: int = 64, device: str | torch.device = "cpu", progress: bool = True) -> Heatmap:
     """The heatmap suited to the model: sliding windows for a patch classifier, a CAM for a whole-image model.
 
     A patch model slides over the image at the working size its patches were cut from (stored with it), unless
@@ -133,7 +137,7 @@ def heatmap(model_path: str | Path, source: str | Path | np.ndarray, image_size:
     model, sidecar = load_model(model_path)
     if sidecar["kind"] == "patch":
         size = image_size or tuple(sidecar.get("source_size") or WORKING_SIZE)
-        hm = sliding_window_heatmap(model, sidecar, source, size, stride, bs, device)
+        hm = sliding_window_heatmap(model, sidecar, source, size, stride, bs, device, progress)
     else:
         if image_size is not None and tuple(image_size) != tuple(sidecar["size"]):
             log.warning("a whole-image model sees images at its own size %s; --size ignored", sidecar["size"])

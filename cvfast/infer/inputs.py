@@ -12,6 +12,7 @@ from cvfast.data.manifest import MANIFEST_COLUMNS, MANIFEST_NAME, read_manifest
 from cvfast.data.paths import walk_files
 from cvfast.data.read import RASTER_SUFFIXES, dicom_identity
 from cvfast.errors import CvfastError
+from cvfast.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -80,15 +81,18 @@ def collect_inputs(sources: Sequence[str | Path], split: str | None = None) -> t
         else:
             rejects.append({"source": str(src), "row": "", "reason": f"{src}: no such file or folder"})
     rows = []
-    for path, image_id in loose:
-        row = {"path": str(path.resolve()), "image_id": image_id}
-        if path.suffix.lower() in DICOM_SUFFIXES:
-            try:
-                row.update(dicom_identity(path))
-            except CvfastError as e:
-                rejects.append({"source": str(path), "row": image_id, "reason": str(e)})
-                continue
-        rows.append(row)
+    with progress_bar(enabled=len(loose) > 100) as bar:  # a folder of 10,000 DICOMs: each header is a file read
+        task = bar.add_task("reading DICOM headers", total=len(loose))
+        for path, image_id in loose:
+            bar.advance(task)
+            row = {"path": str(path.resolve()), "image_id": image_id}
+            if path.suffix.lower() in DICOM_SUFFIXES:
+                try:
+                    row.update(dicom_identity(path))
+                except CvfastError as e:
+                    rejects.append({"source": str(path), "row": image_id, "reason": str(e)})
+                    continue
+            rows.append(row)
     frames.append(pd.DataFrame(rows, columns=["path", "image_id"] if not rows else None))
     df = pd.concat([f for f in frames if len(f)], ignore_index=True) if any(len(f) for f in frames) else pd.DataFrame(columns=["path", "image_id"])
     if split is not None:

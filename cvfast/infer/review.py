@@ -153,7 +153,7 @@ def _write_errors(folder: Path, rows: pd.DataFrame, members: pd.DataFrame, model
             entry = {"unit": unit, "path": path, "image": None, "overlay": None, "error": None}
             try:
                 if model is not None:
-                    hm = heatmap(model, path)
+                    hm = heatmap(model, path, progress=False)  # inside this loop's own bar (rich draws one at a time)
                     name = "malignant" if "malignant" in hm.maps else "cancer"
                     for key, alpha in (("image", 0.0), ("overlay", 0.45)):
                         buf = io.BytesIO()
