@@ -36,7 +36,8 @@ class RecordShards(Callback):
 
     def after_batch(self):
         if self.training and self.iter == 0:
-            shift = next(t for t in self.learn.dls.train.after_batch.fs if type(t).__name__ == "IntensityShift")
+            dl = getattr(self.learn.dl, "dl", self.learn.dl)  # under data parallel fastai wraps it in a DistributedDL
+            shift = next(t for t in dl.after_batch.fs if type(t).__name__ == "IntensityShift")
             shifts[step].append([round(v, 7) for v in shift.shift.tolist()])
 
 

@@ -26,7 +26,7 @@ from conftest import PATCH, run_cli
 
 
 class PoisonLoss(Callback):
-    """Make one training batch's loss NaN, as a diverging run would (the NaN also reaches the weights)."""
+    """Make one training batch's loss NaN, as a diverging run would."""
 
     def __init__(self, epoch: int):
         self.at = epoch
@@ -48,7 +48,7 @@ def test_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(s10, tmp_pat
     assert progress["epochs_done"] == 2 and progress["checkpoint"] == "s0e2.pth"  # the NaN epoch left nothing behind
     weights = torch.load(ckpt / "s0e2.pth", weights_only=False)["model"]
     assert all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point())
-    assert any(not torch.isfinite(p).all() for p in learn.model.parameters())  # the in-memory weights did diverge
+    assert all(torch.isfinite(p).all() for p in learn.model.parameters())  # stopped before the backward pass: no NaN reached them
 
     fresh, _ = patch_learner_from_recipe(recipe, s10, tmp_path)  # the same command again, without the fault
     with fresh.no_bar(), fresh.no_logging():

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from fastai.callback.core import Callback, CancelFitException
+from fastai.callback.fp16 import MixedPrecision
 from fastai.callback.tracker import EarlyStoppingCallback, SaveModelCallback, TrackerCallback
 from fastai.learner import Recorder
 from fastai.torch_core import distrib_barrier, get_model, num_distrib, rank_distrib
@@ -215,6 +216,8 @@ class StopOnNonFinite(Callback):
     already been all-reduced into every rank's weights. Here the ranks agree on the stop with one all-reduce of a
     flag per batch (a few bytes); the epoch checkpoint then keeps the last good epoch and the caller reports it.
     """
+
+    order = MixedPrecision.order + 1  # after MixedPrecision has left autocast: a stop here must not leave the process in it
 
     def before_fit(self):
         """A new fit (stage, or resumed run) starts undiverged."""

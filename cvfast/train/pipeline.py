@@ -86,8 +86,13 @@ def train_schedule(learn: Learner, stages: list[Stage], out: Path, recipe: dict,
         finally:
             extra[0].close()
         if checkpoint.diverged:
-            raise CvfastError(f"training diverged (non-finite loss) in stage {i + 1}; the last good checkpoint is kept in {ckpt}; "
-                              "lower the learning rate and re-run the same command to resume from it")
+            if read_progress_raw(ckpt).get("checkpoint"):
+                raise CvfastError(f"training diverged (non-finite loss) in stage {i + 1}; the last good checkpoint is kept in {ckpt}: "
+                                  "re-run the same command to resume from it (it restores the data order and random state, so on "
+                                  "a CPU it meets the same batch again; then lower the stage's lr in a recipe and train into "
+                                  "another --out, or pass --no-resume)")
+            raise CvfastError(f"training diverged (non-finite loss) in stage {i + 1} before any epoch finished, so there is no "
+                              "checkpoint to resume from: lower the stage's lr in a recipe and train again")
     if (ckpt / "best.pth").is_file():  # also when a run was killed after its last epoch, before export
         learn.load((ckpt / "best").resolve(), with_opt=False)
 

@@ -105,19 +105,21 @@ def check_shared_memory(workers: int, batch_bytes: int, shm: str = "/dev/shm") -
     """
     if workers <= 0 or not os.path.isdir(shm):
         return
-    need, free = workers * PREFETCH * batch_bytes, shutil.disk_usage(shm).free
+    ranks = int(os.environ.get("LOCAL_WORLD_SIZE", 1))  # every rank of this machine fills the one /dev/shm
+    need, free = ranks * workers * PREFETCH * batch_bytes, shutil.disk_usage(shm).free
     if free < 1.25 * need:  # headroom: the collation's own temporaries
-        fit = int(free / 1.25 // (PREFETCH * batch_bytes))
-        raise CvfastError(f"{shm} has {free / 2**20:.0f} MB free, but {workers} loader workers with batches of {batch_bytes / 2**20:.1f} MB need "
+        fit = int(free / 1.25 // (ranks * PREFETCH * batch_bytes))
+        who = f"{workers} loader workers" + (f" in each of {ranks} processes" if ranks > 1 else "")
+        raise CvfastError(f"{shm} has {free / 2**20:.0f} MB free, but {who} with batches of {batch_bytes / 2**20:.1f} MB need "
                           f"about {need / 2**20:.0f} MB of shared memory; give the machine more (docker run --shm-size=1g, or a larger tmpfs "
                           f"on {shm}) or pass --workers {fit}")
 
 
 def batch_bytes(dls) -> int:
-    """Bytes of one training batch as the loader workers hand it over (int32 pixels at the cut size, before resizing)."""
-    info = dls.info
-    h, w = (info.crop, info.crop) if info.crop else tuple(info.size)
-    return int(dls.train.bs or 1) * max(h, info.size[0]) * max(w, info.size[1]) * 4
+    """Bytes of one training batch as the loader workers hand it over: the files' pixels as read (resizing is a batch
+    transform, in the main process), measured on the first training item."""
+    x = dls.train.dataset[0][0]
+    return int(dls.train.bs or 1) * x.numel() * x.element_size()
 
 
 def apply_runtime(learn: Learner, runtime: Runtime) -> Learner:
@@ -143,23 +145,27 @@ def apply_runtime(learn: Learner, runtime: Runtime) -> Learner:
 # Guard entries one model's training needs: each stage of a freeze schedule changes requires_grad, training and
 # evaluation trace apart, and the short last batch adds one -- about 7 for the paper's 3 stages; twice that for slack.
 COMPILE_ENTRIES_PER_MODEL = 16
-_compiled_models = 0  # dynamo's cache is per process, so the budget that grows with it is too
+_compiled_models = 0  # in this process: from the second on, dynamo's process-wide cache is reset first
 
 
 def compile_in_place(model: nn.Module, backend: str | Callable = "inductor") -> nn.Module:
     """nn.Module.compile (state_dict keys unchanged), with a recompile budget of its own, and recompiles logged.
 
     nn.Module.compile compiles Module._call_impl, one code object shared by every module of the process, whose dynamo
-    cache holds torch's recompile_limit (8) entries in all: a 3-stage schedule nearly fills it, so a run's held-out
-    evaluation, or the second model of a process (bench/mias_cv.py's folds), fell back to eager without a word. Each
-    compiled model raises the limit by its own share; every recompile is logged with its reason.
+    cache holds torch's recompile_limit (8) entries in all: a 3-stage schedule nearly fills it, so the second model of
+    a process (bench/mias_cv.py's folds, a notebook's next run) fell back to eager without a word.
     """
     global _compiled_models
+    if _compiled_models:
+        # cvfast trains one model at a time (export_ready uncompiles the last): a fresh cache gives this one its own budget,
+        # and lifts dynamo's run-eager-from-now-on mark should an earlier model have hit the limit
+        torch._dynamo.reset()
     _compiled_models += 1
     config = torch._dynamo.config
-    config.recompile_limit = max(config.recompile_limit, COMPILE_ENTRIES_PER_MODEL * _compiled_models)
-    config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, 4 * config.recompile_limit)
-    torch._logging.set_logs(recompiles=True)
+    limit = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # the name before torch 2.7
+    setattr(config, limit, max(getattr(config, limit), COMPILE_ENTRIES_PER_MODEL))
+    if "TORCH_LOGS" not in os.environ and not torch._logging._internal.log_state.is_artifact_enabled("recompiles"):
+        torch._logging.set_logs(recompiles=True)  # each recompile and its reason on stderr (TORCH_LOGS, when set, decides)
     model.compile(backend=backend)
     return model
 
