@@ -77,10 +77,10 @@ def review(preds: str | Path, out: str | Path, model: str | Path | None = None, 
     refuse_overwrite(planned, inputs, hint="choose another --out for the review")
     check_output_name(out / PAGE)
     write_report(ev.report, ev.curves, out)
+    unit_paths = members.groupby("unit")["path"].apply(list).to_dict()
     unreadable = _write_thumbnails(out / THUMBS, thumb_names, options)
-    errors = _write_errors(out / ERRORS, error_rows, members, model, options, inputs)
-    page = _page(ev.report, op, options, cases, members.groupby("unit")["path"].apply(list).to_dict(), thumb_names, errors, settings,
-                 unreadable)
+    errors = _write_errors(out / ERRORS, error_rows, unit_paths, model, options, inputs)
+    page = _page(ev.report, op, options, cases, unit_paths, thumb_names, errors, settings, unreadable)
     atomic_write_bytes(out / PAGE, page.encode())
     log.info("review of %d %ss written to %s", len(cases), settings.by, out / PAGE)
     return out / PAGE
@@ -136,14 +136,13 @@ def _write_thumbnails(folder: Path, names: dict[str, str], options: ReviewSettin
     return failed
 
 
-def _write_errors(folder: Path, rows: pd.DataFrame, members: pd.DataFrame, model: str | Path | None, options: ReviewSettings,
+def _write_errors(folder: Path, rows: pd.DataFrame, paths: dict[str, list[str]], model: str | Path | None, options: ReviewSettings,
                   inputs: list[str]) -> list[dict]:
     """Large image + heatmap overlay PNGs of the worst errors (each image of an error unit); their file names per unit."""
     from PIL import Image
 
     folder.mkdir(parents=True, exist_ok=True)
     shown = []
-    paths = members.groupby("unit")["path"].apply(list).to_dict()
     todo = [(unit, p) for unit in rows["unit"] for p in paths.get(unit, [])]
     stems = unique_stems(f"{u}|{p}" for u, p in todo)
     with progress_bar(enabled=bool(todo)) as bar:
@@ -207,8 +206,8 @@ def _page(report: dict, op: dict, options: ReviewSettings, cases: pd.DataFrame, 
                          f'<td>{e(str(r.patient_id))}</td><td>{side}</td><td>{view}</td><td data-value="{int(r.label)}">{int(r.label)}</td>'
                          f'<td data-value="{s:.9g}">{s:.4f}</td><td class="{r.outcome}">{r.outcome}</td></tr>')
     error_html = []
+    units = cases.set_index("unit")
     for kind, title in (("FN", "Missed cancers (false negatives) with the lowest scores"), ("FP", "Flagged normals (false positives) with the highest scores")):
-        units = cases.set_index("unit")
         entries = [x for x in errors if units.at[x["unit"], "outcome"] == kind]
         error_html.append(f"<h3>{e(title)}</h3>")
         if not counts[kind]:

@@ -257,9 +257,6 @@ class RankStreams(Callback):
         random.seed(int(python_seed))
 
 
-LOGGERS = ("tensorboard",)
-
-
 def tensorboard_callback(log_dir: str | Path, epochs_before: int) -> Callback:
     """fastai's TensorBoardCallback (rank 0 only, as fastai runs it) on one step axis across stages and resumes.
 
