@@ -21,10 +21,12 @@ from cvfast.train.runtime import Runtime
 
 patches, data, work = (Path(p) for p in sys.argv[1:4])
 patch_only = "--patch-only" in sys.argv[4:]  # the re-run that checks each rank's augmentation is reproducible
+workers = 1 if "--workers" in sys.argv[4:] else 0  # ... and that persistent loader workers read what the main process reads
 rank = int(os.environ["RANK"])
 torch.set_num_threads(1)
 shards: dict[str, list] = {"patch": [], "whole": []}
 shifts: dict[str, list] = {"patch": [], "whole": []}  # each epoch's first batch: the intensity shift this rank drew per image
+readers: list = []  # each epoch's loader worker processes (with --workers)
 step = "patch"
 
 
@@ -33,6 +35,8 @@ class RecordShards(Callback):
 
     def after_train(self):
         shards[step].append(self.learn.dl.shard)
+        if workers:
+            readers.append([w.pid for w in self.learn.dl.job_loader()._iterator._workers])
 
     def after_batch(self):
         if self.training and self.iter == 0:
@@ -42,14 +46,14 @@ class RecordShards(Callback):
 
 
 defaults.callbacks = [*defaults.callbacks, RecordShards]
-rt = Runtime(device="cpu")
+rt = Runtime(device="cpu", workers=workers)
 # keep_best off: with one --out per rank (to see who writes what) only rank 0's folder gets best.pth, and loading it is a
 # collective; with the shared --out of a real launch every rank loads it (test_the_cli_under_torchrun)
 last_epoch = {"train": {"keep_best": False}}
 train_patch(resolve(load_recipe("demo-patch"), last_epoch, epochs_scale=0.25), patches, work / f"patch_rank{rank}", runtime=rt)
 dist.barrier()  # rank 0 exports after training: the whole-image step below needs its patch model
 if patch_only:
-    (work / f"rank{rank}.json").write_text(json.dumps({"shards": shards, "shifts": shifts}))
+    (work / f"rank{rank}.json").write_text(json.dumps({"shards": shards, "shifts": shifts, "readers": readers}))
     sys.exit(0)
 step = "whole"
 whole = train_whole(resolve(load_recipe("demo-whole"), last_epoch, epochs_scale=0.05), data, work / "patch_rank0", work / f"whole_rank{rank}",

@@ -49,17 +49,20 @@ def test_two_ranks_train_disjoint_shards_and_only_rank0_writes(s10, ddsm_data, t
     assert sidecar["kind"] == "whole" and "valid_loss" in sidecar["metrics"]
 
     # each rank augments its shard with its own draws (the same seed everywhere would give every GPU the same flips and
-    # shifts), and a re-run draws them again exactly
+    # shifts), and a re-run draws them again exactly -- here with a loader worker per rank, whose process serves every
+    # epoch of every stage (fastai wraps the DataLoaders anew per stage) and reads what the main process read
     for step in ("patch", "whole"):
         a, b = (rk["shifts"][step] for rk in ranks)
         assert len(a) == len(b) >= 1 and all(x != y for x, y in zip(a, b)), step
     again = tmp_path / "again"
     again.mkdir()
-    r = _torchrun(str(Path(__file__).with_name("ddp_worker.py")), str(s10), str(ddsm_data), str(again), "--patch-only")
+    r = _torchrun(str(Path(__file__).with_name("ddp_worker.py")), str(s10), str(ddsm_data), str(again), "--patch-only", "--workers")
     assert r.returncode == 0, r.stderr[-3000:]
     for i in range(2):
         rerun = json.loads((again / f"rank{i}.json").read_text())
         assert rerun["shifts"]["patch"] == ranks[i]["shifts"]["patch"] and rerun["shards"]["patch"] == ranks[i]["shards"]["patch"]
+        assert len(rerun["readers"]) == len(ranks[i]["shards"]["patch"]) >= 2
+        assert all(pids == rerun["readers"][0] for pids in rerun["readers"]) and len(rerun["readers"][0]) == 1
 
 
 def test_a_nan_on_one_rank_stops_every_rank_with_the_resume_message(s10, tmp_path):

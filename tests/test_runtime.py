@@ -47,6 +47,7 @@ def test_channels_last_compile_and_workers_train_and_export_a_plain_model(s10, t
     result = train_patch(resolve(load_recipe("demo-patch"), {}, epochs_scale=0.125), s10, tmp_path / "m", runtime=rt)
     learn = result.learn
     assert learn.dls.train.fake_l.num_workers == 1
+    assert all(dl.__dict__.get("_job_loader") is None for dl in learn.dls.loaders)  # trained: its loader workers were stopped
     assert not any(isinstance(cb, (ChannelsLast, MixedPrecision)) for cb in learn.cbs)  # the export is runtime-free
     model, _ = load_model(tmp_path / "m")  # safetensors: plain parameter names despite compile
     x = torch.rand(3, 1, 48, 48)

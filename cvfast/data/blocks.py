@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import fastai.callback.data  # noqa: F401  (patches DataBlock.weighted_dataloaders)
 import torch
 from fastai.data.block import CategoryBlock, DataBlock, TransformBlock
 from fastai.data.core import DataLoaders
@@ -18,6 +17,7 @@ from fastai.torch_core import num_distrib
 from fastai.vision.core import TensorImage, TensorImageBW
 
 from cvfast.data.crop import crop_spec_of
+from cvfast.data.loader import PersistentTfmdDL, PersistentWeightedDL
 from cvfast.data.manifest import MANIFEST_NAME, PATCH_CLASSES, REJECTS_NAME, read_manifest
 from cvfast.data.read import mean_grey, read_png
 from cvfast.data.sample import PATCH_MANIFEST, check_patch_set
@@ -159,13 +159,16 @@ def _dataloaders(df: pd.DataFrame, classes: list[str], label_col: str, bs: int, 
     if seed is not None:
         torch.manual_seed(seed)
         np.random.seed(seed)  # fastai's WeightedDL samples with numpy's global RNG
+    dsets = block.datasets(df)
+    kwargs = {"persistent_workers": True, **kwargs, "bs": bs, "num_workers": num_workers, "after_item": block.item_tfms,
+              "after_batch": block.batch_tfms}
     if balance:
-        # fastai indexes these weights with the train split's row numbers: one weight per row of df
-        counts = df.loc[~df["is_valid"], label_col].value_counts()
-        wgts = (1.0 / df[label_col].map(counts).fillna(1)).to_numpy()
-        dls = block.weighted_dataloaders(df, wgts=wgts, bs=bs, num_workers=num_workers, **kwargs)
+        # fastai's weighted_dataloaders, with the persistent-worker WeightedDL: one weight per train row, inverse class frequency
+        train = df.iloc[dsets.splits[0]]
+        wgts = (1.0 / train[label_col].map(train[label_col].value_counts())).to_numpy()
+        dls = dsets.dataloaders(dl_type=PersistentWeightedDL, dl_kwargs=({"wgts": wgts}, {}), **kwargs)
     else:
-        dls = block.dataloaders(df, bs=bs, num_workers=num_workers, **kwargs)
+        dls = dsets.dataloaders(dl_type=PersistentTfmdDL, **kwargs)
     dls.info = DataInfo(classes=list(classes), mean_grey=mean, size=tuple(resize_to or file_size), kind="patch" if classes == PATCH_CLASSES else "whole",
                         mean_source=mean_source or ("given" if given_mean else "the train split"))
     return dls

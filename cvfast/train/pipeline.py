@@ -15,6 +15,7 @@ from fastai.learner import Learner
 from fastai.torch_core import distrib_barrier, num_distrib, set_seed
 
 from cvfast.data.blocks import data_files, patch_dataloaders, patch_set_train_mean, whole_image_dataloaders
+from cvfast.data.loader import close_readers
 from cvfast.data.paths import refuse_overwrite
 from cvfast.data.read import atomic_write_bytes
 from cvfast.errors import CvfastError
@@ -247,12 +248,15 @@ def _train(learn: Learner, stages: list[Stage], out: Path, recipe: dict, extra: 
     """Train (data-parallel under torchrun / accelerate launch), then validate and export on rank 0 only."""
     # fastai's bar and printed table give way to rich bars and EpochCheckpoint's log lines: readable in terminals, logs, notebooks
     with learn.no_bar(), learn.no_logging():
-        with data_parallel(learn):
-            train_schedule(learn, stages, out, recipe, cbs=cbs, resume=resume, logger=(runtime or Runtime()).log)
-        if not is_main_process():
-            return TrainResult(learn, out, {})
-        with this_process_only():
-            return _finish(learn, out, recipe, extra)
+        try:
+            with data_parallel(learn):
+                train_schedule(learn, stages, out, recipe, cbs=cbs, resume=resume, logger=(runtime or Runtime()).log)
+            if not is_main_process():
+                return TrainResult(learn, out, {})
+            with this_process_only():
+                return _finish(learn, out, recipe, extra)
+        finally:
+            close_readers(learn.dls)  # done: the loader workers need not wait for the garbage collector
 
 
 def train_patch(recipe: dict, patches: str | Path, out: str | Path, weights: str | Path | None = None, resume: bool = True,

@@ -19,6 +19,7 @@ from fastai.distributed import DistributedDL, DistributedTrainer
 from fastai.learner import Learner
 from fastai.torch_core import default_device, distrib_barrier, num_distrib, rank_distrib
 
+from cvfast.data.loader import PREFETCH, PersistentWorkers
 from cvfast.errors import CvfastError
 
 log = logging.getLogger(__name__)
@@ -91,10 +92,7 @@ class Runtime:
         device = self.torch_device
         gpu = device.type == "cuda"
         workers = self.workers if self.workers is not None else (min(8, max(1, (os.cpu_count() or 2) // max(1, num_distrib()) - 1)) if gpu else 0)
-        return dict(num_workers=workers, pin_memory=gpu, device=device)  # fastai starts its workers anew each epoch anyway
-
-
-PREFETCH = 2  # batches each loader worker keeps ready (torch's default prefetch_factor)
+        return dict(num_workers=workers, pin_memory=gpu, device=device)
 
 
 def check_shared_memory(workers: int, batch_bytes: int, shm: str = "/dev/shm") -> None:
@@ -217,12 +215,18 @@ def this_process_only() -> Iterator[None]:
             os.environ["WORLD_SIZE"] = saved
 
 
-class BackendDistributedDL(DistributedDL):
-    """fastai's DistributedDL, but broadcasting its shuffled order on the process group's device.
+class BackendDistributedDL(PersistentWorkers, DistributedDL):
+    """fastai's DistributedDL, but broadcasting its shuffled order on the process group's device, and reading through
+    the wrapped DataLoader's persistent workers.
 
     fastai moves the order to CUDA unconditionally (NCCL's requirement), which fails under the gloo backend
-    that CPU runs use; nothing else differs.
+    that CPU runs use. fastai wraps the DataLoaders anew for every fit (each stage of a schedule): the readers belong
+    to the wrapped DataLoader, so they outlive the wrappers.
     """
+
+    def job_loader(self):
+        """The wrapped DataLoader's readers (they read with its item and batch steps, as fastai's DistributedDL does)."""
+        return self.dl.job_loader() if isinstance(self.dl, PersistentWorkers) and self.fake_l.num_workers else None
 
     def _broadcast(self, t, rank):
         device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
