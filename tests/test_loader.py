@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import os
+import pickle
 import random
 import shutil
 
 import pandas as pd
 import pytest
 import torch
+from fastai.data.core import Datasets
+from fasttransform import Transform
 
 from cvfast.data.blocks import patch_dataloaders, whole_image_dataloaders
-from cvfast.data.loader import PersistentWorkers
+from cvfast.data.loader import PersistentTfmdDL, PersistentWorkers
 from cvfast.errors import CvfastError
 
 
@@ -56,8 +59,14 @@ def test_persistent_workers_start_once_and_read_what_fastai_reads(make, ddsm_dat
         for ours, theirs in zip(run, reference):
             assert all(torch.equal(a, b) and torch.equal(c, d) for (a, c), (b, d) in zip(ours, theirs))  # pixels, labels, augmentation
     assert not torch.equal(reference[0][0][0], reference[1][0][0])  # epochs differ: no replay of the first epoch's order
-    valid = [(x.clone(), y.clone()) for x, y in dls.valid]
-    assert torch.equal(torch.cat([y for _, y in valid]), torch.cat([y for _, y in dls.valid]))  # the valid loader's own readers
+    reference_valid = list(_dls(make, path, 0, False).valid)
+    for _ in range(2):  # the valid loader's own persistent readers, twice
+        valid = list(dls.valid)
+        assert len(valid) == len(reference_valid) and _readers(dls.valid) != readers[0]
+        assert all(torch.equal(a, b) and torch.equal(c, d) for (a, c), (b, d) in zip(valid, reference_valid))
+    assert dls.test_dl(pd.read_csv(path / ("manifest.csv" if make is whole_image_dataloaders else "patches.csv"))
+                       .assign(path=lambda d: [str(path / p) for p in d["path"]])).job_loader() is None  # one pass: not kept
+    assert pickle.loads(pickle.dumps(dls.train)).__dict__.get("_job_loader") is None  # pickles without its processes
 
 
 def test_an_epoch_cut_short_leaves_nothing_for_the_next(ddsm_data):
@@ -84,3 +93,29 @@ def test_a_reader_error_names_the_file_and_close_stops_the_readers(ddsm_data, tm
     for pid in pids:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
+
+
+class Jitter(Transform):
+    """A random item transform: it runs in the loader workers."""
+
+    def encodes(self, x: torch.Tensor) -> torch.Tensor:
+        return x + torch.rand(())
+
+
+def _as_tensor(i: int) -> torch.Tensor:
+    return torch.tensor(float(i))
+
+
+def _jittered(workers: int) -> list[torch.Tensor]:
+    random.seed(5)
+    dl = PersistentTfmdDL(Datasets(list(range(24)), [[_as_tensor]]), bs=4, shuffle=True, drop_last=True, num_workers=workers,
+                          persistent_workers=True, after_item=Jitter())
+    torch.manual_seed(1)
+    return [torch.cat([b[0] for b in dl]) for _ in range(2)]
+
+
+def test_random_item_transforms_do_not_depend_on_the_worker_count():
+    """Each batch is seeded from the epoch's draw and its position, not by the worker that happens to read it."""
+    one, two = _jittered(1), _jittered(2)
+    assert all(torch.equal(a, b) for a, b in zip(one, two))
+    assert not torch.equal(one[0].sort().values, one[1].sort().values)  # each epoch draws anew

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+
 import torch
 from fastai.callback.data import WeightedDL
 from fastai.data.core import TfmdDL
@@ -20,6 +22,9 @@ def _as_is(batch):
 
 def _start_reader(worker_id: int) -> None:
     """Worker start-up, as fastai's own: one thread per reader, the worker's id on its copy of the DataLoader."""
+    # the fork copied the parent's uncollected objects, other loaders' iterators among them: a collection here would run
+    # their __del__ in this child ("can only test a child process")
+    gc.freeze()
     torch.set_num_threads(1)
     info = get_worker_info()
     dl = info.dataset.dl
@@ -63,20 +68,22 @@ class PersistentWorkers:
     its workers restart each epoch and torch's persistent_workers would replay the first epoch's order. Here the main
     process makes the epoch's order exactly as fastai does (randomize, get_idxs, fastai's chunking) and sends the batches'
     indices to long-lived workers through torch's index queue (a map-style job dataset). Batch transforms still run in
-    the main process, on the device. Differences: an item that raises SkipItemException shortens its batch, where
-    fastai would fill the batch from the next items; and, as with torch's persistent workers, one pass at a time (a
-    second iterator restarts the first's epoch).
-    """
+    the main process, on the device.
 
-    def new(self, dataset=None, cls=None, **kwargs):
-        """fastai's new(), keeping persistent_workers (fastai's drops it)."""
-        return super().new(dataset, cls, **{"persistent_workers": self.fake_l.persistent_workers, **kwargs})
+    - The workers hold a copy of the DataLoader made when they start (its first epoch): a later change to its item or
+      batch steps, dataset or wif is not seen by them -- close() first, and the next epoch starts readers anew.
+    - Loaders derived with new() (test_dl, get_preds) read one pass, so they do not persist unless asked to.
+    - Unbatched (bs=None) and non-indexed loaders read the fastai way.
+    - An item that raises SkipItemException shortens its batch, where fastai would fill it from the next items.
+    - As with torch's persistent workers, one pass at a time: a second iterator restarts the first's epoch.
+    """
 
     def job_loader(self) -> TorchDataLoader | None:
         """The torch DataLoader of this DataLoader's persistent readers (started on first use); None when it reads in
-        this process (no workers, persistent_workers off, or inside fastai's no_multiproc())."""
+        this process or through fastai's restarting workers (no workers, persistent_workers off, bs=None, an iterable
+        dataset, or inside fastai's no_multiproc())."""
         fake = self.fake_l
-        if not fake.num_workers or not fake.persistent_workers:
+        if not fake.num_workers or not fake.persistent_workers or self.bs is None or not self.indexed:
             return None
         loader = self.__dict__.get("_job_loader")  # not getattr: fastai delegates unknown attributes to the dataset
         if loader is None:
@@ -94,9 +101,10 @@ class PersistentWorkers:
             return
         self.randomize()
         self.before_iter()
-        # one draw from torch's global generator per epoch, as fastai's per-epoch torch iterator takes for its worker seeds
+        batches = list(chunked(self.get_idxs(), self.bs, self.drop_last))
+        # then one draw from torch's global generator, as fastai's per-epoch torch iterator takes for its worker seeds
         seed = int(torch.empty((), dtype=torch.int64).random_().item())
-        loader.sampler.jobs = [(seed + j, list(idxs)) for j, idxs in enumerate(chunked(self.get_idxs(), self.bs, self.drop_last))]
+        loader.sampler.jobs = [(seed + j, idxs) for j, idxs in enumerate(batches)]
         for b in loader:
             if self.pin_memory and type(b) is list:  # pin_memory turns tuples into lists (as in fastai's own loop)
                 b = tuple(b)

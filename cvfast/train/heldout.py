@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 
 def predict_frame(learn: Learner, df: pd.DataFrame) -> np.ndarray:
     """Class probabilities for the rows of a frame with a 'path' column, through the learner's own pipeline."""
-    dl = learn.dls.test_dl(df.reset_index(drop=True), persistent_workers=False)  # one pass: nothing to keep the readers for
+    dl = learn.dls.test_dl(df.reset_index(drop=True))
     bar = BatchProgress("held-out predictions")
     try:
         with learn.no_bar():  # fastai's bar prints into logs and terminals outside notebooks

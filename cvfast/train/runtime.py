@@ -228,6 +228,11 @@ class BackendDistributedDL(PersistentWorkers, DistributedDL):
         """The wrapped DataLoader's readers (they read with its item and batch steps, as fastai's DistributedDL does)."""
         return self.dl.job_loader() if isinstance(self.dl, PersistentWorkers) and self.fake_l.num_workers else None
 
+    def close(self) -> None:
+        """Stop the wrapped DataLoader's readers (a fit that raised leaves the wrappers in place of the DataLoaders)."""
+        if isinstance(self.dl, PersistentWorkers):
+            self.dl.close()
+
     def _broadcast(self, t, rank):
         device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
         t = torch.tensor(t, dtype=torch.long, device=device)
