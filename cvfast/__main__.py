@@ -1,5 +1,5 @@
 """`python -m cvfast`: the command line (also what torchrun / accelerate launch run with -m cvfast)."""
 
-from cvfast.cli import app
+from cvfast.cli import run
 
-app()
+run()

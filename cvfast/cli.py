@@ -86,10 +86,13 @@ def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug lo
     """Set up logging for every command."""
     import os
 
+    from cvfast.allocator import current
+
     VERBOSE["on"] = verbose
     # data parallel (torchrun / accelerate launch): rank 0 tells the story, the others only warn
     level = logging.DEBUG if verbose else logging.WARNING if quiet or int(os.environ.get("RANK", 0)) else logging.INFO
     logging.basicConfig(level=level, format="%(message)s", handlers=[RichHandler(console=console, show_path=False)], force=True)
+    logging.getLogger(__name__).debug("memory allocator: %s (CVFAST_ALLOCATOR=system for the system's)", current())
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -162,10 +165,12 @@ def _shard(text: str | None) -> tuple[int, int] | None:
 
 CROP = Annotated[str, typer.Option(help="breast: crop each image to the breast's bounding box before resizing; none: keep it whole.")]
 FLIP = Annotated[Optional[str], typer.Option(help="left|right: flip every breast to this side of the image.")]
+BLANK = Annotated[bool, typer.Option("--blank/--no-blank", help="Set everything outside the breast (film labels, markers, edge strips) to "
+                                     "the background value before resizing.")]
 
 
 def _opts(out: Path, size: str, workers: int | None, seed: int, valid_frac: float, test_frac: float, shard: str | None = None,
-          crop: str = "none", flip_to: str | None = None):
+          crop: str = "none", flip_to: str | None = None, blank: bool = False):
     from cvfast.data.crop import CropSpec
     from cvfast.data.ingest.common import PrepareOptions
 
@@ -177,32 +182,32 @@ def _opts(out: Path, size: str, workers: int | None, seed: int, valid_frac: floa
     if crop not in ("none", "breast"):
         raise CvfastError(f"--crop {crop!r}: expected breast or none")
     return PrepareOptions(out=out, size=_size(size), workers=workers, seed=seed, valid_frac=valid_frac, test_frac=test_frac, shard=_shard(shard),
-                          crop=CropSpec(breast=crop == "breast", flip_to=flip_to))
+                          crop=CropSpec(breast=crop == "breast", flip_to=flip_to, blank=blank))
 
 
 @prepare_app.command("ddsm")
 @handles_errors
 def prepare_ddsm_cmd(source: Annotated[Path, typer.Argument(help="Folder with CBIS-DDSM/ and the case-description CSVs.")],
                      out: OUT, size: SIZE = "1152x896", workers: WORKERS = None, seed: SEED = 0, valid_frac: VALID = 0.15, shard: SHARD = None,
-                     crop: CROP = "none", flip_to: FLIP = None) -> None:
+                     crop: CROP = "none", flip_to: FLIP = None, blank: BLANK = False) -> None:
     """CBIS-DDSM: four CSVs + DICOM tree; official train/test kept, patient-level validation split."""
     from cvfast.data.ingest import prepare_ddsm
 
-    _print_summary(prepare_ddsm(source, _opts(out, size, workers, seed, valid_frac, 0.0, shard, crop, flip_to)), f"CBIS-DDSM -> {out}")
+    _print_summary(prepare_ddsm(source, _opts(out, size, workers, seed, valid_frac, 0.0, shard, crop, flip_to, blank)), f"CBIS-DDSM -> {out}")
 
 
 @prepare_app.command("inbreast")
 @handles_errors
 def prepare_inbreast_cmd(source: Annotated[Path, typer.Argument(help="Folder with AllDICOMs/ and INbreast.csv|xls.")],
                          out: OUT, size: SIZE = "1152x896", workers: WORKERS = None, seed: SEED = 0, valid_frac: VALID = 0.15, shard: SHARD = None,
-                         crop: CROP = "none", flip_to: FLIP = None,
+                         crop: CROP = "none", flip_to: FLIP = None, blank: BLANK = False,
                          test_frac: TEST = 0.2,
                          positive: Annotated[str, typer.Option(help="BI-RADS values labelled cancer.")] = "4a,4b,4c,5,6",
                          negative: Annotated[str, typer.Option(help="BI-RADS values labelled no cancer (3 is excluded by default).")] = "1,2") -> None:
     """INbreast: image-level labels from BI-RADS; patient-level splits."""
     from cvfast.data.ingest import prepare_inbreast
 
-    df = prepare_inbreast(source, _opts(out, size, workers, seed, valid_frac, test_frac, shard, crop, flip_to),
+    df = prepare_inbreast(source, _opts(out, size, workers, seed, valid_frac, test_frac, shard, crop, flip_to, blank),
                           positive=tuple(v for v in positive.split(",") if v.strip()), negative=tuple(v for v in negative.split(",") if v.strip()))
     _print_summary(df, f"INbreast -> {out}")
 
@@ -211,24 +216,24 @@ def prepare_inbreast_cmd(source: Annotated[Path, typer.Argument(help="Folder wit
 @handles_errors
 def prepare_mias_cmd(source: Annotated[Path, typer.Argument(help="Folder with Info.txt and mdb*.pgm|png.")],
                      out: OUT, size: SIZE = "1152x896", workers: WORKERS = None, seed: SEED = 0, valid_frac: VALID = 0.15, shard: SHARD = None,
-                     crop: CROP = "none", flip_to: FLIP = None,
+                     crop: CROP = "breast", flip_to: FLIP = None, blank: BLANK = True,
                      test_frac: TEST = 0.2) -> None:
-    """mini-MIAS: circular ROIs become masks; a patient is the left/right pair."""
+    """mini-MIAS: circular ROIs become masks; a patient is the left/right pair; cropped to the breast and blanked outside it by default."""
     from cvfast.data.ingest import prepare_mias
 
-    _print_summary(prepare_mias(source, _opts(out, size, workers, seed, valid_frac, test_frac, shard, crop, flip_to)), f"mini-MIAS -> {out}")
+    _print_summary(prepare_mias(source, _opts(out, size, workers, seed, valid_frac, test_frac, shard, crop, flip_to, blank)), f"mini-MIAS -> {out}")
 
 
 @prepare_app.command("csv")
 @handles_errors
 def prepare_csv_cmd(source: Annotated[Path, typer.Argument(help="CSV with path,label[,patient_id,side,view,split].")],
                     out: OUT, size: SIZE = "1152x896", workers: WORKERS = None, seed: SEED = 0, valid_frac: VALID = 0.15, shard: SHARD = None,
-                    crop: CROP = "none", flip_to: FLIP = None,
+                    crop: CROP = "none", flip_to: FLIP = None, blank: BLANK = False,
                     test_frac: TEST = 0.2) -> None:
     """Your own images with image-level labels only (the transfer route)."""
     from cvfast.data.ingest import prepare_csv
 
-    _print_summary(prepare_csv(source, _opts(out, size, workers, seed, valid_frac, test_frac, shard, crop, flip_to)), f"{source.name} -> {out}")
+    _print_summary(prepare_csv(source, _opts(out, size, workers, seed, valid_frac, test_frac, shard, crop, flip_to, blank)), f"{source.name} -> {out}")
 
 
 @prepare_app.command("merge")
@@ -244,26 +249,26 @@ def prepare_merge_cmd(out: Annotated[Path, typer.Argument(help="The DATA folder 
 @handles_errors
 def prepare_rsna_cmd(source: Annotated[Path, typer.Argument(help="Folder with train.csv and train_images/.")],
                      out: OUT, size: SIZE = "1152x896", workers: WORKERS = None, seed: SEED = 0, valid_frac: VALID = 0.15, shard: SHARD = None,
-                     crop: CROP = "none", flip_to: FLIP = None,
+                     crop: CROP = "none", flip_to: FLIP = None, blank: BLANK = False,
                      test_frac: TEST = 0.2,
                      test_site: Annotated[Optional[str], typer.Option(help="Hold out every image of this site_id as the test set.")] = None) -> None:
     """RSNA Screening Mammography: label = cancer; patient-level splits stratified by cancer, or a held-out site."""
     from cvfast.data.ingest import prepare_rsna
 
-    _print_summary(prepare_rsna(source, _opts(out, size, workers, seed, valid_frac, test_frac, shard, crop, flip_to), test_site=test_site), f"RSNA -> {out}")
+    _print_summary(prepare_rsna(source, _opts(out, size, workers, seed, valid_frac, test_frac, shard, crop, flip_to, blank), test_site=test_site), f"RSNA -> {out}")
 
 
 @prepare_app.command("vindr")
 @handles_errors
 def prepare_vindr_cmd(source: Annotated[Path, typer.Argument(help="Folder with the two annotation CSVs and images/.")],
                       out: OUT, size: SIZE = "1152x896", workers: WORKERS = None, seed: SEED = 0, valid_frac: VALID = 0.15, shard: SHARD = None,
-                      crop: CROP = "none", flip_to: FLIP = None,
+                      crop: CROP = "none", flip_to: FLIP = None, blank: BLANK = False,
                       positive: Annotated[str, typer.Option(help="Breast BI-RADS values labelled cancer (VinDr has no biopsy truth).")] = "4,5",
                       negative: Annotated[str, typer.Option(help="Breast BI-RADS values labelled no cancer (3 is excluded by default).")] = "1,2") -> None:
     """VinDr-Mammo: label from breast BI-RADS, finding boxes as ROI masks, the official training/test split."""
     from cvfast.data.ingest import prepare_vindr
 
-    df = prepare_vindr(source, _opts(out, size, workers, seed, valid_frac, 0.0, shard, crop, flip_to),
+    df = prepare_vindr(source, _opts(out, size, workers, seed, valid_frac, 0.0, shard, crop, flip_to, blank),
                        positive=tuple(v for v in positive.split(",") if v.strip()), negative=tuple(v for v in negative.split(",") if v.strip()))
     _print_summary(df, f"VinDr-Mammo -> {out}")
 
@@ -272,12 +277,12 @@ def prepare_vindr_cmd(source: Annotated[Path, typer.Argument(help="Folder with t
 @handles_errors
 def prepare_cmmd_cmd(source: Annotated[Path, typer.Argument(help="Folder with CMMD/ and CMMD_clinicaldata_revision.xlsx.")],
                      out: OUT, size: SIZE = "1152x896", workers: WORKERS = None, seed: SEED = 0, valid_frac: VALID = 0.15, shard: SHARD = None,
-                     crop: CROP = "none", flip_to: FLIP = None,
+                     crop: CROP = "none", flip_to: FLIP = None, blank: BLANK = False,
                      test_frac: TEST = 0.2) -> None:
     """CMMD: label per breast (Malignant vs Benign); side and view from the DICOM headers; patient-level splits."""
     from cvfast.data.ingest import prepare_cmmd
 
-    _print_summary(prepare_cmmd(source, _opts(out, size, workers, seed, valid_frac, test_frac, shard, crop, flip_to)), f"CMMD -> {out}")
+    _print_summary(prepare_cmmd(source, _opts(out, size, workers, seed, valid_frac, test_frac, shard, crop, flip_to, blank)), f"CMMD -> {out}")
 
 
 class PatchSet(str, Enum):
@@ -652,6 +657,59 @@ def review(preds: Annotated[Path, typer.Argument(help="Predictions CSV from `cvf
     console.print(f"review written to {page} (open it in a browser)")
 
 
+class CrossvalStages(str, Enum):
+    """What each fold trains."""
+
+    patch = "patch"
+    chain = "chain"
+    finetune = "finetune"
+
+
+@app.command()
+@handles_errors
+def crossval(data: Annotated[Path, typer.Argument(help="A prepared DATA folder (any dataset: mias, ddsm, inbreast, csv, rsna, vindr, cmmd).")],
+             out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the folds' models, results, report.md/json, predictions.csv, review/.")],
+             folds: Annotated[int, typer.Option(help="Number of patient-level folds.")] = 5,
+             seed: Annotated[int, typer.Option(help="Seed of the folds, their validation splits and the patch sampling (training seeds are the recipes').")] = 0,
+             valid_frac: Annotated[float, typer.Option(help="Fraction of each fold's training patients used for epoch selection.")] = 0.2,
+             stages: Annotated[CrossvalStages, typer.Option(help="patch: the patch classifier, scored by its max over breast windows; "
+                                                            "chain: + the whole-image model (the paper); finetune: a --model fine-tuned "
+                                                            "with image labels only.")] = CrossvalStages.chain,
+             patch_recipe: Annotated[str, typer.Option(help="Patch classifier recipe.")] = "mias-cpu-patch",
+             whole_recipe: Annotated[str, typer.Option(help="Whole-image recipe.")] = "mias-cpu-whole",
+             finetune_recipe: Annotated[str, typer.Option(help="Fine-tuning recipe (--stages finetune).")] = "finetune-inbreast",
+             model: Annotated[Optional[Path], typer.Option(help="--stages finetune: the whole-image model to start from.")] = None,
+             patch_size: Annotated[int, typer.Option(help="Patch (and window) side in working-size pixels.")] = 48,
+             patch_set: Annotated[str, typer.Option(help="s10 or s1.")] = "s10",
+             stride: Annotated[Optional[int], typer.Option(help="Window stride for the max over breast windows (default patch/4).")] = None,
+             weights: Annotated[Optional[Path], typer.Option(help="Local pretrained weights for the patch recipe's arch.")] = None,
+             probe: Annotated[bool, typer.Option("--probe/--no-probe", help="The frozen-ImageNet linear probe on the same folds.")] = True,
+             only: Annotated[Optional[list[int]], typer.Option(help="Run only this fold now (repeatable); the report waits for all.")] = None,
+             review_page: Annotated[bool, typer.Option("--review/--no-review", help="Also write the review page of the pooled predictions.")] = True,
+             epochs_scale: EPOCHS_SCALE = None,
+             device: DEVICE = None, precision: PRECISION = "auto", channels_last: CHANNELS_LAST = None, compile: COMPILE = False,
+             workers: LOADER_WORKERS = None) -> None:
+    """k-fold patient-level cross-validation: per-fold and pooled AUCs with patient-bootstrap CIs, baselines and diagnostics."""
+    from cvfast.crossval.report import SCORES
+    from cvfast.crossval.run import CrossvalSpec, crossval as run_crossval
+
+    spec = CrossvalSpec(folds=folds, seed=seed, valid_frac=valid_frac, stages=stages.value, patch_recipe=patch_recipe,
+                        whole_recipe=whole_recipe, finetune_recipe=finetune_recipe, model=str(model) if model else None,
+                        patch_set=patch_set, patch_size=patch_size, epochs_scale=1.0 if epochs_scale is None else epochs_scale,
+                        weights=str(weights) if weights else None, probe=probe, stride=stride, only=only, review=review_page)
+    report = run_crossval(data, out, spec, _runtime(device, precision, channels_last, compile, workers))
+    if report is None:
+        console.print(f"folds still to run; re-run the same command to continue (results in {out / 'results'})")
+        return
+    table = Table(title=f"{folds}-fold cross-validation: pooled out-of-fold AUC [95% CI]")
+    for col in ("score", "image", "breast", "patient"):
+        table.add_column(col)
+    for c, d in report["malignant_vs_rest"].items():
+        table.add_row(SCORES[c], *(f"{d[b]['auc']:.3f} [{d[b]['ci95'][0]:.3f}, {d[b]['ci95'][1]:.3f}]" for b in ("image", "breast", "patient")))
+    Console().print(table)
+    console.print(f"report written to {out / 'report.md'} and {out / 'report.json'}" + (f"; review page {out / 'review' / 'index.html'}" if review_page else ""))
+
+
 @app.command()
 @handles_errors
 def heatmap(model: Annotated[Path, typer.Argument(help="Patch model (sliding windows) or whole-image model (class activation map).")],
@@ -710,5 +768,17 @@ def demo(out: Annotated[Path, typer.Option(help="Folder for everything the demo 
     Console().print((out / "report.md").read_text())
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """The `cvfast` program: re-executed once under the measured-fastest memory allocator when installed, then the app.
+
+    (Only as a program: `app` called in-process -- typer's CliRunner, a notebook -- never replaces its process.)"""
+    import sys
+
+    from cvfast.allocator import reexec_with_allocator
+
+    reexec_with_allocator(sys.argv[1:])
     app()
+
+
+if __name__ == "__main__":
+    run()

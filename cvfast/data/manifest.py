@@ -31,6 +31,7 @@ MANIFEST_COLUMNS = ["image_id", "patient_id", "dataset", "side", "view", "path",
 REJECT_COLUMNS = ["source", "row", "reason"]
 # The 5 patch classes of Shen et al., in the order every patch model stores and outputs them.
 PATCH_CLASSES = ["background", "calc_benign", "calc_malignant", "mass_benign", "mass_malignant"]
+MALIGNANT_PATCH_CLASSES = ("calc_malignant", "mass_malignant")  # summed: a patch's malignant probability
 SPLITS = ("train", "valid", "test")
 
 

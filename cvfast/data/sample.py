@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 
 from cvfast.data.convert import default_workers, parallel_map
-from cvfast.data.crop import segment_breast
+from cvfast.data.crop import MASK_VERSION, segment_breast
 from cvfast.data.manifest import MANIFEST_NAME, PATCH_CLASSES, REJECTS_NAME, manifest_digest, read_manifest, rejects_frame, write_csv
 from cvfast.data.paths import inside, read_json, refuse_overwrite, unique_stems
 from cvfast.data.read import TEMP_GLOB, atomic_write_bytes, mean_grey, read_png, write_png
@@ -194,7 +194,7 @@ def _cut_name(spec: PatchSetSpec, manifest_sha256: str) -> str:
     A re-cut with other settings writes into a new sub-folder, so until the new patches.csv and patchset.json are in
     place the old set stays whole; equal settings and data give equal files, so rewriting in place is safe.
     """
-    return "cut-" + hashlib.sha256(json.dumps([asdict(spec), manifest_sha256], sort_keys=True).encode()).hexdigest()[:10]
+    return "cut-" + hashlib.sha256(json.dumps([asdict(spec), manifest_sha256, MASK_VERSION], sort_keys=True).encode()).hexdigest()[:10]
 
 
 def make_patches(data: str | Path, spec: PatchSetSpec, out: str | Path | None = None, workers: int | None = None) -> pd.DataFrame:

@@ -12,12 +12,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cvfast.data.crop import CropSpec, apply_crop, plan_crop
+from cvfast.data.crop import CropSpec, cut_breast
 from cvfast.data.paths import check_output_name, refuse_overwrite, safe_stem
 from cvfast.data.read import WORKING_SIZE, atomic_write_bytes, read_mammogram, resize
 from cvfast.errors import CvfastError
 from cvfast.progress import progress_bar
-from cvfast.infer.predict import MALIGNANT_PATCH_CLASSES, working_image
+from cvfast.data.manifest import MALIGNANT_PATCH_CLASSES
+from cvfast.infer.predict import working_image
 from cvfast.models.whole import WholeImageClassifier
 from cvfast.train.export import load_model, model_files
 
@@ -45,7 +46,7 @@ def _image(source: str | Path | np.ndarray, size: tuple[int, int], breast_crop: 
     if pixels.dtype != np.uint16:
         raise CvfastError(f"heatmap input array must be uint16 (got {pixels.dtype}); read files with cvfast.data.read.read_mammogram")
     if breast_crop:
-        pixels = apply_crop(pixels, plan_crop(pixels, CropSpec(**breast_crop)))
+        pixels = cut_breast(pixels, CropSpec(**breast_crop))[0]
     return working_image(pixels, size), tuple(pixels.shape)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -20,9 +20,9 @@ from fastai.losses import CrossEntropyLossFlat
 from fastai.torch_core import default_device
 from torch import nn
 
-from cvfast.data.manifest import REJECT_COLUMNS
+from cvfast.data.manifest import MALIGNANT_PATCH_CLASSES, REJECT_COLUMNS
 from cvfast.data.paths import check_output_name, refuse_overwrite
-from cvfast.data.crop import Crop, CropSpec, apply_crop, plan_crop
+from cvfast.data.crop import Crop, CropSpec, cut_breast
 from cvfast.data.read import atomic_write_bytes, read_mammogram, resize
 from cvfast.errors import CvfastError
 from cvfast.infer.inputs import collect_inputs
@@ -33,7 +33,6 @@ log = logging.getLogger(__name__)
 
 # the 4 flips of test-time augmentation, as tensor dims to flip (none, horizontal, vertical, both)
 TTA_FLIPS: tuple[tuple[int, ...], ...] = ((), (-1,), (-2,), (-2, -1))
-MALIGNANT_PATCH_CLASSES = ("calc_malignant", "mass_malignant")
 
 
 def working_image(pixels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -59,7 +58,7 @@ class MammogramFiles(torch.utils.data.Dataset):
         try:
             pixels = read_mammogram(self.paths[i]).pixels
             if self.crop is not None and not self.cropped[i]:
-                pixels = apply_crop(pixels, plan_crop(pixels, self.crop))
+                pixels = cut_breast(pixels, self.crop)[0]
             image = working_image(pixels, self.size)
         except Exception:  # CvfastError, or a decoder's own (PIL's DecompressionBombError, ...): reported afterwards
             return torch.zeros(1, *self.size), torch.tensor(1)
@@ -135,7 +134,8 @@ def predict_probabilities(members: Sequence[tuple[nn.Module, dict]], paths: Sequ
     prepared_crops = list(prepared_crops) or [None] * len(paths)
     for (size, crop), group in by_input.items():
         wanted = json.loads(crop)
-        clash = next((i for i, c in enumerate(prepared_crops) if c is not None and c != wanted), None)
+        same = lambda c: asdict(CropSpec(**c)) == asdict(CropSpec(**wanted))  # noqa: E731  (specs written before `blank` existed)
+        clash = next((i for i, c in enumerate(prepared_crops) if c is not None and not same(c)), None)
         if clash is not None:
             raise CvfastError(f"{paths[clash]}: prepared with crop {prepared_crops[clash]}, but a model here was trained on images with crop "
                               f"{wanted}; predict on the source images (they are cropped as the model needs) or prepare them again")

@@ -55,7 +55,7 @@ class BestModel(SaveModelCallback):
     once, after the last stage (train_schedule), not at the end of every stage."""
 
     def __init__(self, best: float | None = None, monitor: str = "roc_auc_score"):
-        super().__init__(monitor=monitor, comp=np.greater, fname="best", reset_on_fit=best is None)
+        super().__init__(monitor=monitor, comp=np.less if monitor.endswith("loss") else np.greater, fname="best", reset_on_fit=best is None)
         if best is not None:
             self.best = best
 
@@ -76,8 +76,9 @@ class BestModel(SaveModelCallback):
 class EarlyStop(EarlyStoppingCallback):
     """Early stopping on validation ROC AUC, with its patience counter carried across a resume."""
 
-    def __init__(self, patience: int, best: float | None = None, wait: int = 0):
-        super().__init__(monitor="roc_auc_score", comp=np.greater, patience=patience, reset_on_fit=best is None)
+    def __init__(self, patience: int, best: float | None = None, wait: int = 0, monitor: str = "roc_auc_score"):
+        super().__init__(monitor=monitor, comp=np.less if monitor.endswith("loss") else np.greater, patience=patience,
+                         reset_on_fit=best is None)
         self.wait = wait
         if best is not None:
             self.best = best

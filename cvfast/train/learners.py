@@ -4,13 +4,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from fastai.data.core import DataLoaders
 from fastai.learner import Learner
 from fastai.losses import CrossEntropyLossFlat
-from fastai.metrics import BalancedAccuracy, RocAucBinary, accuracy
+from fastai.metrics import AccumMetric, ActivationType, BalancedAccuracy, RocAucBinary, accuracy
+from sklearn.metrics import roc_auc_score
 
+from cvfast.data.manifest import MALIGNANT_PATCH_CLASSES
 from cvfast.errors import CvfastError
 from cvfast.models.body import create_body
 from cvfast.models.patch import PatchClassifier
@@ -26,7 +29,7 @@ def patch_learner(dls: DataLoaders, arch: str = "resnet50", weights: str | Path 
     model = PatchClassifier(body, len(dls.vocab), head, dropout)
     model.spec = {"kind": "patch", "arch": arch, "head": head, "dropout": dropout, "n_classes": len(dls.vocab),
                   "input_std": body.input_std}  # the pretrained weights' std, folded into the first convolution
-    return _learner(dls, model, patch_splitter, [accuracy, BalancedAccuracy()], path, opt_func)
+    return _learner(dls, model, patch_splitter, patch_metrics(dls.vocab), path, opt_func)
 
 
 def whole_image_learner(dls: DataLoaders, patch_model: PatchClassifier, top: str = "resnet", heatmap: bool = False,
@@ -45,8 +48,29 @@ def whole_image_learner(dls: DataLoaders, patch_model: PatchClassifier, top: str
 
 def learner_for(dls: DataLoaders, model, path: str | Path = ".", opt_func=paper_adam) -> Learner:
     """A Learner around an existing model (e.g. a whole-image model to fine-tune on another dataset)."""
-    splitter, metrics = (patch_splitter, [accuracy, BalancedAccuracy()]) if model.spec["kind"] == "patch" else (whole_splitter, [RocAucBinary(), accuracy])
+    splitter, metrics = ((patch_splitter, patch_metrics(dls.vocab)) if model.spec["kind"] == "patch"
+                         else (whole_splitter, [RocAucBinary(), accuracy]))
     return _learner(dls, model, splitter, metrics, path, opt_func)
+
+
+def malignant_auc(vocab) -> AccumMetric:
+    """Validation ROC AUC of malignant (calc or mass) vs every other patch class, scored by the summed malignant probability.
+
+    What the whole-image step needs from a patch model; plain accuracy rewards the background class, ~75% of a validation
+    split cut from screening images while training batches are class-balanced. NaN when one side is absent.
+    """
+    idx = [i for i, c in enumerate(vocab) if c in MALIGNANT_PATCH_CLASSES]
+
+    def score(probs: torch.Tensor, targs: torch.Tensor) -> float:
+        y = np.isin(targs.cpu().numpy(), idx)
+        return float(roc_auc_score(y, probs[:, idx].sum(1).cpu().numpy())) if 0 < y.sum() < len(y) else float("nan")
+
+    return AccumMetric(score, dim_argmax=-1, activation=ActivationType.Softmax, flatten=False, name="malignant_auc")
+
+
+def patch_metrics(vocab) -> list:
+    """A patch learner's validation metrics: accuracy, balanced accuracy, malignant-vs-rest AUC."""
+    return [accuracy, BalancedAccuracy(), malignant_auc(vocab)]
 
 
 def heatmap_window(patch_model: PatchClassifier, image_size: tuple[int, int]) -> int:

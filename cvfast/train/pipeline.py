@@ -140,7 +140,11 @@ def _stage_cbs(recipe: dict, hold_body_bn: bool = True) -> Callable[[dict], list
     kept across all stages (the reference's checkpointers: AUC for whole images, accuracy for patches), early stopping."""
     t = recipe.get("train", {})
     patience, keep_best = t.get("early_stopping_patience"), t.get("keep_best", True)
-    monitor = "accuracy" if recipe["kind"] == "patch" else "roc_auc_score"
+    # the reference's checkpointers (accuracy for patches, AUC for whole images) unless the recipe names another
+    monitor = t.get("monitor", "accuracy" if recipe["kind"] == "patch" else "roc_auc_score")
+    patch_monitors = ("accuracy", "balanced_accuracy_score", "malignant_auc", "valid_loss")
+    if monitor not in (patch_monitors if recipe["kind"] == "patch" else ("roc_auc_score", "valid_loss")):
+        raise CvfastError(f"recipe {recipe.get('name', '?')}: train.monitor = {monitor!r} is not a {recipe['kind']} model's validation metric")
     last: dict = {}  # the previous stage's BestModel: its best score carries over to the next stage
 
     def make(trackers: dict) -> list:
@@ -153,7 +157,7 @@ def _stage_cbs(recipe: dict, hold_body_bn: bool = True) -> Callable[[dict], list
             cbs.append(last["best"])
         if patience:
             stop = trackers.get("EarlyStop", {})
-            cbs.append(EarlyStop(patience, stop.get("best"), stop.get("wait", 0)))
+            cbs.append(EarlyStop(patience, stop.get("best"), stop.get("wait", 0), monitor))
         return cbs
 
     return make

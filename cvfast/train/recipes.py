@@ -11,6 +11,8 @@ from pathlib import Path
 from cvfast.errors import CvfastError
 from cvfast.train.schedule import scale_epochs, stages_from
 
+# what keep_best and early stopping watch on the validation split (patch models: the first three; whole-image: the last two)
+MONITORS = ("accuracy", "balanced_accuracy_score", "malignant_auc", "roc_auc_score", "valid_loss")
 RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes"
 
 
@@ -63,6 +65,7 @@ SCHEMA: dict[str, dict[str, tuple[tuple[str, ...], object]]] = {
              "mean": (("str",), lambda v: v in ("paper", "reference"))},
     "train": {"seed": (("int",), lambda v: v >= 0), "random_init_lr": (("float",), lambda v: v > 0), "bn_policy": (("str",), None),
               "early_stopping_patience": (("int",), lambda v: v >= 0), "keep_best": (("bool",), None),
+              "monitor": (("str",), lambda v: v in MONITORS),
               "weight_decay": (("str",), lambda v: v in ("l2", "decoupled")), "adam_beta1": (("float",), lambda v: 0 <= v < 1),
               "adam_beta2": (("float",), lambda v: 0 <= v < 1), "adam_eps": (("float",), lambda v: v > 0)},
     "stages": {"name": (("str",), None), "epochs": (("int",), lambda v: v >= 0), "lr": (("float", "float3"), lambda v: all(x > 0 for x in (v if isinstance(v, list) else [v]))),

@@ -19,6 +19,7 @@ from fastai.distributed import DistributedDL, DistributedTrainer
 from fastai.learner import Learner
 from fastai.torch_core import default_device, distrib_barrier, num_distrib, rank_distrib
 
+from cvfast.allocator import current as current_allocator
 from cvfast.data.loader import PREFETCH, PersistentWorkers
 from cvfast.errors import CvfastError
 
@@ -134,9 +135,9 @@ def apply_runtime(learn: Learner, runtime: Runtime) -> Learner:
         learn.add_cb(ChannelsLast())
     if runtime.compile:
         compile_in_place(learn.model, runtime.compile_backend)
-    log.info("training on %s, %s%s%s, %d loader workers", device, amp.value if amp else "fp32",
+    log.info("training on %s, %s%s%s, %d loader workers, %s allocator", device, amp.value if amp else "fp32",
              ", channels_last" if hasattr(learn, "channels_last") else "", ", compiled" if runtime.compile else "",
-             learn.dls.train.fake_l.num_workers)
+             learn.dls.train.fake_l.num_workers, current_allocator())
     return learn
 
 
