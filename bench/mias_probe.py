@@ -42,6 +42,7 @@ from cvfast.data.manifest import MALIGNANT_PATCH_CLASSES, read_manifest  # noqa:
 from cvfast.data.read import mean_grey, read_png  # noqa: E402
 from cvfast.data.sample import PATCH_SETS, make_patches  # noqa: E402
 from cvfast.stats import patient_bootstrap_aucs, percentile_ci  # noqa: E402
+import torch  # noqa: E402
 from cvfast.train.probe import ProbeSpec, fit_probe, frozen_body, image_window_features, malignant_probability, patch_features  # noqa: E402
 
 NAME = "mias_probe"
@@ -90,11 +91,14 @@ def main() -> None:
     ap.add_argument("--source", type=Path, default=SOURCE)
     ap.add_argument("--work", type=Path, default=OUT / NAME)
     ap.add_argument("--variants", nargs="+", default=VARIANTS, help=f"CROP-ARCH-FED, of {', '.join(VARIANTS)}")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--no-write", action="store_true")
     ap.add_argument("--md-out", default=None)
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     args.work.mkdir(parents=True, exist_ok=True)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     rows = []
     for v in args.variants:
         path = args.work / f"{v}.json"

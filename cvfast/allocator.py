@@ -1,10 +1,11 @@
-"""The memory allocator the CLI runs under: jemalloc when it is installed, chosen by measurement (bench/allocator.py).
+"""The memory allocator the CLI runs under: the system's, or (CVFAST_ALLOCATOR=jemalloc|tcmalloc) one preloaded.
 
 PyTorch's CPU training allocates and frees large tensors every step; glibc's malloc returns that memory to the kernel
 and takes it back again, page fault by page fault (sys time). jemalloc with its decay switched off keeps it.
 The CLI re-executes itself once with the library preloaded (LD_PRELOAD must be set before the process starts, which
-no Python API can do after the fact -- hence this module); `CVFAST_ALLOCATOR=system` turns it off, `=tcmalloc` picks
-gperftools' tcmalloc. Debian/Ubuntu: `apt-get install libjemalloc2`. A leaf: it imports nothing of cvfast.
+no Python API can do after the fact -- hence this module). `DEFAULT` is what `auto` means: it becomes an allocator
+only once bench/allocator.py has measured it faster on this stack (BENCHMARKS.md); until then `auto` is the system's.
+Debian/Ubuntu: `apt-get install libjemalloc2` (or libtcmalloc-minimal4). A leaf: it imports nothing of cvfast.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ LIBRARIES = {
 }
 # measured: jemalloc's default decay returns pages as glibc does (slower); no decay keeps them (bench/allocator.py)
 SETTINGS = {"jemalloc": {"MALLOC_CONF": "dirty_decay_ms:-1,muzzy_decay_ms:-1"}, "tcmalloc": {}}
-DEFAULT = "jemalloc"
+DEFAULT: str | None = None  # not yet measured on this stack: bench/allocator.py decides
 SEARCH = ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64", "/usr/lib", "/usr/local/lib")
 
 
@@ -44,7 +45,7 @@ def wanted() -> str | None:
     if choice not in ("auto", *LIBRARIES):
         raise SystemExit(f"error: {ENV}={choice!r}: expected auto, system, {', '.join(LIBRARIES)}")
     name = DEFAULT if choice == "auto" else choice
-    return name if find_library(name) else None
+    return name if name and find_library(name) else None
 
 
 def reexec_with_allocator(argv: list[str]) -> None:

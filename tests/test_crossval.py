@@ -109,6 +109,25 @@ def test_a_resumed_crossval_ends_where_an_uninterrupted_one_does(cv_run, cv_data
     assert sum("done earlier" in m for m in caplog.messages) == 3
 
 
+@pytest.mark.slow
+def test_a_fold_folder_of_other_settings_is_cleared_before_the_fold_runs(cv_run, cv_data):
+    """A stale patch set or checkpoint (another split, patch size or seed) must never be reused: it could hold patients
+    that this fold holds out."""
+    from dataclasses import replace
+
+    _, spec, _ = cv_run
+    out = cv_data / "cv-stale"
+    (out / "fold0" / "patches").mkdir(parents=True)
+    (out / "fold0" / "key.txt").write_text("another split")
+    (out / "fold0" / "patches" / "patches.csv").write_text("patch_id,path,label\nstale,x.png,background\n")
+    (out / "fold0" / "patch" / "checkpoints").mkdir(parents=True)
+    (out / "fold0" / "patch" / "checkpoints" / "progress.json").write_text("{}")
+    crossval(cv_data / "data", out, replace(spec, only=[0]))
+    assert "stale" not in (out / "fold0" / "patches" / "patches.csv").read_text()
+    assert (out / "fold0" / "key.txt").read_text() == json.loads((out / "results" / "fold0.json").read_text())["key"]
+    assert not (out / "fold0" / "patch" / "checkpoints" / "progress.json").exists()
+
+
 def test_a_resplit_dataset_invalidates_finished_folds(cv_data):
     from cvfast.crossval.run import _recipes, fold_key
 
