@@ -250,7 +250,7 @@ def test_a_model_trained_on_cropped_images_crops_new_images_the_same_way(screeni
     cli("prepare", "cmmd", src / "cmmd", "--out", tmp_path / "d", "--size", f"{SIZE[0]}x{SIZE[1]}", "--workers", "1", "--crop", "breast")
     patch, _ = load_model(untrained_models[0])
     dls = whole_image_dataloaders(tmp_path / "d", bs=2)
-    assert dls.info.breast_crop == {"breast": True, "flip_to": None, "margin": 0.01}  # the DATA folder's crop travels with the model
+    assert dls.info.breast_crop == {"breast": True, "flip_to": None, "margin": 0.01, "blank": False}  # the DATA folder's crop travels with the model
     export_model(whole_image_learner(dls, patch, widths=(16, 16, 32)), tmp_path / "m")
     assert json.loads((tmp_path / "m" / "model.json").read_text())["breast_crop"] == dls.info.breast_crop
     m = read_manifest(tmp_path / "d").head(4)

@@ -65,6 +65,11 @@ class MammogramFiles(torch.utils.data.Dataset):
         return torch.from_numpy(image)[None], torch.tensor(0)
 
 
+def _crop_spec(cell: dict | None) -> dict | None:
+    """A stored crop spec in full (specs written before `blank` existed mean blank = False), None for no crop."""
+    return asdict(CropSpec(**cell)) if cell else None
+
+
 class AveragedProbabilities(nn.Module):
     """Mean class probabilities of one or more models over test-time flips; input: [0, 1] images.
 
@@ -128,14 +133,13 @@ def predict_probabilities(members: Sequence[tuple[nn.Module, dict]], paths: Sequ
     flips = TTA_FLIPS if tta else ((),)
     by_input: dict[tuple, list[tuple[nn.Module, dict]]] = {}
     for model, sidecar in members:
-        crop = json.dumps(sidecar.get("breast_crop"), sort_keys=True)
+        crop = json.dumps(_crop_spec(sidecar.get("breast_crop")), sort_keys=True)
         by_input.setdefault((tuple(sidecar["size"]), crop), []).append((model, sidecar))
     total, failed = None, np.zeros(len(paths), dtype=bool)
     prepared_crops = list(prepared_crops) or [None] * len(paths)
     for (size, crop), group in by_input.items():
         wanted = json.loads(crop)
-        same = lambda c: asdict(CropSpec(**c)) == asdict(CropSpec(**wanted))  # noqa: E731  (specs written before `blank` existed)
-        clash = next((i for i, c in enumerate(prepared_crops) if c is not None and not same(c)), None)
+        clash = next((i for i, c in enumerate(prepared_crops) if c is not None and _crop_spec(c) != wanted), None)
         if clash is not None:
             raise CvfastError(f"{paths[clash]}: prepared with crop {prepared_crops[clash]}, but a model here was trained on images with crop "
                               f"{wanted}; predict on the source images (they are cropped as the model needs) or prepare them again")

@@ -9,6 +9,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
+
 import fastai.callback.progress  # noqa: F401  (Learner.no_bar)
 from fastai.callback.training import GradientAccumulation
 from fastai.learner import Learner
@@ -102,7 +104,9 @@ def _finish(learn: Learner, out: Path, recipe: dict, extra: Callable[[], dict]) 
     """Validate, export (pkl + safetensors + JSON), save the resolved recipe and the epoch history beside the model."""
     export_ready(learn)  # scored as exported (fp32, contiguous, uncompiled): the held-out figures are what predict reproduces
     values = learn.validate()
-    metrics = {"valid_loss": float(values[0]), **{m.name: float(v) for m, v in zip(learn.metrics, values[1:])}, **extra()}
+    # a metric undefined on this validation split (malignant_auc without a malignant patch) is None, not NaN: NaN != NaN
+    metrics = {"valid_loss": float(values[0]), **{m.name: float(v) if np.isfinite(float(v)) else None for m, v in zip(learn.metrics, values[1:])},
+               **extra()}
     export_model(learn, out, recipe, metrics)
     atomic_write_bytes(out / "recipe.json", json.dumps(recipe, indent=1, default=str).encode())
     ckpt = out / "checkpoints"
