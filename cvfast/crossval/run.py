@@ -201,7 +201,7 @@ def run_fold(k: int, df: pd.DataFrame, splits: dict[str, str], spec: CrossvalSpe
         test_patches = plist[plist["split"] == "test"]
         if with_probe:
             t = time.perf_counter()
-            scores["p_probe"], extra["probe"] = _probe(plist, patches, test, images, spec, stride)
+            scores["p_probe"], extra["probe"] = _probe(plist, patches, test, images, spec, recipes["patch"], stride)
             extra["times"]["probe_s"] = round(time.perf_counter() - t, 1)
         t = time.perf_counter()
         done = work / "patch" / "crossval-done.json"
@@ -250,10 +250,9 @@ def run_fold(k: int, df: pd.DataFrame, splits: dict[str, str], spec: CrossvalSpe
     return {"counts": counts, "fold_auc": {name: auc(y, s) for name, s in scores.items()}, "predictions": preds, **extra}
 
 
-def _probe(plist: pd.DataFrame, patches: Path, test: pd.DataFrame, images: dict[str, np.ndarray], spec: CrossvalSpec,
+def _probe(plist: pd.DataFrame, patches: Path, test: pd.DataFrame, images: dict[str, np.ndarray], spec: CrossvalSpec, recipe: dict,
            stride: int) -> tuple[np.ndarray, dict]:
     """The frozen linear probe of the fold: fitted on the training folds' patches, the max over each held-out image's windows."""
-    recipe = _recipes(spec)["patch"]
     info = json.loads((patches / "patchset.json").read_text())
     fed = recipe["data"].get("size")
     pspec = ProbeSpec(arch=recipe["model"]["arch"], window=spec.patch_size, fed=int(fed) if fed else None, stride=stride, c=spec.probe_c,
