@@ -32,10 +32,10 @@ from fastai.torch_core import find_bs
 from torch import nn
 
 from bench._results import machine, today  # noqa: F401  (re-exported for the training benches)
-from cvfast.data.blocks import WHOLE_IMAGE_CLASSES, DataInfo, patch_dataloaders, whole_image_dataloaders
+from cvfast.data.blocks import DataInfo, patch_dataloaders, whole_image_dataloaders
+from cvfast.data.classes import PATCH_CLASSES, WHOLE_IMAGE_CLASSES
 from cvfast.data.ingest import prepare_ddsm
 from cvfast.data.ingest.common import PrepareOptions
-from cvfast.data.manifest import PATCH_CLASSES
 from cvfast.data.sample import PATCH_SETS, make_patches
 from cvfast.data.synth import synthesize
 from cvfast.models.body import create_body

@@ -51,7 +51,6 @@ warnings.filterwarnings("ignore")
 
 from bench._results import publish  # noqa: E402
 from bench._train import OUT, finished, machine, reproduce, save_md, today  # noqa: E402
-from cvfast.data.read import atomic_write_bytes  # noqa: E402
 from cvfast.data.crop import CropSpec  # noqa: E402
 from cvfast.data.ingest import prepare_ddsm, prepare_inbreast  # noqa: E402
 from cvfast.data.ingest.common import PrepareOptions  # noqa: E402
@@ -59,6 +58,7 @@ from cvfast.data.sample import PATCH_SETS, make_patches  # noqa: E402
 from cvfast.demo import demo_data  # noqa: E402
 from cvfast.train.pipeline import finetune, train_patch, train_whole  # noqa: E402
 from cvfast.train.recipes import fingerprint, load_recipe, resolve  # noqa: E402
+from cvfast.util.files import atomic_write_bytes  # noqa: E402
 
 NAME = "ablations"
 log = logging.getLogger("ablations")

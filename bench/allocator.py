@@ -37,7 +37,8 @@ def variants() -> dict[str, dict[str, str]]:
     """Allocator name -> environment of the child (those whose library is installed)."""
     out = {"glibc (default)": {"CVFAST_ALLOCATOR": "system"},
            "glibc tunables (no trim, mmap at 1 GiB)": {"CVFAST_ALLOCATOR": "system",
-                                                       "GLIBC_TUNABLES": "glibc.malloc.trim_threshold=4294967295:glibc.malloc.mmap_threshold=1073741824:glibc.malloc.top_pad=268435456"}}
+                                                       "GLIBC_TUNABLES": "glibc.malloc.trim_threshold=4294967295:"
+                                                                         "glibc.malloc.mmap_threshold=1073741824:glibc.malloc.top_pad=268435456"}}
     if find_library("jemalloc"):
         out["jemalloc, default decay"] = {"CVFAST_ALLOCATOR": "system", "LD_PRELOAD": find_library("jemalloc")}
         out["jemalloc, no decay"] = {"CVFAST_ALLOCATOR": "jemalloc"}

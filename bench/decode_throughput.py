@@ -25,11 +25,19 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench._results import machine, publish, today  # noqa: E402
-
-from cvfast.data.convert import ImageJob, convert_all, default_workers, parallel_map  # noqa: E402
+from cvfast.data.convert import ImageJob, convert_all  # noqa: E402
 from cvfast.data.decode import BACKENDS, FASTEST, IMAGECODECS, decode  # noqa: E402
 from cvfast.data.read import WORKING_SIZE  # noqa: E402
-from cvfast.data.synth import DX_MAMMO_PRESENTATION, ENCODERS, LesionSpec, _rng, make_dicom, parse_size, render_image  # noqa: E402
+from cvfast.data.synth.render import (  # noqa: E402
+    DX_MAMMO_PRESENTATION,
+    ENCODERS,
+    LesionSpec,
+    _rng,
+    make_dicom,
+    parse_size,
+    render_image,
+)
+from cvfast.util.parallel import default_workers, parallel_map  # noqa: E402
 
 NAME = "decode"
 

@@ -49,11 +49,16 @@ from cvfast.data.ingest import prepare_csv  # noqa: E402
 from cvfast.data.ingest.common import PrepareOptions  # noqa: E402
 from cvfast.data.manifest import read_manifest  # noqa: E402
 from cvfast.data.read import read_png, write_png  # noqa: E402
-from cvfast.data.synth import LesionSpec, _rng, parse_size, render_image, to_ddsm_pixels  # noqa: E402
+from cvfast.data.synth.render import (  # noqa: E402
+    LesionSpec,
+    _rng,
+    parse_size,
+    render_image,
+    to_ddsm_pixels,
+)
 from cvfast.models.body import create_body  # noqa: E402
 from cvfast.models.patch import PatchClassifier  # noqa: E402
 from cvfast.train.learners import whole_image_learner  # noqa: E402
-
 
 
 class PILMode16(PILImageBW):

@@ -22,8 +22,7 @@ sys.path.insert(0, str(ROOT))
 warnings.filterwarnings("ignore")
 
 from bench._results import publish  # noqa: E402
-from bench._train import (OUT, Config, build_learner, device_line, fastai_rate, machine, memory_dataloaders, reproduce,  # noqa: E402
-                          synthetic_batches, today, training_setup)
+from bench._train import OUT, Config, build_learner, device_line, fastai_rate, machine, memory_dataloaders, reproduce, synthetic_batches, today, training_setup  # noqa: E402
 from cvfast.train.runtime import Runtime, apply_runtime  # noqa: E402
 
 CONFIGS = [Config("patch", "patch", "tf_efficientnet_lite0", (48, 48), 32),

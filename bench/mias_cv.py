@@ -40,7 +40,7 @@ from cvfast.crossval.run import CrossvalSpec, crossval  # noqa: E402
 from cvfast.data.crop import CropSpec  # noqa: E402
 from cvfast.data.ingest import prepare_mias  # noqa: E402
 from cvfast.data.ingest.common import PrepareOptions  # noqa: E402
-from cvfast.data.synth import parse_size  # noqa: E402
+from cvfast.data.synth.render import parse_size  # noqa: E402
 from cvfast.errors import CvfastError  # noqa: E402
 from cvfast.train.runtime import Runtime  # noqa: E402
 

@@ -31,18 +31,20 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 warnings.filterwarnings("ignore")
 
+import torch  # noqa: E402
+
 from bench._results import publish  # noqa: E402
 from bench._train import OUT, machine, reproduce, save_md, today  # noqa: E402
 from cvfast.crossval.folds import make_folds  # noqa: E402
 from cvfast.crossval.scores import auc  # noqa: E402
+from cvfast.data.classes import MALIGNANT_PATCH_CLASSES  # noqa: E402
 from cvfast.data.crop import CropSpec  # noqa: E402
 from cvfast.data.ingest import prepare_mias  # noqa: E402
 from cvfast.data.ingest.common import PrepareOptions  # noqa: E402
-from cvfast.data.manifest import MALIGNANT_PATCH_CLASSES, read_manifest  # noqa: E402
+from cvfast.data.manifest import read_manifest  # noqa: E402
 from cvfast.data.read import mean_grey, read_png  # noqa: E402
 from cvfast.data.sample import PATCH_SETS, make_patches  # noqa: E402
 from cvfast.stats import patient_bootstrap_aucs, percentile_ci  # noqa: E402
-import torch  # noqa: E402
 from cvfast.train.probe import ProbeSpec, fit_probe, frozen_body, image_window_features, malignant_probability, patch_features  # noqa: E402
 
 NAME = "mias_probe"

@@ -33,11 +33,12 @@ from cvfast.data.ingest import prepare_ddsm  # noqa: E402
 from cvfast.data.ingest.common import PrepareOptions  # noqa: E402
 from cvfast.data.manifest import read_manifest  # noqa: E402
 from cvfast.data.read import read_png  # noqa: E402
-from cvfast.data.synth import parse_size, synthesize  # noqa: E402
+from cvfast.data.synth import synthesize  # noqa: E402
+from cvfast.data.synth.render import parse_size  # noqa: E402
 from cvfast.infer.predict import predict  # noqa: E402
+from cvfast.models.artifact import export_model, load_model  # noqa: E402
 from cvfast.models.body import create_body  # noqa: E402
 from cvfast.models.patch import PatchClassifier  # noqa: E402
-from cvfast.train.export import export_model, load_model  # noqa: E402
 from cvfast.train.learners import whole_image_learner  # noqa: E402
 
 

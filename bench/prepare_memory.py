@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT))
 from bench._results import publish  # noqa: E402
 from bench.prepare_throughput import make_files  # noqa: E402
 from cvfast.data.read import WORKING_SIZE  # noqa: E402
-from cvfast.data.synth import parse_size  # noqa: E402
+from cvfast.data.synth.render import parse_size  # noqa: E402
 
 MB = 1024 * 1024
 # what `cvfast prepare csv` imports (its adapter is imported when the command runs)

@@ -29,10 +29,17 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench._results import publish  # noqa: E402
-from cvfast.data.convert import ImageJob, convert_all, default_workers, parallel_map  # noqa: E402
+from cvfast.data.convert import ImageJob, convert_all  # noqa: E402
 from cvfast.data.read import WORKING_SIZE  # noqa: E402
-from cvfast.data.synth import LesionSpec, _rng, make_dicom, parse_size, render_image, to_ddsm_pixels  # noqa: E402
-
+from cvfast.data.synth.render import (  # noqa: E402
+    LesionSpec,
+    _rng,
+    make_dicom,
+    parse_size,
+    render_image,
+    to_ddsm_pixels,
+)
+from cvfast.util.parallel import default_workers, parallel_map  # noqa: E402
 
 
 def make_files(folder: Path, n: int, unique: int, size: tuple[int, int]) -> list[Path]:

@@ -35,7 +35,7 @@ warnings.filterwarnings("ignore")
 
 from bench._results import publish  # noqa: E402
 from bench._train import OUT, Config, device_line, machine, measure_config, reproduce, save_md, summary_line, table_lines, today  # noqa: E402
-from cvfast.data.synth import parse_size  # noqa: E402
+from cvfast.data.synth.render import parse_size  # noqa: E402
 from cvfast.train.runtime import Runtime  # noqa: E402
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 import warnings
 from enum import Enum
@@ -16,13 +17,17 @@ from rich.logging import RichHandler
 from rich.markup import escape
 from rich.table import Table
 
+from cvfast.data.datasets import DATASETS, Dataset
 from cvfast.errors import CvfastError
 
 app = typer.Typer(help="Breast cancer detection on mammograms, the end-to-end all-convolutional way (Shen et al. 2019).",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
 prepare_app = typer.Typer(help="Turn a dataset's raw files into a manifest + working-size 16-bit PNG cache.", no_args_is_help=True)
 app.add_typer(prepare_app, name="prepare")
-console = Console(stderr=True)
+console = Console(stderr=True)  # messages and logs
+stdout = Console()  # results: tables, reports
+# what goes to a file or a pipe is never wrapped: a log line, a TOML line or a table row broken at 80 columns is damage
+UNWRAPPED_WIDTH = 240
 # fastai's import calls torch.jit.script, which the torch release we pin deprecates loudly; nothing for users to act on
 warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*is deprecated", category=FutureWarning)
 
@@ -80,8 +85,18 @@ def _at_least(minimum: float, **options) -> None:
             raise CvfastError(f"--{name.replace('_', '-')} {value}: must be at least {minimum}")
 
 
+def _version(value: bool) -> None:
+    """--version: print the installed version and stop."""
+    if value:
+        from cvfast import __version__
+
+        typer.echo(f"cvfast {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging, and tracebacks of unexpected failures.")] = False,
+def main(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")] = False,
+         verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging, and tracebacks of unexpected failures.")] = False,
          quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Warnings and errors only.")] = False) -> None:
     """Set up logging for every command."""
     import os
@@ -91,12 +106,18 @@ def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug lo
     VERBOSE["on"] = verbose
     # data parallel (torchrun / accelerate launch): rank 0 tells the story, the others only warn
     level = logging.DEBUG if verbose else logging.WARNING if quiet or int(os.environ.get("RANK", 0)) else logging.INFO
-    logging.basicConfig(level=level, format="%(message)s", handlers=[RichHandler(console=console, show_path=False)], force=True)
+    for c in (console, stdout):
+        if not c.is_terminal:
+            c.width, c.soft_wrap = UNWRAPPED_WIDTH, True
+    handler = RichHandler(console=console, show_path=False) if console.is_terminal else logging.StreamHandler()
+    if not console.is_terminal:  # a file or a pipe: one plain line per record (timestamp, level, logger, message)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%Y-%m-%d %H:%M:%S"))
+    logging.basicConfig(level=level, format="%(message)s", handlers=[handler], force=True)
     logging.getLogger(__name__).debug("memory allocator: %s (CVFAST_ALLOCATOR=system for the system's)", current())
 
 
 def _size(text: str) -> tuple[int, int]:
-    from cvfast.data.synth import parse_size
+    from cvfast.data.synth.render import parse_size
 
     return parse_size(text)
 
@@ -114,7 +135,7 @@ def _print_summary(df, title: str) -> None:
         table.add_column(col)
     for split, row in s.iterrows():
         table.add_row(split, *(str(v) for v in row))
-    Console().print(table)
+    stdout.print(table)
 
 
 DIFFICULTY = typer.Option(help="hard: benign and malignant lesions overlap in look, as real ones do; easy: they never do.")
@@ -127,7 +148,7 @@ def synth(out: Annotated[Path, typer.Argument(help="Output folder (gets ddsm/, i
           seed: Annotated[int, typer.Option(help="Random seed; same seed, same files.")] = 0,
           size: Annotated[str, typer.Option(help="tiny | small | realistic | HxW of the DDSM-like images.")] = "tiny",
           difficulty: Annotated[str, DIFFICULTY] = "hard",
-          layouts: Annotated[str, typer.Option(help="Comma-separated: ddsm, inbreast, rsna, vindr, cmmd, or all.")] = "ddsm,inbreast") -> None:
+          layouts: Annotated[str, typer.Option(help=f"Comma-separated: {', '.join(n for n, d in DATASETS.items() if d.synthetic)}, or all.")] = "ddsm,inbreast") -> None:
     """Generate synthetic mammograms in the layouts of the public datasets (CBIS-DDSM, INbreast, RSNA, VinDr-Mammo, CMMD)."""
     from cvfast.data.synth import LAYOUTS, synthesize
 
@@ -185,55 +206,32 @@ def _opts(out: Path, size: str, workers: int | None, seed: int, valid_frac: floa
                           crop=CropSpec(breast=crop == "breast", flip_to=flip_to, blank=blank))
 
 
-@prepare_app.command("ddsm")
-@handles_errors
-def prepare_ddsm_cmd(source: Annotated[Path, typer.Argument(help="Folder with CBIS-DDSM/ and the case-description CSVs.")],
-                     out: OUT, size: SIZE = "1152x896", workers: WORKERS = None, seed: SEED = 0, valid_frac: VALID = 0.15, shard: SHARD = None,
-                     crop: CROP = "none", flip_to: FLIP = None, blank: BLANK = False) -> None:
-    """CBIS-DDSM: four CSVs + DICOM tree; official train/test kept, patient-level validation split."""
-    from cvfast.data.ingest import prepare_ddsm
+def _prepare_command(ds: Dataset) -> Callable:
+    """`cvfast prepare NAME`: the registry entry's adapter behind the options every dataset shares and its own."""
 
-    _print_summary(prepare_ddsm(source, _opts(out, size, workers, seed, valid_frac, 0.0, shard, crop, flip_to, blank)), f"CBIS-DDSM -> {out}")
+    def command(source: Path, out: Path, size: str, workers: int | None, seed: int, valid_frac: float, shard: str | None, crop: str,
+                flip_to: str | None, blank: bool, test_frac: float = 0.0, **own: str | None) -> None:
+        opts = _opts(out, size, workers, seed, valid_frac, test_frac, shard, crop, flip_to, blank)
+        df = ds.prepare(source, opts, **{o.name: o.parse(own[o.name]) for o in ds.options})
+        _print_summary(df, f"{ds.title if ds.name != 'csv' else source.name} -> {out}")
 
+    def option(name: str, annotation, default) -> inspect.Parameter:
+        return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation, default=default)
 
-@prepare_app.command("inbreast")
-@handles_errors
-def prepare_inbreast_cmd(source: Annotated[Path, typer.Argument(help="Folder with AllDICOMs/ and INbreast.csv|xls.")],
-                         out: OUT, size: SIZE = "1152x896", workers: WORKERS = None, seed: SEED = 0, valid_frac: VALID = 0.15, shard: SHARD = None,
-                         crop: CROP = "none", flip_to: FLIP = None, blank: BLANK = False,
-                         test_frac: TEST = 0.2,
-                         positive: Annotated[str, typer.Option(help="BI-RADS values labelled cancer.")] = "4a,4b,4c,5,6",
-                         negative: Annotated[str, typer.Option(help="BI-RADS values labelled no cancer (3 is excluded by default).")] = "1,2") -> None:
-    """INbreast: image-level labels from BI-RADS; patient-level splits."""
-    from cvfast.data.ingest import prepare_inbreast
-
-    df = prepare_inbreast(source, _opts(out, size, workers, seed, valid_frac, test_frac, shard, crop, flip_to, blank),
-                          positive=tuple(v for v in positive.split(",") if v.strip()), negative=tuple(v for v in negative.split(",") if v.strip()))
-    _print_summary(df, f"INbreast -> {out}")
+    params = [inspect.Parameter("source", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=Annotated[Path, typer.Argument(help=ds.source_help)]),
+              option("out", OUT, inspect.Parameter.empty), option("size", SIZE, "1152x896"), option("workers", WORKERS, None),
+              option("seed", SEED, 0), option("valid_frac", VALID, 0.15), option("shard", SHARD, None), option("crop", CROP, ds.crop),
+              option("flip_to", FLIP, None), option("blank", BLANK, ds.blank)]
+    if not ds.official_test:
+        params.append(option("test_frac", TEST, 0.2))
+    params += [option(o.name, Annotated[Optional[str], typer.Option(help=o.help)], o.default) for o in ds.options]
+    command.__signature__ = inspect.Signature(params)
+    command.__name__, command.__doc__ = f"prepare_{ds.name}", ds.summary
+    return handles_errors(command)
 
 
-@prepare_app.command("mias")
-@handles_errors
-def prepare_mias_cmd(source: Annotated[Path, typer.Argument(help="Folder with Info.txt and mdb*.pgm|png.")],
-                     out: OUT, size: SIZE = "1152x896", workers: WORKERS = None, seed: SEED = 0, valid_frac: VALID = 0.15, shard: SHARD = None,
-                     crop: CROP = "breast", flip_to: FLIP = None, blank: BLANK = True,
-                     test_frac: TEST = 0.2) -> None:
-    """mini-MIAS: circular ROIs become masks; a patient is the left/right pair; cropped to the breast and blanked outside it by default."""
-    from cvfast.data.ingest import prepare_mias
-
-    _print_summary(prepare_mias(source, _opts(out, size, workers, seed, valid_frac, test_frac, shard, crop, flip_to, blank)), f"mini-MIAS -> {out}")
-
-
-@prepare_app.command("csv")
-@handles_errors
-def prepare_csv_cmd(source: Annotated[Path, typer.Argument(help="CSV with path,label[,patient_id,side,view,split].")],
-                    out: OUT, size: SIZE = "1152x896", workers: WORKERS = None, seed: SEED = 0, valid_frac: VALID = 0.15, shard: SHARD = None,
-                    crop: CROP = "none", flip_to: FLIP = None, blank: BLANK = False,
-                    test_frac: TEST = 0.2) -> None:
-    """Your own images with image-level labels only (the transfer route)."""
-    from cvfast.data.ingest import prepare_csv
-
-    _print_summary(prepare_csv(source, _opts(out, size, workers, seed, valid_frac, test_frac, shard, crop, flip_to, blank)), f"{source.name} -> {out}")
+for _dataset in DATASETS.values():
+    prepare_app.command(_dataset.name)(_prepare_command(_dataset))
 
 
 @prepare_app.command("merge")
@@ -243,46 +241,6 @@ def prepare_merge_cmd(out: Annotated[Path, typer.Argument(help="The DATA folder 
     from cvfast.data.ingest.common import merge_shards
 
     _print_summary(merge_shards(out), f"merged -> {out}")
-
-
-@prepare_app.command("rsna")
-@handles_errors
-def prepare_rsna_cmd(source: Annotated[Path, typer.Argument(help="Folder with train.csv and train_images/.")],
-                     out: OUT, size: SIZE = "1152x896", workers: WORKERS = None, seed: SEED = 0, valid_frac: VALID = 0.15, shard: SHARD = None,
-                     crop: CROP = "none", flip_to: FLIP = None, blank: BLANK = False,
-                     test_frac: TEST = 0.2,
-                     test_site: Annotated[Optional[str], typer.Option(help="Hold out every image of this site_id as the test set.")] = None) -> None:
-    """RSNA Screening Mammography: label = cancer; patient-level splits stratified by cancer, or a held-out site."""
-    from cvfast.data.ingest import prepare_rsna
-
-    _print_summary(prepare_rsna(source, _opts(out, size, workers, seed, valid_frac, test_frac, shard, crop, flip_to, blank), test_site=test_site), f"RSNA -> {out}")
-
-
-@prepare_app.command("vindr")
-@handles_errors
-def prepare_vindr_cmd(source: Annotated[Path, typer.Argument(help="Folder with the two annotation CSVs and images/.")],
-                      out: OUT, size: SIZE = "1152x896", workers: WORKERS = None, seed: SEED = 0, valid_frac: VALID = 0.15, shard: SHARD = None,
-                      crop: CROP = "none", flip_to: FLIP = None, blank: BLANK = False,
-                      positive: Annotated[str, typer.Option(help="Breast BI-RADS values labelled cancer (VinDr has no biopsy truth).")] = "4,5",
-                      negative: Annotated[str, typer.Option(help="Breast BI-RADS values labelled no cancer (3 is excluded by default).")] = "1,2") -> None:
-    """VinDr-Mammo: label from breast BI-RADS, finding boxes as ROI masks, the official training/test split."""
-    from cvfast.data.ingest import prepare_vindr
-
-    df = prepare_vindr(source, _opts(out, size, workers, seed, valid_frac, 0.0, shard, crop, flip_to, blank),
-                       positive=tuple(v for v in positive.split(",") if v.strip()), negative=tuple(v for v in negative.split(",") if v.strip()))
-    _print_summary(df, f"VinDr-Mammo -> {out}")
-
-
-@prepare_app.command("cmmd")
-@handles_errors
-def prepare_cmmd_cmd(source: Annotated[Path, typer.Argument(help="Folder with CMMD/ and CMMD_clinicaldata_revision.xlsx.")],
-                     out: OUT, size: SIZE = "1152x896", workers: WORKERS = None, seed: SEED = 0, valid_frac: VALID = 0.15, shard: SHARD = None,
-                     crop: CROP = "none", flip_to: FLIP = None, blank: BLANK = False,
-                     test_frac: TEST = 0.2) -> None:
-    """CMMD: label per breast (Malignant vs Benign); side and view from the DICOM headers; patient-level splits."""
-    from cvfast.data.ingest import prepare_cmmd
-
-    _print_summary(prepare_cmmd(source, _opts(out, size, workers, seed, valid_frac, test_frac, shard, crop, flip_to, blank)), f"CMMD -> {out}")
 
 
 class PatchSet(str, Enum):
@@ -322,10 +280,10 @@ def patches(data: Annotated[Path, typer.Argument(help="A prepared DATA folder (w
         table.add_column(c)
     for cls, row in counts.iterrows():
         table.add_row(cls, *(str(v) for v in row))
-    Console().print(table)
+    stdout.print(table)
 
 
-recipes_app = typer.Typer(help="The paper's configurations as TOML recipes (recipes/).", no_args_is_help=True)
+recipes_app = typer.Typer(help="The paper's configurations as TOML recipes (shipped in cvfast/recipes/).", no_args_is_help=True)
 app.add_typer(recipes_app, name="recipes")
 
 RECIPE = Annotated[Optional[str], typer.Option(help="Recipe name (cvfast recipes list) or TOML path.")]
@@ -342,7 +300,8 @@ PRECISION = Annotated[str, typer.Option(help="auto (bf16 on GPUs that have it, e
                                         rich_help_panel="Runtime")]
 LOG = Annotated[Optional[str], typer.Option(help="Also log to tensorboard (OUT/tensorboard; `tensorboard --logdir OUT`). "
                                              "Every run writes OUT/checkpoints/history.csv.", rich_help_panel="Runtime")]
-CHANNELS_LAST = Annotated[Optional[bool], typer.Option(help="channels_last memory format (default: on CUDA GPUs and CPUs, where it is faster; off on MPS).", rich_help_panel="Runtime")]
+CHANNELS_LAST = Annotated[Optional[bool], typer.Option(help="channels_last memory format (default: on CUDA GPUs and CPUs, where it is faster; off on MPS).",
+                                                       rich_help_panel="Runtime")]
 COMPILE = Annotated[bool, typer.Option("--compile", help="torch.compile the model (first batches are slow while it compiles).",
                                        rich_help_panel="Runtime")]
 LOADER_WORKERS = Annotated[Optional[int], typer.Option("--workers", help="DataLoader reader processes (default: up to 8 on a GPU, 0 on CPU).",
@@ -368,7 +327,7 @@ def _resolve(default: str, recipe: str | None, overrides: dict, epochs_scale: fl
 
 
 def _print_metrics(result, title: str) -> None:
-    from cvfast.train.runtime import is_main_process
+    from cvfast.util.distributed import is_main_process
 
     if not is_main_process():  # data parallel: rank 0 reports
         return
@@ -379,7 +338,7 @@ def _print_metrics(result, title: str) -> None:
         if k != "classes":
             text = ", ".join(f"{n} {x:.3f}" for n, x in v.items()) if isinstance(v, dict) else f"{v:.4f}" if isinstance(v, float) else str(v)
             table.add_row(k, text)
-    Console().print(table)
+    stdout.print(table)
     console.print(f"model written to {result.out} (model.pkl, model.safetensors + model.json)")
 
 
@@ -437,15 +396,8 @@ def whole(patch: Annotated[Path, typer.Option("--patch", help="Patch model: fold
     _print_metrics(train_whole(r, data, patch, out, resume=resume, runtime=runtime), "whole-image classifier")
 
 
-class TransferDataset(str, Enum):
-    """Datasets a whole-image model is transferred to (image-level labels only)."""
-
-    inbreast = "inbreast"
-    rsna = "rsna"
-    vindr = "vindr"
-    cmmd = "cmmd"
-    mias = "mias"
-    csv = "csv"
+# datasets a whole-image model is transferred to (image-level labels only): the registry's
+TransferDataset = Enum("TransferDataset", {name: name for name, d in DATASETS.items() if d.transfer}, type=str)
 
 
 @app.command()
@@ -483,12 +435,12 @@ def lr_find(recipe: Annotated[str, typer.Option(help="Recipe name or path (its k
     import tempfile
 
     from cvfast.data.blocks import data_files
-    from cvfast.data.paths import refuse_overwrite
-    from cvfast.train.export import model_files
+    from cvfast.models.artifact import model_files
     from cvfast.train.lr import find_lr
-    from cvfast.train.pipeline import finetune_learner_from_recipe, patch_learner_from_recipe, whole_learner_from_recipe, whole_training_cbs
+    from cvfast.train.pipeline import learner_from_recipe
     from cvfast.train.recipes import load_recipe
     from cvfast.train.schedule import stages_from
+    from cvfast.util.files import refuse_overwrite
 
     r = load_recipe(recipe)
     stages = stages_from(r["stages"])
@@ -499,16 +451,10 @@ def lr_find(recipe: Annotated[str, typer.Option(help="Recipe name or path (its k
     runtime = _runtime(device, precision, channels_last, compile, workers)
     refuse_overwrite([out], [*data_files(data), *(model_files(model) if model else [])], hint="choose another --out for the plot")
     with tempfile.TemporaryDirectory() as tmp:
-        if r["kind"] == "patch":
-            learn = patch_learner_from_recipe(r, data, tmp, runtime=runtime)[0]
-        elif r["kind"] == "whole":
-            learn = whole_learner_from_recipe(r, data, model, tmp, runtime)
-        else:
-            learn = finetune_learner_from_recipe(r, data, model, tmp, runtime=runtime)
-        cbs = whole_training_cbs(r) if r["kind"] != "patch" else []
-        suggestions = find_lr(learn, stages[stage - 1], num_it=num_it, plot=out, cbs=cbs)
+        learn = learner_from_recipe(r, data, model, tmp, runtime)
+        suggestions = find_lr(learn, stages[stage - 1], num_it=num_it, plot=out)
     for name, value in suggestions.items():
-        Console().print(f"{name}: {value:.2e}")
+        stdout.print(f"{name}: {value:.2e}")
     console.print(f"plot written to {out}")
 
 
@@ -524,18 +470,20 @@ def recipes_list() -> None:
     for name in recipe_paths():
         r = load_recipe(name)
         table.add_row(name, r["kind"], "+".join(str(s["epochs"]) for s in r["stages"]), r.get("description", ""))
-    Console().print(table)
+    stdout.print(table)
 
 
 @recipes_app.command("show")
 @handles_errors
-def recipes_show(name: Annotated[str, typer.Argument(help="Recipe name or path.")]) -> None:
-    """Print a recipe's TOML."""
-    from cvfast.train.recipes import load_recipe, recipe_paths
+def recipes_show(name: Annotated[str, typer.Argument(help="Recipe name or path.")],
+                 resolved: Annotated[bool, typer.Option("--resolved", help="The typed recipe with every default written out.")] = False) -> None:
+    """Print a recipe's TOML (as written, comments included; --resolved: every key with its value)."""
+    from cvfast.train.recipes import as_toml, load_recipe, recipe_paths, typed
 
-    load_recipe(name)  # validates, and gives the clear error for unknown names
+    recipe = load_recipe(name)  # validates, and gives the clear error for unknown names
     path = recipe_paths().get(name, Path(name))
-    Console().print(path.read_text(), highlight=False, markup=False)
+    # plain text, never re-wrapped: `cvfast recipes show NAME > mine.toml` is valid TOML that loads back as the same recipe
+    typer.echo(as_toml(typed(recipe)) if resolved else path.read_text(), nl=False)
 
 
 class Level(str, Enum):
@@ -583,7 +531,8 @@ def predict(model: Annotated[Path, typer.Argument(help="Model: folder, model.jso
             workers: Annotated[int, typer.Option(help="DataLoader worker processes reading the images.")] = 0,
             device: Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:1, mps (default: the best available).")] = None) -> None:
     """Predict the cancer probability (and patch-class probabilities) per image, batched, with the model's own preprocessing."""
-    from cvfast.infer.predict import predict as run_predict, write_predictions, write_rejects
+    from cvfast.infer.predict import predict as run_predict
+    from cvfast.infer.predict import write_predictions, write_rejects
 
     if bs < 1 or workers < 0:
         raise CvfastError(f"--bs {bs} / --workers {workers}: batch size at least 1, workers at least 0")
@@ -642,9 +591,10 @@ def review(preds: Annotated[Path, typer.Argument(help="Predictions CSV from `cvf
            page_size: Annotated[int, typer.Option(help="Cases per page (JavaScript pagination).")] = 100,
            workers: WORKERS = None, n_boot: Annotated[int, typer.Option(help="Bootstrap resamples of patients.")] = 2000) -> None:
     """An HTML case review: metrics with CIs, plots, every case (sortable, filterable by outcome), the worst errors with heatmaps."""
-    from cvfast.data.convert import default_workers
     from cvfast.infer.evaluate import EvalSettings
-    from cvfast.infer.review import ReviewSettings, review as make_review
+    from cvfast.infer.review import ReviewSettings
+    from cvfast.infer.review import review as make_review
+    from cvfast.util.parallel import default_workers
 
     _at_least(0, errors=errors)
     _at_least(1, page_size=page_size)
@@ -691,7 +641,8 @@ def crossval(data: Annotated[Path, typer.Argument(help="A prepared DATA folder (
              workers: LOADER_WORKERS = None) -> None:
     """k-fold patient-level cross-validation: per-fold and pooled AUCs with patient-bootstrap CIs, baselines and diagnostics."""
     from cvfast.crossval.report import SCORES
-    from cvfast.crossval.run import CrossvalSpec, crossval as run_crossval
+    from cvfast.crossval.run import CrossvalSpec
+    from cvfast.crossval.run import crossval as run_crossval
 
     spec = CrossvalSpec(folds=folds, seed=seed, valid_frac=valid_frac, stages=stages.value, patch_recipe=patch_recipe,
                         whole_recipe=whole_recipe, finetune_recipe=finetune_recipe, model=str(model) if model else None,
@@ -706,7 +657,7 @@ def crossval(data: Annotated[Path, typer.Argument(help="A prepared DATA folder (
         table.add_column(col)
     for c, d in report["malignant_vs_rest"].items():
         table.add_row(SCORES[c], *(f"{d[b]['auc']:.3f} [{d[b]['ci95'][0]:.3f}, {d[b]['ci95'][1]:.3f}]" for b in ("image", "breast", "patient")))
-    Console().print(table)
+    stdout.print(table)
     console.print(f"report written to {out / 'report.md'} and {out / 'report.json'}" + (f"; review page {out / 'review' / 'index.html'}" if review_page else ""))
 
 
@@ -722,7 +673,8 @@ def heatmap(model: Annotated[Path, typer.Argument(help="Patch model (sliding win
             alpha: Annotated[float, typer.Option(help="Opacity of the heatmap over the image.")] = 0.45,
             device: Annotated[Optional[str], typer.Option(help="cpu, cuda, ... (default: the best available).")] = None) -> None:
     """Draw where a model looks, over the mammogram (the overlay keeps the image's aspect)."""
-    from cvfast.infer.heatmap import heatmap as make_heatmap, save_overlay
+    from cvfast.infer.heatmap import heatmap as make_heatmap
+    from cvfast.infer.heatmap import save_overlay
 
     if not 0 <= alpha <= 1 or bs < 1:
         raise CvfastError(f"--alpha {alpha} / --bs {bs}: alpha in [0, 1], batch size at least 1")
@@ -765,7 +717,7 @@ def demo(out: Annotated[Path, typer.Option(help="Folder for everything the demo 
 
     run_demo(out, patients=patients, synth_size=synth_size, size=_size(size), patch_size=patch_size, seed=seed, difficulty=difficulty,
              train=train)
-    Console().print((out / "report.md").read_text())
+    stdout.print((out / "report.md").read_text())
 
 
 def run() -> None:

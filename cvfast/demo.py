@@ -12,10 +12,10 @@ from sklearn.metrics import roc_auc_score
 
 from cvfast.data.ingest import prepare_ddsm, prepare_inbreast
 from cvfast.data.ingest.common import PrepareOptions
-from cvfast.data.read import atomic_write_bytes
 from cvfast.data.sample import PATCH_SETS, make_patches
 from cvfast.data.synth import synthesize
 from cvfast.stats import patient_bootstrap_aucs, percentile_ci
+from cvfast.util.files import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 

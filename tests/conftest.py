@@ -71,7 +71,7 @@ def untrained_models(s10, ddsm_data, tmp_path_factory) -> tuple[Path, Path]:
     """An untrained tiny patch model and the whole-image model built on it, exported as training would (tests copy
     them before editing them)."""
     from cvfast.data.blocks import patch_dataloaders, whole_image_dataloaders
-    from cvfast.train.export import export_model
+    from cvfast.models.artifact import export_model
     from cvfast.train.learners import patch_learner, whole_image_learner
 
     out = tmp_path_factory.mktemp("untrained_models")

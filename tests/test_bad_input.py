@@ -12,16 +12,16 @@ import numpy as np
 import pandas as pd
 import pydicom
 import pytest
+from conftest import PATCH, run_cli
 
 from cvfast.data.ingest import prepare_csv, prepare_ddsm, prepare_inbreast
 from cvfast.data.ingest.common import PrepareOptions
 from cvfast.data.manifest import read_manifest
 from cvfast.data.read import write_png
-from cvfast.data.synth import LAYOUTS, make_dicom, synthesize
 from cvfast.data.sample import PATCH_SETS, make_patches
+from cvfast.data.synth import LAYOUTS, synthesize
+from cvfast.data.synth.render import make_dicom
 from cvfast.errors import CvfastError
-
-from conftest import PATCH, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -411,7 +411,7 @@ def _mias_repeated_line(ctx: Ctx) -> tuple[list[str], str]:
 def _edited_sidecar(ctx: Ctx, edit: Callable[[dict], object], keep_digest: bool = False) -> Path:
     """A copy of the whole model whose model.json was edited: by hand (its digest left as it was), or by a writer that
     sealed meaningless content with a matching digest (then the field checks must refuse it)."""
-    from cvfast.train.export import content_digest
+    from cvfast.models.artifact import content_digest
 
     model = Path(shutil.copytree(ctx.whole_model, ctx.tmp / "edited_model"))
     side = json.loads((model / "model.json").read_text())
@@ -583,7 +583,7 @@ CATALOGUE += [
     Bad("a device name torch does not know", lambda c: ([*_predict_with(c.whole_model, c), "--device", "gpu7"], "device 'gpu7'")),
     Bad("a recipe value of the wrong type", lambda c: (
         ["patch", "--data", str(c.patches), "--recipe", str(_recipe_with(c, "lr = 1e-3", 'lr = "fast"')), "--out", str(c.tmp / "m")],
-        "lr = 'fast' is not a valid")),
+        "lr = 'fast' is not valid (expected a number or a list of 3 numbers")),
     Bad("a recipe with a misspelt key", lambda c: (
         ["patch", "--data", str(c.patches), "--recipe", str(_recipe_with(c, "epochs = 1", "epoch = 1")), "--out", str(c.tmp / "m")],
         "unknown key 'epoch'")),

@@ -9,9 +9,8 @@ import pandas as pd
 import pytest
 import torch
 
-from cvfast.data.blocks import (IntensityShift, TensorMammo, VerticalFlip, mean_grey, patch_dataloaders, save_batch_grid,
-                                whole_image_dataloaders)
-from cvfast.data.manifest import PATCH_CLASSES
+from cvfast.data.blocks import IntensityShift, TensorMammo, VerticalFlip, mean_grey, patch_dataloaders, save_batch_grid, whole_image_dataloaders
+from cvfast.data.classes import PATCH_CLASSES
 from cvfast.data.read import read_png
 
 

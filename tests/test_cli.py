@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pandas as pd
 import pytest
-
 from conftest import run_cli
+
+from cvfast.train.recipes import load_recipe, recipe_paths
 
 
 def test_synth_prepare_patches_chain(tmp_path):
@@ -82,3 +88,57 @@ def test_training_commands_chain_and_lr_find(ddsm_data, inbreast_data, s10, tmp_
     assert r.returncode == 0, r.stderr
     resolved = json.loads((tmp_path / "v" / "recipe.json").read_text())
     assert (resolved["model"]["top"], resolved["model"]["heatmap"], resolved["data"]["size"]) == ("vgg", True, [1024, 1024])
+
+
+def _plain_cli(*args: str) -> subprocess.CompletedProcess:
+    """The CLI with its output to pipes and no COLUMNS hint: what `cvfast ... > log` or `| less` gets."""
+    env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
+    return subprocess.run([sys.executable, "-m", "cvfast.cli", *args], capture_output=True, text=True, env=env, timeout=600)
+
+
+def test_version():
+    from cvfast import __version__
+
+    r = _plain_cli("--version")
+    assert r.returncode == 0 and r.stdout.strip() == f"cvfast {__version__}"
+
+
+@pytest.mark.parametrize("name", sorted(recipe_paths()))
+def test_recipes_show_round_trips_through_a_file(name, tmp_path):
+    """`cvfast recipes show NAME > mine.toml` is the recipe's TOML, comments included, and loads as the same recipe."""
+    r = _plain_cli("recipes", "show", name)
+    assert r.returncode == 0, r.stderr
+    (tmp_path / "mine.toml").write_text(r.stdout)
+    assert r.stdout == recipe_paths()[name].read_text()
+    assert {k: v for k, v in load_recipe(tmp_path / "mine.toml").items() if k != "name"} == \
+        {k: v for k, v in load_recipe(name).items() if k != "name"}
+
+
+def test_output_to_a_pipe_is_never_wrapped(tmp_path):
+    """Tables keep one row per line and log records are one plain line each (timestamp, level, logger, message)."""
+    r = _plain_cli("recipes", "list")
+    assert r.returncode == 0, r.stderr
+    for name in recipe_paths():
+        description = load_recipe(name).get("description", "")
+        assert any(name in line and description in line for line in r.stdout.splitlines()), f"{name}: its row was wrapped"
+    out = tmp_path / "a-folder-name-long-enough-that-an-80-column-console-would-have-to-break-the-line-it-is-logged-on"
+    r = _plain_cli("synth", str(out), "--patients", "2")
+    assert r.returncode == 0, r.stderr
+    logged = [line for line in r.stderr.splitlines() if "cvfast.data.synth" in line]
+    assert logged and all(re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d INFO cvfast\.data\.synth: synthetic data: .+", x) for x in logged), r.stderr
+    assert str(out) in logged[0] and "\x1b[" not in r.stderr + r.stdout  # no colour codes in a file either
+
+
+def test_commands_and_docs_follow_the_dataset_registry():
+    """One registry: `prepare` has a command per dataset, `finetune --dataset` the transfer ones, `synth` the synthetic ones,
+    and the README's heading lists them all."""
+    from cvfast.data.datasets import DATASETS
+    from cvfast.data.synth import LAYOUTS
+
+    r = _plain_cli("prepare", "--help")
+    assert all(f" {name} " in r.stdout for name in DATASETS), r.stdout
+    transfer = "|".join(n for n, d in DATASETS.items() if d.transfer)
+    assert f"<{transfer}>" in re.sub(r"[\s│]", "", run_cli("finetune", "--help").stdout)  # COLUMNS=200: help is not cut
+    assert LAYOUTS == tuple(n for n, d in DATASETS.items() if d.synthetic) and {"ddsm", "inbreast", "rsna", "vindr", "cmmd"} <= set(LAYOUTS)
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert f"### `cvfast prepare {'|'.join(DATASETS)} SOURCE --out DATA`" in readme

@@ -9,17 +9,17 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import run_cli
 from sklearn.metrics import roc_auc_score
 
 from cvfast.crossval.folds import make_folds
 from cvfast.crossval.report import auc_table, by_lesion_type, paired_difference
 from cvfast.crossval.run import CrossvalSpec, crossval
+from cvfast.data.classes import PATCH_CLASSES
 from cvfast.data.ingest import prepare_ddsm
 from cvfast.data.ingest.common import PrepareOptions
-from cvfast.data.manifest import PATCH_CLASSES, read_manifest
+from cvfast.data.manifest import read_manifest
 from cvfast.data.synth import synthesize
-
-from conftest import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 

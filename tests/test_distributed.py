@@ -10,11 +10,9 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-
-from cvfast.train.export import load_model
-
 from conftest import run_cli
 
+from cvfast.models.artifact import load_model
 
 pytestmark = pytest.mark.slow  # launches torchrun process groups
 

@@ -10,11 +10,10 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import run_cli
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 from cvfast.infer.evaluate import EvalSettings, evaluate
-
-from conftest import run_cli
 
 
 def _predictions(seed: int = 0, women: int = 90, shift: float = 0.25) -> pd.DataFrame:

@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import PATCH, run_cli
 from fastai.callback.core import Callback
 from typer.testing import CliRunner
 
@@ -21,8 +22,6 @@ from cvfast.errors import CvfastError
 from cvfast.train.pipeline import patch_learner_from_recipe, train_patch, train_schedule
 from cvfast.train.recipes import load_recipe, resolve
 from cvfast.train.schedule import Stage
-
-from conftest import PATCH, run_cli
 
 
 class PoisonLoss(Callback):
@@ -72,7 +71,7 @@ def disk_full(monkeypatch):
     def full(dir=None, prefix="", suffix=""):
         return os.open("/dev/full", os.O_WRONLY), os.path.join(dir, f"{prefix}full{suffix}")
 
-    monkeypatch.setattr("cvfast.data.read.tempfile.mkstemp", full)
+    monkeypatch.setattr("cvfast.util.files.tempfile.mkstemp", full)
 
 
 def test_a_full_disk_is_a_clear_error_and_leaves_no_partial_file(tmp_path, disk_full):

@@ -16,15 +16,14 @@ from safetensors.torch import save_file
 from torch import nn
 
 from cvfast.data.blocks import paper_augmentation, patch_dataloaders, whole_image_dataloaders
-from cvfast.data.manifest import PATCH_CLASSES
+from cvfast.data.classes import PATCH_CLASSES
 from cvfast.data.read import read_png
 from cvfast.data.sample import PATCH_SETS
 from cvfast.models import PatchClassifier, create_body
+from cvfast.models.artifact import export_model
 from cvfast.train.callbacks import HoldBodyBatchNorm
-from cvfast.train.export import export_model
 from cvfast.train.learners import patch_learner, whole_image_learner
-from cvfast.train.pipeline import (_stage_cbs, finetune_learner_from_recipe, patch_learner_from_recipe, train_schedule,
-                                   whole_learner_from_recipe)
+from cvfast.train.pipeline import _stage_cbs, finetune_learner_from_recipe, patch_learner_from_recipe, train_schedule, whole_learner_from_recipe
 from cvfast.train.recipes import load_recipe, recipe_paths
 from cvfast.train.schedule import begin_stage, fit_stage, stages_from
 

@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pydicom
 import pytest
+from conftest import PATCH, run_cli
 from PIL import Image
 from sklearn.metrics import roc_auc_score
 
@@ -19,14 +20,12 @@ from cvfast.data.read import read_png
 from cvfast.errors import CvfastError
 from cvfast.infer.evaluate import EvalSettings, aggregate, evaluate
 from cvfast.infer.heatmap import heatmap, save_overlay
-from cvfast.train.heldout import predict_frame
 from cvfast.infer.predict import predict, write_predictions
 from cvfast.infer.show import show
+from cvfast.models.artifact import export_model
 from cvfast.stats import delong_test, patient_bootstrap_aucs
-from cvfast.train.export import export_model
+from cvfast.train.heldout import predict_frame
 from cvfast.train.learners import learner_for, patch_learner, whole_image_learner
-
-from conftest import PATCH, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +45,7 @@ def models(s10, ddsm_data, tmp_path_factory) -> dict[str, Path]:
 
 def _learner_probs(model_dir: Path, data: Path, rows: pd.DataFrame) -> np.ndarray:
     """The trained learner's own get_preds on cached images (the reference predict must equal)."""
-    from cvfast.train.export import load_model
+    from cvfast.models.artifact import load_model
 
     model, side = load_model(model_dir)
     learn = learner_for(whole_image_dataloaders(data, augment=False, mean=side["mean_grey"]), model)
@@ -143,7 +142,7 @@ def test_one_file_spelled_two_ways_is_predicted_once(models, ddsm_data, monkeypa
 
 
 def test_predict_reads_a_csv_of_paths_and_a_nested_folder_with_identity_from_dicom_headers(models, ddsm_data, tmp_path):
-    from cvfast.data.synth import make_dicom
+    from cvfast.data.synth.render import make_dicom
 
     rows = read_manifest(ddsm_data).iloc[:4].reset_index(drop=True)
     site = tmp_path / "site"

@@ -1,16 +1,19 @@
-"""The house: library layers import downward only (cli -> infer -> train -> models -> data; read -> ingest -> sample -> blocks)."""
+"""The house: library layers import downward only (cli -> infer -> train -> models -> data -> util; read -> ingest -> sample ->
+blocks), no module imports itself back through others, and inference runs without the training code."""
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "cvfast"
 # Higher number = higher layer. Leaves (errors, stats, progress) import no cvfast module and may be imported by anyone.
-LAYERS = {"data": 0, "models": 1, "train": 2, "infer": 3, "crossval": 4, "demo": 4, "cli": 5, "__main__": 6}
-DATA_LAYERS = {"paths": 0, "read": 0, "decode": 0, "manifest": 0, "crop": 0, "convert": 0, "loader": 0, "synth": 1, "synth_screening": 1,
+LAYERS = {"util": -1, "data": 0, "models": 1, "train": 2, "infer": 3, "crossval": 4, "demo": 4, "cli": 5, "__main__": 6}
+DATA_LAYERS = {"classes": 0, "datasets": 0, "read": 0, "decode": 0, "manifest": 0, "crop": 0, "convert": 0, "loader": 0, "synth": 1,
                "ingest": 1, "sample": 2, "blocks": 3}
-LEAVES = {"errors", "stats", "progress", "allocator"}
+LEAVES = {"errors", "stats", "allocator"}
 
 
 def _cvfast_imports(path: Path) -> set[str]:
@@ -62,3 +65,52 @@ def test_the_layer_map_knows_every_module():
         assert parts[0] in LAYERS, f"{path}: not in the layer map"
         if parts[0] == "data" and len(parts) > 1 and parts[1] != "__init__":
             assert parts[1] in DATA_LAYERS, f"{path}: data module not in the data layer map"
+
+
+def _graph() -> dict[str, set[str]]:
+    """Module -> the cvfast modules it imports (a package's import stands for its __init__)."""
+    modules = {_module(p).removesuffix(".__init__") for p in SOURCES}
+    return {_module(p).removesuffix(".__init__"): {m for m in _cvfast_imports(p) if m in modules} for p in SOURCES}
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle of a module graph (depth-first search), or None."""
+    state, path = {}, []
+
+    def visit(m: str) -> list[str] | None:
+        state[m] = "open"
+        path.append(m)
+        for n in sorted(graph.get(m, ())):
+            if state.get(n) == "open":
+                return path[path.index(n):] + [n]
+            if n not in state and (found := visit(n)):
+                return found
+        path.pop()
+        state[m] = "done"
+        return None
+
+    for module in sorted(graph):
+        if module not in state and (found := visit(module)):
+            return found
+    return None
+
+
+def test_no_import_cycle_anywhere():
+    """Not even between modules of one rank, nor hidden by an import inside a function (synth <-> synth_screening was one)."""
+    cycle = _cycle(_graph())
+    assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def test_the_cycle_check_sees_cycles():
+    """The check above finds a planted cycle, and the graph it walks holds the imports it must see."""
+    assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == ["a", "b", "c", "a"]
+    assert _cycle({"a": {"b"}, "b": set(), "c": {"a", "b"}}) is None
+    assert "cvfast.data.manifest" in _graph()["cvfast.data.sample"]
+
+
+def test_inference_imports_no_training_code():
+    """Loading and predicting with a model pulls in nothing of cvfast.train (fastai's training machinery stays out)."""
+    code = ("import sys, cvfast.infer.predict, cvfast.infer.heatmap, cvfast.infer.review, cvfast.infer.show, cvfast.infer.evaluate; "
+            "print(sorted(m for m in sys.modules if m.startswith('cvfast.train')))")
+    r = subprocess.run([sys.executable, "-W", "ignore", "-c", code], capture_output=True, text=True, check=True)
+    assert r.stdout.strip() == "[]", r.stdout

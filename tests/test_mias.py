@@ -7,11 +7,10 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import MIAS, run_cli
 
 from cvfast.data.manifest import read_manifest
 from cvfast.data.read import read_png
-
-from conftest import MIAS, run_cli
 
 pytestmark = pytest.mark.skipif(not (MIAS / "Info.txt").is_file(), reason=f"mini-MIAS not available at {MIAS}")
 

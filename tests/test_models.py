@@ -167,10 +167,11 @@ def test_fastai_head_option_and_its_groups():
 
 def test_batch_of_two_trains_at_the_papers_size(ddsm_data):
     """A whole-image training step at 1152x896, batch 2, with the BN policy and gradient accumulation."""
+    from fastai.callback.training import GradientAccumulation
+
     from cvfast.data.blocks import whole_image_dataloaders
     from cvfast.train.callbacks import HoldBodyBatchNorm
     from cvfast.train.learners import whole_image_learner
-    from fastai.callback.training import GradientAccumulation
 
     dls = whole_image_dataloaders(ddsm_data, bs=2, size=(1152, 896))
     xb, _ = dls.one_batch()

@@ -3,19 +3,19 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
-
-from cvfast.data.manifest import PATCH_CLASSES, read_manifest
-from cvfast.data.read import read_png
-from cvfast.data.crop import segment_breast
-from cvfast.data.sample import PATCH_SETS, make_patches
-
 from conftest import PATCH, run_cli
+
+from cvfast.data.classes import PATCH_CLASSES
+from cvfast.data.crop import segment_breast
+from cvfast.data.manifest import read_manifest
+from cvfast.data.read import read_png
+from cvfast.data.sample import PATCH_SETS, make_patches
 
 
 def test_s10_counts_and_labels_match_ground_truth(s10, truth):

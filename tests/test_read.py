@@ -12,7 +12,7 @@ from pydicom.uid import RLELossless
 
 from cvfast.data.decode import IMAGECODECS, decode
 from cvfast.data.read import read_mammogram, read_png, resize, resize_mask, write_png
-from cvfast.data.synth import ENCODERS, make_dicom
+from cvfast.data.synth.render import ENCODERS, make_dicom
 from cvfast.errors import CvfastError
 
 

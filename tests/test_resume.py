@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
-import json
 import time
 
 import pandas as pd
 import pytest
-
-from cvfast.data.synth import synthesize
-
 from conftest import run_cli
 
+from cvfast.data.synth import synthesize
 
 pytestmark = pytest.mark.slow  # kills and re-runs real CLI processes
 

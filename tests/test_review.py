@@ -9,12 +9,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import run_cli
 
 from cvfast.data.manifest import read_manifest
 from cvfast.infer.evaluate import EvalSettings, evaluate
 from cvfast.infer.review import ReviewSettings, outcomes, review
-
-from conftest import run_cli
 
 ARTIFACTS = Path(os.environ.get("CVFAST_TEST_ARTIFACTS", Path(__file__).resolve().parents[1] / "test-artifacts"))
 

@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import run_cli
 from fastai.callback.channelslast import ChannelsLast
 from fastai.callback.fp16 import MixedPrecision
 
 from cvfast.errors import CvfastError
-from cvfast.train.export import load_model
+from cvfast.models.artifact import load_model
 from cvfast.train.pipeline import patch_learner_from_recipe, train_patch, train_schedule
 from cvfast.train.recipes import load_recipe, resolve
 from cvfast.train.runtime import Runtime
-
-from conftest import run_cli
 
 GPU = torch.cuda.is_available()
 

@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pydicom
 import pytest
+from conftest import SIZE
 from pydicom.pixels import apply_voi_lut
 from typer.testing import CliRunner
 
@@ -18,8 +19,6 @@ from cvfast.data.manifest import read_manifest
 from cvfast.data.read import read_mammogram, read_png
 from cvfast.data.sample import PATCH_SETS, make_patches
 from cvfast.data.synth import synthesize
-
-from conftest import SIZE
 
 SCREENING = ("rsna", "vindr", "cmmd")
 
@@ -169,9 +168,10 @@ def test_predictions_carry_site_columns_and_evaluate_breaks_down_by_group(prepar
     assert {"site_id", "machine_id", "density"} <= set(df.columns)  # the dataset's own columns travel with the predictions
     out = cli("evaluate", preds, "--split", "all", "--thresholds-from", "self", "--by-group", "site_id", "--by", "breast", "--out", tmp_path / "r")
     report = json.loads((tmp_path / "r" / "report.json").read_text())
+    from sklearn.metrics import roc_auc_score
+
     from cvfast.infer.evaluate import aggregate
     from cvfast.stats import probabilistic_f1
-    from sklearn.metrics import roc_auc_score
 
     breasts = aggregate(df.astype({"patient_id": str}), "breast", keep=("site_id",))
     assert report["n"] == len(breasts) and report["probabilistic_f1"] == pytest.approx(probabilistic_f1(breasts["label"], breasts["p_cancer"]))
@@ -243,7 +243,7 @@ def test_cropped_vindr_masks_map_back_to_their_source_boxes(screening, tmp_path)
 
 def test_a_model_trained_on_cropped_images_crops_new_images_the_same_way(screening, untrained_models, tmp_path):
     from cvfast.data.blocks import whole_image_dataloaders
-    from cvfast.train.export import export_model, load_model
+    from cvfast.models.artifact import export_model, load_model
     from cvfast.train.learners import whole_image_learner
 
     src, _ = screening

@@ -9,13 +9,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import SIZE
 
 from cvfast.data.manifest import MANIFEST_COLUMNS, read_manifest
 from cvfast.data.read import read_png
-from cvfast.data.synth import CALC_COLUMNS, MASS_COLUMNS, synthesize
+from cvfast.data.synth import synthesize
+from cvfast.data.synth.ddsm import CALC_COLUMNS, MASS_COLUMNS
 from cvfast.errors import CvfastError
-
-from conftest import SIZE
 
 
 def _tree_digest(root) -> str:
@@ -204,7 +204,7 @@ def test_hard_lesions_overlap_in_look_and_easy_ones_never_do():
     """The hard synthetic data has the ambiguity of real lesions; the easy data keeps the first data's clean separation."""
     import numpy as np
 
-    from cvfast.data.synth import DIFFICULTIES, plan_lesion
+    from cvfast.data.synth.render import DIFFICULTIES, plan_lesion
 
     rng = np.random.default_rng(0)
     hard = DIFFICULTIES["hard"]
@@ -238,7 +238,7 @@ def test_a_lesion_is_drawn_as_its_look_says():
     """Outline and contrast come from the lesion's look, not its pathology: a circumscribed cancer is convex, a faint one faint."""
     import cv2
 
-    from cvfast.data.synth import LesionSpec, render_image
+    from cvfast.data.synth.render import LesionSpec, render_image
 
     def draw(irregular: bool, contrast: float) -> tuple[float, float]:
         signal, _, (mask,), _ = render_image(np.random.default_rng(5), 600, 450, "L", "CC",

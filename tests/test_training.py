@@ -11,15 +11,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import run_cli
 
 from cvfast.data.manifest import read_manifest
 from cvfast.data.read import read_png
 from cvfast.demo import run_demo
 from cvfast.errors import CvfastError
-from cvfast.train.export import load_model
-
-from conftest import run_cli
-
+from cvfast.models.artifact import load_model
 
 pytestmark = pytest.mark.slow  # trains the whole demo (about 6 minutes on two cores, 14 on one shared with other tests)
 

@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import PATCH
 from typer.testing import CliRunner
 
 from cvfast.cli import app
@@ -26,8 +27,6 @@ from cvfast.infer.predict import predict
 from cvfast.train.pipeline import patch_learner_from_recipe, train_schedule
 from cvfast.train.recipes import load_recipe
 from cvfast.train.schedule import Stage
-
-from conftest import PATCH
 
 
 def _checksums(*roots: Path) -> dict[str, str]:
@@ -104,7 +103,7 @@ HOSTILE = ["../../../x", "/tmp/abs_x", "a/b", "a\\b", "..", ".hidden", "nul\x00b
 
 
 def test_safe_stems_are_plain_distinct_and_case_distinct():
-    from cvfast.data.paths import safe_stem, unique_stems
+    from cvfast.util.files import safe_stem, unique_stems
 
     stems = unique_stems(HOSTILE)
     assert len(set(stems.values())) == len(HOSTILE)
@@ -205,7 +204,7 @@ def test_symlinked_folders_are_read_and_loops_end(synth_dir, ddsm_data, tiny_mod
     (scans / "site_a_again").symlink_to(ddsm_data / "images", target_is_directory=True)  # one folder linked twice: read once
     result = predict([tiny_models[1]], [scans], progress=False)
     assert len(result.frame) == len(list((ddsm_data / "images").glob("*.png")))
-    from cvfast.data.paths import walk_files
+    from cvfast.util.files import walk_files
 
     assert len(list(walk_files(src / "AllDICOMs"))) == len(list((src / "AllDICOMs").glob("*.dcm")))
 

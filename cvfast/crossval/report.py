@@ -16,9 +16,9 @@ import numpy as np
 import pandas as pd
 
 from cvfast.crossval.scores import auc
-from cvfast.data.read import atomic_write_bytes
 from cvfast.data.manifest import write_csv
 from cvfast.stats import patient_bootstrap_aucs, percentile_ci
+from cvfast.util.files import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 

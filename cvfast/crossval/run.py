@@ -27,23 +27,34 @@ import torch
 
 from cvfast.crossval.folds import make_folds, write_fold_data
 from cvfast.crossval.report import finite, write_report
-from cvfast.crossval.scores import (WindowScores, auc, brightness, class_probabilities_fn, density_prior, image_window_scores, lesion_type,
-                                    malignant_fn, malignant_masks, pointing_game, working_image)
+from cvfast.crossval.scores import (
+    WindowScores,
+    auc,
+    brightness,
+    class_probabilities_fn,
+    density_prior,
+    image_window_scores,
+    lesion_type,
+    malignant_fn,
+    malignant_masks,
+    pointing_game,
+    working_image,
+)
+from cvfast.data.classes import MALIGNANT_PATCH_CLASSES, PATCH_CLASSES
 from cvfast.data.crop import segment_breast
-from cvfast.data.manifest import MALIGNANT_PATCH_CLASSES, PATCH_CLASSES, manifest_digest, read_manifest
-from cvfast.data.paths import refuse_overwrite
-from cvfast.data.read import atomic_write_bytes
+from cvfast.data.manifest import manifest_digest, read_manifest
 from cvfast.data.sample import PATCH_SETS, check_patch_set, make_patches
 from cvfast.errors import CvfastError
 from cvfast.infer.evaluate import EvalSettings
 from cvfast.infer.review import ReviewSettings, review
+from cvfast.models.artifact import load_model
 from cvfast.models.windows import breast_peak, score_tiles, window_heatmap
-from cvfast.train.export import load_model
 from cvfast.train.heldout import predict_frame
 from cvfast.train.pipeline import finetune, train_patch, train_whole
 from cvfast.train.probe import ProbeSpec, fit_probe, frozen_body, image_window_features, malignant_probability, patch_features
-from cvfast.train.recipes import fingerprint, load_recipe, resolve
+from cvfast.train.recipes import fingerprint, load_recipe, resolve, typed
 from cvfast.train.runtime import Runtime
+from cvfast.util.files import atomic_write_bytes, refuse_overwrite
 
 log = logging.getLogger(__name__)
 
@@ -254,8 +265,9 @@ def _probe(plist: pd.DataFrame, patches: Path, test: pd.DataFrame, images: dict[
            stride: int) -> tuple[np.ndarray, dict]:
     """The frozen linear probe of the fold: fitted on the training folds' patches, the max over each held-out image's windows."""
     info = json.loads((patches / "patchset.json").read_text())
-    fed = recipe["data"].get("size")
-    pspec = ProbeSpec(arch=recipe["model"]["arch"], window=spec.patch_size, fed=int(fed) if fed else None, stride=stride, c=spec.probe_c,
+    cfg = typed(recipe)
+    fed = cfg.data.size
+    pspec = ProbeSpec(arch=cfg.model.arch, window=spec.patch_size, fed=int(fed) if fed else None, stride=stride, c=spec.probe_c,
                       mean_grey=float(info["mean_grey"]))
     body = frozen_body(pspec.arch, spec.weights)
     fit_rows = plist[plist["split"] != "test"]

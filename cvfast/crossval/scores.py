@@ -12,11 +12,11 @@ import pandas as pd
 import torch
 from sklearn.metrics import roc_auc_score
 
+from cvfast.data.classes import MALIGNANT_PATCH_CLASSES
 from cvfast.data.crop import segment_breast
-from cvfast.data.manifest import MALIGNANT_PATCH_CLASSES
 from cvfast.data.read import read_png
 from cvfast.models.windows import breast_peak, breast_window_centres, score_windows, window_heatmap
-from cvfast.progress import progress_bar
+from cvfast.util.progress import progress_bar
 
 # the columns a density prior can read, in the order they are tried (mini-MIAS tissue F/G/D; RSNA, VinDr, CSV density)
 DENSITY_COLUMNS = ("tissue", "density")

@@ -12,21 +12,19 @@ import torch
 from fastai.data.block import CategoryBlock, DataBlock, TransformBlock
 from fastai.data.core import DataLoaders
 from fastai.data.transforms import ColReader, ColSplitter, IntToFloatTensor, Normalize
-from fastai.vision.augment import AffineCoordTfm, RandTransform, aug_transforms
 from fastai.torch_core import num_distrib
+from fastai.vision.augment import AffineCoordTfm, RandTransform, aug_transforms
 from fastai.vision.core import TensorImage, TensorImageBW
 
+from cvfast.data.classes import PATCH_CLASSES, WHOLE_IMAGE_CLASSES
 from cvfast.data.crop import crop_spec_of
 from cvfast.data.loader import PersistentTfmdDL, PersistentWeightedDL
-from cvfast.data.manifest import MANIFEST_NAME, PATCH_CLASSES, REJECTS_NAME, read_manifest
+from cvfast.data.manifest import MANIFEST_NAME, REJECTS_NAME, read_manifest
 from cvfast.data.read import mean_grey, read_png
 from cvfast.data.sample import PATCH_MANIFEST, check_patch_set
 from cvfast.errors import CvfastError
 
 log = logging.getLogger(__name__)
-
-WHOLE_IMAGE_CLASSES = ["no_cancer", "cancer"]
-
 
 class TensorMammo(TensorImageBW):
     """A grey-level mammogram tensor, shown with black = 0 (TensorImageBW's default colour map is inverted)."""

@@ -5,22 +5,17 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import multiprocessing as mp
 import os
-import sys
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
 from cvfast.data.crop import CropSpec, apply_crop, cut_breast
-from cvfast.data.paths import inside, read_json, safe_stem
-from cvfast.data.read import TEMP_GLOB, TEMP_PREFIX, WORKING_SIZE, atomic_write_bytes, read_mammogram, read_png, resize, resize_mask, write_png
+from cvfast.data.read import WORKING_SIZE, read_mammogram, read_png, resize, resize_mask, write_png
 from cvfast.errors import CvfastError
-from cvfast.progress import progress_bar
+from cvfast.util.files import TEMP_GLOB, TEMP_PREFIX, atomic_write_bytes, inside, read_json, safe_stem
+from cvfast.util.parallel import default_workers, parallel_map
 
 log = logging.getLogger(__name__)
 
@@ -68,11 +63,6 @@ class ImageJob:
     def mask_path(self, abnormality_id: int) -> str:
         """One ROI's working-size mask, relative to the DATA folder."""
         return f"masks/{self.stem}_{int(abnormality_id)}.png"
-
-
-def default_workers() -> int:
-    """Worker processes: one per core this process may use."""
-    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
 
 
 def _mask_from_candidates(roi: RoiSpec, shape: tuple[int, int]) -> np.ndarray:
@@ -194,31 +184,6 @@ def _run_job(args: tuple[ImageJob, str, tuple[int, int], CropSpec]) -> tuple[str
         return job.image_id, None, str(e)
     except Exception as e:  # an unexpected failure on one file must not kill the whole run
         return job.image_id, None, f"{job.source}: {type(e).__name__}: {e}"
-
-
-def parallel_map(fn: Callable, items: list, workers: int, description: str, chunksize: int = 1) -> Iterator:
-    """Map fn over items in worker processes (or inline for workers<=1) with a rich progress bar, in order."""
-    with progress_bar(enabled=bool(items)) as progress:
-        task = progress.add_task(description, total=len(items))
-        if workers <= 1 or len(items) <= 1:
-            results: Iterable = map(fn, items)
-            pool = None
-        else:
-            # fork is fast and works from unguarded scripts, but a parent that imported torch holds OpenMP threads
-            # that fork would copy in a broken state: then spawn (which needs the usual __main__ guard in scripts)
-            method = "spawn" if "torch" in sys.modules else "fork"
-            pool = ProcessPoolExecutor(max_workers=min(workers, len(items)), mp_context=mp.get_context(method))
-            results = pool.map(fn, items, chunksize=chunksize)
-        try:
-            for r in results:
-                progress.advance(task)
-                yield r
-        except BrokenProcessPool:
-            raise CvfastError(f"a worker process died while {description} (out of memory? try fewer --workers); "
-                              "finished work is kept: re-run the same command to resume") from None
-        finally:
-            if pool is not None:
-                pool.shutdown(cancel_futures=True)
 
 
 def convert_all(jobs: list[ImageJob], data_dir: str | Path, size: tuple[int, int] = WORKING_SIZE,

@@ -2,8 +2,8 @@
 
 pydicom picks among its installed plugins (pylibjpeg-openjpeg, -libjpeg, -rle, pyjpegls) on its own; imagecodecs
 wraps the same codec libraries (OpenJPEG, libjpeg-turbo / liblj92, CharLS) without pydicom's per-frame buffer
-handling; dicomsdl reads and decodes the file in C++ (its own parser, so only for files on disk). `bench/decode_throughput.py` measures both on the same files; `FASTEST` holds its verdict (BENCHMARKS.md),
-and `tests/test_read.py` checks that every backend gives the same pixels.
+handling; dicomsdl reads and decodes the file in C++ (its own parser, so only for files on disk).
+`bench/decode_throughput.py` measures both on the same files; `FASTEST` holds its verdict (BENCHMARKS.md), and `tests/test_read.py` checks that every backend gives the same pixels.
 """
 
 from __future__ import annotations

@@ -19,8 +19,8 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import train_test_split
 
-from cvfast.data.read import atomic_write_bytes
 from cvfast.errors import CvfastError
+from cvfast.util.files import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -29,9 +29,6 @@ REJECTS_NAME = "rejects.csv"
 MANIFEST_COLUMNS = ["image_id", "patient_id", "dataset", "side", "view", "path", "label", "pathology",
                     "n_abnormalities", "abnormalities", "split", "source", "orig_height", "orig_width"]
 REJECT_COLUMNS = ["source", "row", "reason"]
-# The 5 patch classes of Shen et al., in the order every patch model stores and outputs them.
-PATCH_CLASSES = ["background", "calc_benign", "calc_malignant", "mass_benign", "mass_malignant"]
-MALIGNANT_PATCH_CLASSES = ("calc_malignant", "mass_malignant")  # summed: a patch's malignant probability
 SPLITS = ("train", "valid", "test")
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,6 +15,7 @@ from pydicom.pixels import apply_modality_lut, apply_voi_lut, get_decoder
 
 from cvfast.data.decode import decode
 from cvfast.errors import CvfastError
+from cvfast.util.files import atomic_write_bytes
 
 WORKING_SIZE: tuple[int, int] = (1152, 896)  # (height, width), the paper's whole-image size
 RASTER_SUFFIXES = {".png", ".tif", ".tiff", ".pgm", ".jpg", ".jpeg"}
@@ -221,26 +221,6 @@ def resize_mask(mask: np.ndarray, size: tuple[int, int] = WORKING_SIZE) -> np.nd
     if not out.any() and mask.any():  # a tiny lesion must not vanish when shrunk
         out[np.unravel_index(np.argmax(frac), frac.shape)] = 255
     return out
-
-
-TEMP_PREFIX = ".cvfast-"  # temporaries of a killed run are removed by this prefix: never a user's own hidden files
-TEMP_GLOB = f"{TEMP_PREFIX}*.tmp"
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write bytes to path via a temporary file in the same folder and os.replace, so no partial file appears."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{TEMP_PREFIX}{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException as e:
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(e, OSError):
-            raise CvfastError(f"{path}: cannot write ({e.strerror or e})") from None
-        raise
 
 
 def write_png(path: str | os.PathLike, pixels: np.ndarray, compression: int = 0) -> None:

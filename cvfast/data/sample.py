@@ -22,12 +22,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from cvfast.data.convert import default_workers, parallel_map
+from cvfast.data.classes import PATCH_CLASSES
 from cvfast.data.crop import MASK_VERSION, segment_breast
-from cvfast.data.manifest import MANIFEST_NAME, PATCH_CLASSES, REJECTS_NAME, manifest_digest, read_manifest, rejects_frame, write_csv
-from cvfast.data.paths import inside, read_json, refuse_overwrite, unique_stems
-from cvfast.data.read import TEMP_GLOB, atomic_write_bytes, mean_grey, read_png, write_png
+from cvfast.data.manifest import MANIFEST_NAME, REJECTS_NAME, manifest_digest, read_manifest, rejects_frame, write_csv
+from cvfast.data.read import mean_grey, read_png, write_png
 from cvfast.errors import CvfastError
+from cvfast.util.files import TEMP_GLOB, atomic_write_bytes, inside, read_json, refuse_overwrite, unique_stems
+from cvfast.util.parallel import default_workers, parallel_map
 
 log = logging.getLogger(__name__)
 

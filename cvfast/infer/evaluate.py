@@ -7,15 +7,14 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+
 import numpy as np
 import pandas as pd
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score, roc_curve
 
-from cvfast.data.paths import refuse_overwrite
-from cvfast.data.read import atomic_write_bytes
 from cvfast.errors import CvfastError
-from cvfast.stats import (at_threshold, calibration, delong_test, patient_bootstrap_aucs, percentile_ci, probabilistic_f1,
-                                thresholds_at)
+from cvfast.stats import at_threshold, calibration, delong_test, patient_bootstrap_aucs, percentile_ci, probabilistic_f1, thresholds_at
+from cvfast.util.files import atomic_write_bytes, refuse_overwrite
 
 log = logging.getLogger(__name__)
 

@@ -12,15 +12,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cvfast.data.classes import MALIGNANT_PATCH_CLASSES
 from cvfast.data.crop import CropSpec, cut_breast
-from cvfast.data.paths import check_output_name, refuse_overwrite, safe_stem
-from cvfast.data.read import WORKING_SIZE, atomic_write_bytes, read_mammogram, resize
+from cvfast.data.read import WORKING_SIZE, read_mammogram, resize
 from cvfast.errors import CvfastError
-from cvfast.progress import progress_bar
-from cvfast.data.manifest import MALIGNANT_PATCH_CLASSES
 from cvfast.infer.predict import working_image
+from cvfast.models.artifact import load_model, model_files
 from cvfast.models.whole import WholeImageClassifier
-from cvfast.train.export import load_model, model_files
+from cvfast.util.files import atomic_write_bytes, check_output_name, refuse_overwrite, safe_stem
+from cvfast.util.progress import progress_bar
 
 log = logging.getLogger(__name__)
 

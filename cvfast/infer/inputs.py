@@ -9,10 +9,10 @@ from typing import Sequence
 import pandas as pd
 
 from cvfast.data.manifest import MANIFEST_COLUMNS, MANIFEST_NAME, read_manifest
-from cvfast.data.paths import walk_files
 from cvfast.data.read import RASTER_SUFFIXES, dicom_identity
 from cvfast.errors import CvfastError
-from cvfast.progress import progress_bar
+from cvfast.util.files import walk_files
+from cvfast.util.progress import progress_bar
 
 log = logging.getLogger(__name__)
 

@@ -9,9 +9,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+import fastai.callback.progress  # noqa: F401  (Learner.no_bar)
 import numpy as np
 import pandas as pd
-import fastai.callback.progress  # noqa: F401  (Learner.no_bar)
 import torch
 from fastai.data.core import DataLoaders
 from fastai.data.load import DataLoader
@@ -20,14 +20,15 @@ from fastai.losses import CrossEntropyLossFlat
 from fastai.torch_core import default_device
 from torch import nn
 
-from cvfast.data.manifest import MALIGNANT_PATCH_CLASSES, REJECT_COLUMNS
-from cvfast.data.paths import check_output_name, refuse_overwrite
+from cvfast.data.classes import MALIGNANT_PATCH_CLASSES
 from cvfast.data.crop import Crop, CropSpec, cut_breast
-from cvfast.data.read import atomic_write_bytes, read_mammogram, resize
+from cvfast.data.manifest import REJECT_COLUMNS
+from cvfast.data.read import read_mammogram, resize
 from cvfast.errors import CvfastError
 from cvfast.infer.inputs import collect_inputs
-from cvfast.train.callbacks import BatchProgress
-from cvfast.train.export import load_model, model_files
+from cvfast.models.artifact import load_model, model_files
+from cvfast.util.batch_progress import BatchProgress
+from cvfast.util.files import atomic_write_bytes, check_output_name, refuse_overwrite
 
 log = logging.getLogger(__name__)
 

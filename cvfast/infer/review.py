@@ -17,14 +17,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from cvfast.data.convert import parallel_map
-from cvfast.data.paths import check_output_name, refuse_overwrite, unique_stems
-from cvfast.data.read import atomic_write_bytes, read_mammogram, resize
+from cvfast.data.read import read_mammogram, resize
 from cvfast.errors import CvfastError
 from cvfast.infer.evaluate import REPORT_FILES, EvalSettings, read_predictions, run_evaluation, unit_of, write_report
 from cvfast.infer.heatmap import heatmap, overlay
-from cvfast.progress import progress_bar
-from cvfast.train.export import model_files
+from cvfast.models.artifact import model_files
+from cvfast.util.files import atomic_write_bytes, check_output_name, refuse_overwrite, unique_stems
+from cvfast.util.parallel import parallel_map
+from cvfast.util.progress import progress_bar
 
 log = logging.getLogger(__name__)
 

@@ -5,19 +5,18 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
-import pandas as pd
 import fastai.callback.progress  # noqa: F401  (Learner.no_bar)
+import pandas as pd
 from fastai.interpret import ClassificationInterpretation
 from fastai.learner import Learner
 
-from cvfast.data.blocks import WHOLE_IMAGE_CLASSES, data_files, patch_dataloaders, whole_image_dataloaders
+from cvfast.data.blocks import data_files, patch_dataloaders, whole_image_dataloaders
+from cvfast.data.classes import WHOLE_IMAGE_CLASSES
 from cvfast.data.manifest import read_manifest
-from cvfast.data.paths import check_output_name, refuse_overwrite
-from cvfast.data.read import atomic_write_bytes
 from cvfast.data.sample import PATCH_MANIFEST
 from cvfast.errors import CvfastError
-from cvfast.train.export import load_model, model_files
-from cvfast.train.learners import learner_for
+from cvfast.models.artifact import load_model, model_files
+from cvfast.util.files import atomic_write_bytes, check_output_name, refuse_overwrite
 
 VIEWS = ("batch", "results", "top-losses", "confusion")
 
@@ -35,7 +34,7 @@ def model_learner(model_path: str | Path, data: str | Path, bs: int = 8, augment
         dls = patch_dataloaders(data, size=sidecar["size"][0], **kwargs)
     else:
         dls = whole_image_dataloaders(data, size=tuple(sidecar["size"]), **kwargs)
-    return learner_for(dls, model)
+    return Learner(dls, model, loss_func=dls.loss_func)  # for showing only: no optimiser, splitter or metrics needed
 
 
 def _labelled_rows(learn: Learner, data: str | Path, split: str) -> pd.DataFrame:

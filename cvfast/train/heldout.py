@@ -5,16 +5,16 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import fastai.callback.progress  # noqa: F401  (Learner.no_bar)
 import numpy as np
 import pandas as pd
-import fastai.callback.progress  # noqa: F401  (Learner.no_bar)
 from fastai.learner import Learner
 from sklearn.metrics import accuracy_score, recall_score, roc_auc_score
 
-from cvfast.data.blocks import WHOLE_IMAGE_CLASSES
-from cvfast.data.manifest import PATCH_CLASSES, read_manifest
+from cvfast.data.classes import PATCH_CLASSES, WHOLE_IMAGE_CLASSES
+from cvfast.data.manifest import read_manifest
 from cvfast.stats import patient_bootstrap_aucs, percentile_ci
-from cvfast.train.callbacks import BatchProgress
+from cvfast.util.batch_progress import BatchProgress
 
 log = logging.getLogger(__name__)
 

@@ -6,14 +6,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
 from fastai.data.core import DataLoaders
 from fastai.learner import Learner
 from fastai.losses import CrossEntropyLossFlat
 from fastai.metrics import AccumMetric, ActivationType, BalancedAccuracy, RocAucBinary, accuracy
 from sklearn.metrics import roc_auc_score
 
-from cvfast.data.manifest import MALIGNANT_PATCH_CLASSES
+from cvfast.data.classes import MALIGNANT_PATCH_CLASSES
 from cvfast.errors import CvfastError
 from cvfast.models.body import create_body
 from cvfast.models.patch import PatchClassifier

@@ -10,10 +10,9 @@ from fastai.callback.schedule import minimum, slide, steep, valley  # noqa: F401
 from fastai.callback.training import BnFreeze
 from fastai.learner import Learner
 
-from cvfast.data.paths import check_output_name
-from cvfast.data.read import atomic_write_bytes
 from cvfast.errors import CvfastError
 from cvfast.train.schedule import Stage, begin_stage
+from cvfast.util.files import atomic_write_bytes, check_output_name
 
 log = logging.getLogger(__name__)
 

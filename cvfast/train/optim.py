@@ -6,6 +6,8 @@ from functools import partial
 
 from fastai.optimizer import Optimizer, adam_step, average_grad, average_sqr_grad, step_stat, weight_decay
 
+from cvfast.train.recipes import TrainSection
+
 WEIGHT_DECAY_MODES = ("l2", "decoupled")
 
 
@@ -28,13 +30,11 @@ def paper_adam(params, lr: float, mom: float = 0.9, sqr_mom: float = 0.999, eps:
     return Optimizer(params, cbs, lr=lr, mom=mom, sqr_mom=sqr_mom, eps=eps, wd=wd)
 
 
-def optimizer_from(train: dict):
+def optimizer_from(train: TrainSection):
     """The opt_func a recipe's [train] table asks for (defaults: the paper's)."""
-    return partial(paper_adam, mom=train.get("adam_beta1", 0.9), sqr_mom=train.get("adam_beta2", 0.999),
-                   eps=train.get("adam_eps", 1e-8), decay=train.get("weight_decay", "l2"))
+    return partial(paper_adam, mom=train.adam_beta1, sqr_mom=train.adam_beta2, eps=train.adam_eps, decay=train.weight_decay)
 
 
-def optimizer_settings(train: dict) -> dict:
+def optimizer_settings(train: TrainSection) -> dict:
     """What optimizer_from builds, as plain data (recorded in the resolved recipe and model.json)."""
-    return {"name": "adam", "beta1": train.get("adam_beta1", 0.9), "beta2": train.get("adam_beta2", 0.999),
-            "eps": train.get("adam_eps", 1e-8), "weight_decay": train.get("weight_decay", "l2")}
+    return {"name": "adam", "beta1": train.adam_beta1, "beta2": train.adam_beta2, "eps": train.adam_eps, "weight_decay": train.weight_decay}

@@ -9,28 +9,40 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
-
 import fastai.callback.progress  # noqa: F401  (Learner.no_bar)
+import numpy as np
 from fastai.callback.training import GradientAccumulation
 from fastai.learner import Learner
 from fastai.torch_core import distrib_barrier, num_distrib, set_seed
 
 from cvfast.data.blocks import data_files, patch_dataloaders, patch_set_train_mean, whole_image_dataloaders
 from cvfast.data.loader import close_readers
-from cvfast.data.paths import refuse_overwrite
-from cvfast.data.read import atomic_write_bytes
 from cvfast.errors import CvfastError
-from cvfast.train.callbacks import (HISTORY_CSV, BatchProgress, BestModel, EarlyStop, EpochCheckpoint, HoldBodyBatchNorm, RankStreams,
-                                    RestoreSmoothLoss, StopOnNonFinite, read_progress, read_progress_raw, restore_rng_state,
-                                    tensorboard_callback, write_history_csv)
+from cvfast.models.artifact import PKL, SIDECAR, WEIGHTS, create_model, export_model, load_model, model_files
+from cvfast.train.callbacks import (
+    HISTORY_CSV,
+    BestModel,
+    EarlyStop,
+    EpochCheckpoint,
+    HoldBodyBatchNorm,
+    RankStreams,
+    RestoreSmoothLoss,
+    StopOnNonFinite,
+    read_progress,
+    read_progress_raw,
+    restore_rng_state,
+    tensorboard_callback,
+    write_history_csv,
+)
 from cvfast.train.heldout import heldout_patch_metrics, heldout_whole_metrics
-from cvfast.train.export import PKL, SIDECAR, WEIGHTS, build_model, export_model, load_model, model_files
 from cvfast.train.learners import learner_for, patch_learner, whole_image_learner
 from cvfast.train.optim import optimizer_from, optimizer_settings
-from cvfast.train.recipes import fingerprint
-from cvfast.train.runtime import Runtime, apply_runtime, data_parallel, export_ready, is_main_process, rank0_decision, this_process_only
+from cvfast.train.recipes import fingerprint, typed
+from cvfast.train.runtime import Runtime, apply_runtime, data_parallel, export_ready, rank0_decision, this_process_only
 from cvfast.train.schedule import Stage, begin_stage, describe, fit_stage, random_init_schedule, stages_from
+from cvfast.util.batch_progress import BatchProgress
+from cvfast.util.distributed import is_main_process
+from cvfast.util.files import atomic_write_bytes, refuse_overwrite
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +91,7 @@ def train_schedule(learn: Learner, stages: list[Stage], out: Path, recipe: dict,
         extra = [BatchProgress(f"stage {i + 1}/{len(stages)} ({stage.name})", start, stage.epochs), RestoreSmoothLoss(smooth)]
         epochs_before = sum(s.epochs for s in stages[:i]) + start
         if num_distrib() > 1:
-            extra.append(RankStreams(recipe.get("train", {}).get("seed", 0), epochs_before))
+            extra.append(RankStreams(typed(recipe).train.seed, epochs_before))
         if logger == "tensorboard":
             extra.append(tensorboard_callback(out / "tensorboard", epochs_before))
         # constant learning rates: resuming is fitting the remaining epochs (no schedule position to restore)
@@ -121,31 +133,25 @@ def _finish(learn: Learner, out: Path, recipe: dict, extra: Callable[[], dict]) 
 def _schedule(recipe: dict, random_init: bool) -> list[Stage]:
     """The recipe's stages, or the random-init schedule for untrained weights."""
     stages = stages_from(recipe["stages"])
-    return random_init_schedule(stages, recipe.get("train", {}).get("random_init_lr", 1e-3)) if random_init else stages
-
-
-BN_POLICIES = ("hold_body_stats", "fastai")
+    return random_init_schedule(stages, typed(recipe).train.random_init_lr) if random_init else stages
 
 
 def whole_training_cbs(recipe: dict, hold_body_bn: bool = True) -> list:
     """The whole-image recipes' training callbacks: BatchNorm policy and gradient accumulation."""
-    t, d = recipe.get("train", {}), recipe["data"]
-    policy = t.get("bn_policy", "hold_body_stats")
-    if policy not in BN_POLICIES:
-        raise CvfastError(f"recipe {recipe.get('name', '?')}: bn_policy {policy!r}, expected one of {BN_POLICIES}")
-    cbs = [HoldBodyBatchNorm()] if policy == "hold_body_stats" and hold_body_bn else []
-    if d.get("grad_acc", 1) > 1:
-        cbs.append(GradientAccumulation(n_acc=d.get("bs", 2) * d["grad_acc"]))  # fastai counts samples
+    cfg = typed(recipe)
+    cbs = [HoldBodyBatchNorm()] if cfg.train.bn_policy == "hold_body_stats" and hold_body_bn else []
+    if cfg.data.grad_acc > 1:
+        cbs.append(GradientAccumulation(n_acc=cfg.batch_size * cfg.data.grad_acc))  # fastai counts samples
     return cbs
 
 
 def _stage_cbs(recipe: dict, hold_body_bn: bool = True) -> Callable[[dict], list]:
     """Per-stage callbacks: training ones (whole-image and fine-tune recipes), the best epoch on the validation score
     kept across all stages (the reference's checkpointers: AUC for whole images, accuracy for patches), early stopping."""
-    t = recipe.get("train", {})
-    patience, keep_best = t.get("early_stopping_patience"), t.get("keep_best", True)
+    cfg = typed(recipe)
+    patience, keep_best = cfg.train.early_stopping_patience, cfg.train.keep_best
     # the reference's checkpointers (accuracy for patches, AUC for whole images) unless the recipe names another
-    monitor = t.get("monitor", "accuracy" if recipe["kind"] == "patch" else "roc_auc_score")
+    monitor = cfg.monitor
     patch_monitors = ("accuracy", "balanced_accuracy_score", "malignant_auc", "valid_loss")
     if monitor not in (patch_monitors if recipe["kind"] == "patch" else ("roc_auc_score", "valid_loss")):
         raise CvfastError(f"recipe {recipe.get('name', '?')}: train.monitor = {monitor!r} is not a {recipe['kind']} model's validation metric")
@@ -169,9 +175,10 @@ def _stage_cbs(recipe: dict, hold_body_bn: bool = True) -> Callable[[dict], list
 
 def _whole_dls(recipe: dict, data: str | Path, runtime: Runtime, mean: float | None = None, mean_source: str | None = None):
     """Whole-image DataLoaders per the recipe's data section (no size: the cache's own size); `mean`: a given mean grey."""
-    d = recipe["data"]
-    return whole_image_dataloaders(data, bs=d.get("bs", 2), size=tuple(d["size"]) if d.get("size") else None,
-                                   augment=d.get("augment", True), seed=recipe.get("train", {}).get("seed", 0), mean=mean,
+    cfg = typed(recipe)
+    size = cfg.data.size
+    return whole_image_dataloaders(data, bs=cfg.batch_size, size=(size, size) if isinstance(size, int) else size,
+                                   augment=cfg.data.augment, seed=cfg.train.seed, mean=mean,
                                    mean_source=mean_source, **runtime.loader_kwargs())
 
 
@@ -183,64 +190,79 @@ def _inputs(**paths) -> dict:
 def patch_learner_from_recipe(recipe: dict, patches: str | Path, out: str | Path, weights: str | Path | None = None,
                               runtime: Runtime | None = None) -> tuple[Learner, str]:
     """The recipe's patch learner on a patch set; returns it and how it was initialised (random | hub | package NAME | file PATH)."""
-    m, d, runtime = recipe["model"], recipe["data"], runtime or Runtime()
-    seed = recipe.get("train", {}).get("seed", 0)
+    cfg, runtime = typed(recipe), runtime or Runtime()
+    m, seed = cfg.model, cfg.train.seed
+    if m.arch is None:
+        raise CvfastError(f"recipe {cfg.name or '?'}: a patch recipe needs [model] arch (or --arch)")
     set_seed(seed)
-    mean = None if d.get("mean", "paper") == "paper" else patch_set_train_mean(patches, seed)  # "reference": the patch set's own
-    dls = patch_dataloaders(patches, bs=d.get("bs", 32), size=d.get("size"), augment=d.get("augment", True), seed=seed, mean=mean,
+    mean = None if cfg.data.mean == "paper" else patch_set_train_mean(patches, seed)  # "reference": the patch set's own
+    dls = patch_dataloaders(patches, bs=cfg.batch_size, size=cfg.data.size, augment=cfg.data.augment, seed=seed, mean=mean,
                             **runtime.loader_kwargs())
     if mean is not None:
         dls.info.mean_source = "the patch set's own train patches (the reference code's, data.mean = 'reference')"
-    pretrained = bool(m.get("pretrained", False)) and weights is None
-    kwargs = dict(head=m.get("head", "paper"), dropout=m.get("dropout", 0.0), path=Path(out), opt_func=optimizer_from(recipe.get("train", {})),
-                  fold_std=m.get("fold_input_std", True))
+    pretrained = m.pretrained and weights is None
+    kwargs = dict(head=m.head, dropout=m.dropout, path=Path(out), opt_func=optimizer_from(cfg.train), fold_std=m.fold_input_std)
     try:
-        learn = patch_learner(dls, m["arch"], weights=weights, pretrained=pretrained, **kwargs)
+        learn = patch_learner(dls, m.arch, weights=weights, pretrained=pretrained, **kwargs)
         init = learn.model.body.weights_source  # random | hub | package NAME | file PATH
     except CvfastError as e:
         if not pretrained:
             raise
         log.warning("%s; training from random init instead, with the paper's random-init schedule. "
                     "Use --weights PATH for a local weights file.", e)
-        learn, init = patch_learner(dls, m["arch"], **kwargs), "random"
+        learn, init = patch_learner(dls, m.arch, **kwargs), "random"
     return apply_runtime(learn, runtime), rank0_decision(init, "the patch classifier's initialisation", runtime.torch_device)
 
 
 def whole_learner_from_recipe(recipe: dict, data: str | Path, patch: str | Path, out: str | Path, runtime: Runtime | None = None) -> Learner:
     """The recipe's whole-image learner, converted from a trained patch classifier."""
-    set_seed(recipe.get("train", {}).get("seed", 0))
+    cfg = typed(recipe)
+    set_seed(cfg.train.seed)
     patch_model, sidecar = load_model(patch)
     if sidecar["kind"] != "patch":
         raise CvfastError(f"{patch}: is a {sidecar['kind']} model; the whole-image step needs a patch classifier")
-    m, runtime = recipe["model"], runtime or Runtime()
+    m, runtime = cfg.model, runtime or Runtime()
     if "mean_grey_source" not in sidecar:
         log.warning("%s: a patch model from before patch sets carried their DATA folder's mean grey: its mean grey is of its "
                     "patches, not of the whole images (the paper's); retrain it on a freshly cut patch set", patch)
     # the paper's one mean grey: the patch model's (the whole-image train split of the DATA folder its patches were cut from);
     # data.mean = "reference": the whole images' own train mean, whatever the patch model used (the reference code's two values)
-    if recipe["data"].get("mean", "paper") == "paper":
+    if cfg.data.mean == "paper":
         dls = _whole_dls(recipe, data, runtime, mean=sidecar["mean_grey"], mean_source=f"the patch model's ({patch})")
     else:
         dls = _whole_dls(recipe, data, runtime, mean_source=f"the train split of {data} (the reference code's, data.mean = 'reference')")
-    learn = whole_image_learner(dls, patch_model, top=m.get("top", "resnet"), heatmap=m.get("heatmap", False),
-                                widths=tuple(m.get("widths", (512, 512, 1024))), stages=m.get("stages", 2), units=m.get("units", 2),
-                                vgg_width=m.get("vgg_width", 512), vgg_convs=m.get("vgg_convs", 3), dropout=m.get("dropout", 0.0),
-                                heatmap_pool=m.get("heatmap_pool", 5), path=Path(out), opt_func=optimizer_from(recipe.get("train", {})))
+    learn = whole_image_learner(dls, patch_model, top=m.top, heatmap=m.heatmap, widths=m.widths, stages=m.stages, units=m.units,
+                                vgg_width=m.vgg_width, vgg_convs=m.vgg_convs, dropout=m.dropout, heatmap_pool=m.heatmap_pool, path=Path(out),
+                                opt_func=optimizer_from(cfg.train))
     return apply_runtime(learn, runtime)
 
 
 def finetune_learner_from_recipe(recipe: dict, data: str | Path, source: str | Path, out: str | Path, scratch: bool = False,
                                  runtime: Runtime | None = None) -> Learner:
     """A learner for transfer: the source whole-image model (or, scratch=True, the same architecture untrained)."""
-    set_seed(recipe.get("train", {}).get("seed", 0))
+    cfg = typed(recipe)
+    set_seed(cfg.train.seed)
     model, sidecar = load_model(source)
     if sidecar["kind"] != "whole":
         raise CvfastError(f"{source}: is a {sidecar['kind']} model; fine-tuning needs a whole-image model (`cvfast whole`)")
     runtime = runtime or Runtime()
     # the reference fine-tunes on INbreast with INbreast's own train mean (44.3 vs DDSM's 52.2 of 255)
     dls = _whole_dls(recipe, data, runtime, mean_source=f"the train split of {data} (the target dataset's own)")
-    return apply_runtime(learner_for(dls, build_model(sidecar["spec"]) if scratch else model, path=Path(out),
-                                     opt_func=optimizer_from(recipe.get("train", {}))), runtime)
+    return apply_runtime(learner_for(dls, create_model(sidecar["spec"]) if scratch else model, path=Path(out),
+                                     opt_func=optimizer_from(cfg.train)), runtime)
+
+
+def learner_from_recipe(recipe: dict, data: str | Path, model: str | Path | None, out: str | Path, runtime: Runtime | None = None) -> Learner:
+    """The learner any recipe builds, by its kind: patch (DATA = a patch set), whole (MODEL = a patch model) or finetune
+    (MODEL = a whole-image model), with the training callbacks its kind uses (what lr_find and notebooks need)."""
+    if recipe["kind"] != "patch" and model is None:
+        raise CvfastError(f"a {recipe['kind']} recipe needs a model to start from (a {'patch' if recipe['kind'] == 'whole' else 'whole-image'} model)")
+    if recipe["kind"] == "patch":
+        return patch_learner_from_recipe(recipe, data, out, runtime=runtime)[0]
+    learn = (whole_learner_from_recipe(recipe, data, model, out, runtime) if recipe["kind"] == "whole"
+             else finetune_learner_from_recipe(recipe, data, model, out, runtime=runtime))
+    learn.add_cbs(whole_training_cbs(recipe))
+    return learn
 
 
 def _refuse_overwriting_inputs(out: Path, data: str | Path, model: str | Path | None = None) -> None:
@@ -275,7 +297,7 @@ def train_patch(recipe: dict, patches: str | Path, out: str | Path, weights: str
     learn, init = patch_learner_from_recipe(recipe, patches, out, weights, runtime)
     stages = _schedule(recipe, init == "random")
     recipe = {**recipe, "init": init, "inputs": _inputs(patches=patches, weights=weights), "resolved_stages": describe(stages),
-              "optimizer": optimizer_settings(recipe.get("train", {}))}
+              "optimizer": optimizer_settings(typed(recipe).train)}
     return _train(learn, stages, out, recipe, lambda: {"init": init, **heldout_patch_metrics(learn, patches)}, cbs=_stage_cbs(recipe),
                   resume=resume, runtime=runtime)
 
@@ -288,7 +310,7 @@ def train_whole(recipe: dict, data: str | Path, patch: str | Path, out: str | Pa
     learn = whole_learner_from_recipe(recipe, data, patch, out, runtime)
     stages = _schedule(recipe, False)
     recipe = {**recipe, "inputs": _inputs(data=data, patch_model=patch), "resolved_stages": describe(stages),
-              "optimizer": optimizer_settings(recipe.get("train", {}))}
+              "optimizer": optimizer_settings(typed(recipe).train)}
     return _train(learn, stages, out, recipe, lambda: heldout_whole_metrics(learn, data), cbs=_stage_cbs(recipe), resume=resume,
                   runtime=runtime)
 
@@ -304,7 +326,7 @@ def finetune(recipe: dict, data: str | Path, source: str | Path, out: str | Path
     learn = finetune_learner_from_recipe(recipe, data, source, out, scratch, runtime)
     stages = _schedule(recipe, scratch)
     recipe = {**recipe, "inputs": _inputs(data=data, source_model=source), "scratch": scratch, "resolved_stages": describe(stages),
-              "optimizer": optimizer_settings(recipe.get("train", {}))}
+              "optimizer": optimizer_settings(typed(recipe).train)}
     # the from-scratch control has no pretrained BatchNorm statistics to hold: its BN layers train normally
     return _train(learn, stages, out, recipe, lambda: heldout_whole_metrics(learn, data), cbs=_stage_cbs(recipe, hold_body_bn=not scratch),
                   resume=resume, runtime=runtime)

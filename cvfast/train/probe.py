@@ -14,17 +14,16 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from cvfast.data.manifest import MALIGNANT_PATCH_CLASSES
+from cvfast.data.classes import MALIGNANT_PATCH_CLASSES
 from cvfast.data.read import read_png
 from cvfast.errors import CvfastError
 from cvfast.models.body import Body, create_body
 from cvfast.models.windows import breast_window_centres, score_tiles, score_windows
-from cvfast.progress import progress_bar
+from cvfast.util.progress import progress_bar
 
 log = logging.getLogger(__name__)
 

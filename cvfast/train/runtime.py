@@ -12,12 +12,12 @@ from typing import Callable, Iterator
 
 import torch
 import torch.distributed as dist
-from torch import nn
 from fastai.callback.channelslast import ChannelsLast
 from fastai.callback.fp16 import AMPMode, MixedPrecision
 from fastai.distributed import DistributedDL, DistributedTrainer
 from fastai.learner import Learner
 from fastai.torch_core import default_device, distrib_barrier, num_distrib, rank_distrib
+from torch import nn
 
 from cvfast.allocator import current as current_allocator
 from cvfast.data.loader import PREFETCH, PersistentWorkers
@@ -194,11 +194,6 @@ def rank0_decision(value, what: str, device: torch.device):
     if box[0] != value:
         log.warning("rank %d: %s was %r here but %r on rank 0; following rank 0", rank_distrib(), what, value, box[0])
     return box[0]
-
-
-def is_main_process() -> bool:
-    """True on rank 0 (and when not distributed): the one process that writes checkpoints, exports and reports."""
-    return rank_distrib() == 0
 
 
 @contextmanager

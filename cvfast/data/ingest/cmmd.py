@@ -20,9 +20,9 @@ import pandas as pd
 from cvfast.data.convert import ImageJob
 from cvfast.data.ingest.common import PrepareOptions, check_source, find_sheet, finish, read_table, row_name
 from cvfast.data.manifest import abnormality
-from cvfast.data.paths import walk_files
 from cvfast.data.read import dicom_identity, norm_side
 from cvfast.errors import CvfastError
+from cvfast.util.files import walk_files
 
 log = logging.getLogger(__name__)
 

@@ -14,9 +14,9 @@ import pandas as pd
 from cvfast.data.convert import ImageJob, convert_all
 from cvfast.data.crop import CropSpec
 from cvfast.data.manifest import MANIFEST_NAME, REJECTS_NAME, assign_splits, rejects_frame, write_csv, write_manifest
-from cvfast.data.paths import file_identity, read_json, refuse_overwrite, unique_stems
-from cvfast.data.read import WORKING_SIZE, atomic_write_bytes
+from cvfast.data.read import WORKING_SIZE
 from cvfast.errors import CvfastError
+from cvfast.util.files import atomic_write_bytes, file_identity, read_json, refuse_overwrite, unique_stems
 
 log = logging.getLogger(__name__)
 

@@ -19,8 +19,8 @@ import pandas as pd
 from cvfast.data.convert import ImageJob, RoiSpec
 from cvfast.data.ingest.common import PrepareOptions, check_source, finish
 from cvfast.data.manifest import abnormality
-from cvfast.data.paths import walk_files
 from cvfast.errors import CvfastError
+from cvfast.util.files import walk_files
 
 log = logging.getLogger(__name__)
 

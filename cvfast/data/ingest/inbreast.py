@@ -14,15 +14,15 @@ from pathlib import Path
 import pandas as pd
 
 from cvfast.data.convert import ImageJob
+from cvfast.data.datasets import INBREAST_BIRADS
 from cvfast.data.ingest.common import PrepareOptions, check_source, find_sheet, finish
 from cvfast.data.manifest import abnormality
-from cvfast.data.paths import walk_files
 from cvfast.errors import CvfastError
+from cvfast.util.files import walk_files
 
 log = logging.getLogger(__name__)
 
-POSITIVE_BIRADS = ("4a", "4b", "4c", "5", "6")
-NEGATIVE_BIRADS = ("1", "2")  # BI-RADS 3 (probably benign) is ambiguous and excluded unless listed
+POSITIVE_BIRADS, NEGATIVE_BIRADS = INBREAST_BIRADS
 REQUIRED = ["File Name", "Bi-Rads", "Laterality", "View"]
 SHEET_NAMES = ("INbreast.csv", "INbreast.xls", "INbreast.xlsx")
 

@@ -25,15 +25,15 @@ from pathlib import Path
 import pandas as pd
 
 from cvfast.data.convert import ImageJob, RoiSpec
+from cvfast.data.datasets import VINDR_BIRADS
 from cvfast.data.ingest.common import PrepareOptions, check_source, finish, read_table, repeated_rows, row_name
 from cvfast.data.manifest import abnormality
-from cvfast.data.paths import walk_files
 from cvfast.errors import CvfastError
+from cvfast.util.files import walk_files
 
 log = logging.getLogger(__name__)
 
-POSITIVE_BIRADS = ("4", "5")
-NEGATIVE_BIRADS = ("1", "2")
+POSITIVE_BIRADS, NEGATIVE_BIRADS = VINDR_BIRADS
 BREAST_TABLE, FINDING_TABLE = "breast-level_annotations.csv", "finding_annotations.csv"
 BREAST_REQUIRED = ["study_id", "image_id", "laterality", "view_position", "breast_birads", "split"]
 FINDING_REQUIRED = ["image_id", "finding_categories", "finding_birads", "xmin", "ymin", "xmax", "ymax"]

@@ -1,4 +1,4 @@
-"""Synthetic mammograms in the real CBIS-DDSM and INbreast layouts: the kit's built-in, licence-free data.
+"""Synthetic mammograms drawn: breasts, tissue, lesions, and the DICOM files they are stored in (every layout uses these).
 
 The images are made to pose the paper's problem: a breast on a dark background with tissue texture (and
 the pectoral muscle on MLO views), lesions covering a few percent of the image or less. Whole-image labels
@@ -11,34 +11,32 @@ alone are therefore weak evidence; ROI patches help. Two difficulties (``DIFFICU
 - ``easy`` (the kit's first data, bit for bit): benign masses always round/oval and malignant ones always
   irregular and spiculated, few coarse vs many fine calcifications, full contrast; any model separates them.
 
-Everything is deterministic from the seed; ``ground_truth.json`` records what was generated.
-"""
+Everything is deterministic from the seed; ``ground_truth.json`` records what was generated."""
 
 from __future__ import annotations
 
-import json
-from io import BytesIO
 import logging
 import zlib
 from dataclasses import dataclass
+from io import BytesIO
 from pathlib import Path
 
 import cv2
 import imagecodecs
 import numpy as np
-import pandas as pd
 import pydicom
 from pydicom.dataset import FileMetaDataset
 from pydicom.encaps import encapsulate
 from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, JPEGLosslessSV1, JPEGLSLossless, RLELossless, generate_uid
 
-from cvfast.data.read import atomic_write_bytes
 from cvfast.errors import CvfastError
+from cvfast.util.files import atomic_write_bytes
 
-log = logging.getLogger(__name__)
 logging.getLogger("openjpeg").setLevel(logging.WARNING)  # its encoder logs every tile at INFO
 
 # (height, width) of the DDSM-like and INbreast-like full images for each preset.
+
+
 SIZE_PRESETS: dict[str, tuple[tuple[int, int], tuple[int, int]]] = {
     "tiny": ((320, 240), (300, 244)),
     "small": ((1000, 750), (1020, 832)),
@@ -46,19 +44,6 @@ SIZE_PRESETS: dict[str, tuple[tuple[int, int], tuple[int, int]]] = {
 }
 SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
 DX_MAMMO_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.2"
-DDSM_CSV_NAMES = {
-    ("mass", "train"): "mass_case_description_train_set.csv",
-    ("mass", "test"): "mass_case_description_test_set.csv",
-    ("calc", "train"): "calc_case_description_train_set.csv",
-    ("calc", "test"): "calc_case_description_test_set.csv",
-}
-MASS_COLUMNS = ["patient_id", "breast_density", "left or right breast", "image view", "abnormality id",
-                "abnormality type", "mass shape", "mass margins", "assessment", "pathology", "subtlety",
-                "image file path", "cropped image file path", "ROI mask file path"]
-CALC_COLUMNS = ["patient_id", "breast density", "left or right breast", "image view", "abnormality id",
-                "abnormality type", "calc type", "calc distribution", "assessment", "pathology", "subtlety",
-                "image file path", "cropped image file path", "ROI mask file path"]
-INBREAST_COLUMNS = ["Patient ID", "Patient age", "Laterality", "View", "Acquisition date", "File Name", "ACR", "Bi-Rads"]
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -352,161 +337,3 @@ def _uid(seed: int, *parts: object) -> str:
 def _rng(seed: int, *parts: object) -> np.random.Generator:
     """Independent deterministic RNG for one item, so outputs do not depend on generation order."""
     return np.random.default_rng([seed, zlib.crc32(repr(parts).encode())])
-
-
-def mass_descriptors(rng: np.random.Generator, les: LesionSpec) -> dict[str, str]:
-    """CBIS-DDSM's mass shape and margins for the lesion as drawn (its look, not its pathology); the random draws are the
-    first data's, so the easy data's CSVs stay as they were."""
-    shape = str(rng.choice(["IRREGULAR", "LOBULATED"]) if les.malignant else rng.choice(["ROUND", "OVAL"]))
-    margins = str(rng.choice(["SPICULATED", "ILL_DEFINED"])) if les.malignant else "CIRCUMSCRIBED"
-    if les.irregular is None or les.irregular == les.malignant and les.spiculated == les.malignant:
-        return {"mass shape": shape, "mass margins": margins}
-    swap = {"IRREGULAR": "ROUND", "LOBULATED": "OVAL", "ROUND": "IRREGULAR", "OVAL": "LOBULATED"}
-    shape = shape if les.irregular == les.malignant else swap[shape]
-    return {"mass shape": shape, "mass margins": "SPICULATED" if les.spiculated else "ILL_DEFINED" if les.irregular else "CIRCUMSCRIBED"}
-
-
-def synth_ddsm(out: Path, patients: int, seed: int, size: tuple[int, int], difficulty: Difficulty = DIFFICULTIES["hard"]) -> dict:
-    """Write a CBIS-DDSM-layout tree (four CSVs + CBIS-DDSM/ DICOM folders) and return its ground truth."""
-    h, w = size
-    rng = _rng(seed, "ddsm-plan")
-    rows: dict[tuple[str, str], list[dict]] = {k: [] for k in DDSM_CSV_NAMES}
-    truth: dict[str, dict] = {}
-    n_test = max(1, int(round(patients * 0.2)))
-    test_patients = set(rng.choice(patients, n_test, replace=False).tolist())
-    image_no = 0
-    for p in range(patients):
-        pid = f"P_{p + 1:05d}"
-        official = "test" if p in test_patients else "train"
-        sides = ["LEFT", "RIGHT"] if rng.random() < 0.3 else [rng.choice(["LEFT", "RIGHT"])]
-        for side in sides:
-            kind = "mass" if rng.random() < 0.55 else "calc"
-            n_les = 2 if rng.random() < 0.2 else 1
-            lesions = [plan_lesion(rng, kind, bool(rng.random() < 0.45), rng.uniform(0.035, 0.055) if kind == "mass" else rng.uniform(0.04, 0.06), difficulty)
-                       for _ in range(n_les)]
-            density = int(rng.integers(1, 5))
-            for view in ("CC", "MLO"):
-                image_no += 1
-                image_id = f"{pid}_{side}_{view}"
-                irng = _rng(seed, "ddsm", image_id)
-                signal, _, masks, centres = render_image(irng, h, w, side[0], view, lesions, density / 4, difficulty)
-                pixels = to_ddsm_pixels(irng, signal, with_label=image_no % 2 == 0)
-                prefix = f"{'Mass' if kind == 'mass' else 'Calc'}-{'Training' if official == 'train' else 'Test'}"
-                folder = f"{prefix}_{image_id}"
-                study, series = _uid(seed, image_id, "st"), _uid(seed, image_id, "se")
-                layout_descriptive = image_no % 3 == 0
-                full_dir = out / "CBIS-DDSM" / folder / (f"07-20-2016-DDSM-{image_no:05d}" if layout_descriptive else study)
-                full_dir = full_dir / (f"1.000000-full mammogram images-{image_no:05d}" if layout_descriptive else series)
-                make_dicom(full_dir / "1-1.dcm", pixels, patient_id=folder, syntax=RLELossless if image_no % 3 == 1 else ExplicitVRLittleEndian, uid_seed=f"{seed}{image_id}",
-                           extra={"BodyPartExamined": "BREAST", "SeriesDescription": "full mammogram images"})
-                csv_full = f"{folder}/{_uid(seed, image_id, 'csv-st')}/{_uid(seed, image_id, 'csv-se')}/000000.dcm"
-                abns = []
-                for k, (les, m, (cx, cy)) in enumerate(zip(lesions, masks, centres), start=1):
-                    roi_folder = f"{folder}_{k}"
-                    mask_px = (m.astype(np.uint8) * 255)
-                    if (image_no + k) % 5 == 0:  # real CBIS-DDSM: some masks are a few pixels off the image size
-                        mask_px = cv2.resize(mask_px, (w + 3, h - 2), interpolation=cv2.INTER_NEAREST)
-                    ys, xs = np.nonzero(m)
-                    crop = pixels[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1]
-                    rdir = out / "CBIS-DDSM" / roi_folder / _uid(seed, roi_folder, "st") / _uid(seed, roi_folder, "se")
-                    swap = (image_no + k) % 2 == 0  # download order of mask vs crop is not stable
-                    make_dicom(rdir / ("1-2.dcm" if swap else "1-1.dcm"), mask_px, patient_id=roi_folder, uid_seed=f"{seed}{roi_folder}m")
-                    make_dicom(rdir / ("1-1.dcm" if swap else "1-2.dcm"), np.ascontiguousarray(crop), patient_id=roi_folder, uid_seed=f"{seed}{roi_folder}c")
-                    pathology = "MALIGNANT" if les.malignant else ("BENIGN_WITHOUT_CALLBACK" if (image_no + k) % 4 == 0 else "BENIGN")
-                    base = {
-                        "patient_id": pid, "left or right breast": side, "image view": view, "abnormality id": k,
-                        "assessment": int(rng.choice([4, 5])) if les.malignant else int(rng.choice([2, 3, 4])),
-                        "pathology": pathology, "subtlety": int(rng.integers(1, 6)), "image file path": csv_full,
-                        # CBIS-DDSM's paths name 000000/000001.dcm and carry stray newlines; downloads say 1-1/1-2.
-                        "cropped image file path": f"{roi_folder}/{_uid(seed, roi_folder, 'cst')}/{_uid(seed, roi_folder, 'cse')}/000000.dcm\n",
-                        "ROI mask file path": f"{roi_folder}/{_uid(seed, roi_folder, 'cst')}/{_uid(seed, roi_folder, 'cse')}/000001.dcm\n",
-                    }
-                    if kind == "mass":
-                        base |= {"breast_density": density, "abnormality type": "mass", **mass_descriptors(rng, les)}
-                    else:
-                        base |= {"breast density": density, "abnormality type": "calcification",
-                                 "calc type": rng.choice(["PLEOMORPHIC", "FINE_LINEAR_BRANCHING"]) if les.malignant else rng.choice(["COARSE", "ROUND_AND_REGULAR"]),
-                                 "calc distribution": "CLUSTERED"}
-                    rows[(kind, official)].append(base)
-                    abns.append({"abnormality_id": k, "kind": kind, "malignant": les.malignant, "pathology": pathology,
-                                 "center": [round(cx, 1), round(cy, 1)], "mask_pixels": int(m.sum()), "contrast": round(les.contrast, 3),
-                                 **({"irregular": les.malignant if les.irregular is None else les.irregular,
-                                     "spiculated": les.malignant if les.spiculated is None else les.spiculated} if kind == "mass" else {})})
-                truth[image_id] = {"patient_id": pid, "side": side[0], "view": view, "split": official,
-                                   "label": int(any(a["malignant"] for a in abns)), "abnormalities": abns, "folder": folder}
-    for (kind, split), name in DDSM_CSV_NAMES.items():
-        cols = MASS_COLUMNS if kind == "mass" else CALC_COLUMNS
-        df = pd.DataFrame(rows[(kind, split)], columns=cols)
-        atomic_write_bytes(out / name, df.to_csv(index=False).encode())
-    return {"size": [h, w], "images": truth, "rows": sum(len(v) for v in rows.values())}
-
-
-def synth_inbreast(out: Path, patients: int, seed: int, size: tuple[int, int], difficulty: Difficulty = DIFFICULTIES["hard"]) -> dict:
-    """Write an INbreast-layout folder (AllDICOMs/ + INbreast.csv with BI-RADS) and return its ground truth."""
-    h, w = size
-    rng = _rng(seed, "inbreast-plan")
-    sheet, truth = [], {}
-    file_no = 20586900
-    for p in range(patients):
-        phash = f"{zlib.crc32(f'{seed}-{p}'.encode()):08x}{zlib.crc32(f'{p}-{seed}'.encode()):08x}"
-        sides = ["L", "R"] if rng.random() < 0.75 else [str(rng.choice(["L", "R"]))]
-        for side in sides:
-            u, d = rng.random(), difficulty
-            if u < d.inbreast_malignant:
-                birads = str(rng.choice(["4a", "4b", "4c", "5", "6"]))
-                lesions = [plan_lesion(rng, str(rng.choice(["mass", "calc"])), True, rng.uniform(0.035, 0.055), d)]
-            elif u < d.inbreast_malignant + d.inbreast_birads3:
-                birads, lesions = "3", [plan_lesion(rng, "mass", False, rng.uniform(0.035, 0.05), d)]
-            elif u < d.inbreast_malignant + d.inbreast_birads3 + d.inbreast_benign:
-                birads, lesions = "2", [plan_lesion(rng, str(rng.choice(["mass", "calc"])), False, rng.uniform(0.035, 0.05), d)]
-            else:
-                birads, lesions = "1", []
-            acr = int(rng.integers(1, 5))
-            for view in ("CC", "MLO"):
-                file_no += int(rng.integers(1, 40))
-                name = f"{file_no}_{phash}_MG_{side}_{view}_ANON.dcm"
-                irng = _rng(seed, "inbreast", name)
-                signal, _, _, centres = render_image(irng, h, w, side, view, lesions, acr / 4, difficulty)
-                make_dicom(out / "AllDICOMs" / name, to_inbreast_pixels(irng, signal), patient_id=phash, sop_class=DX_MAMMO_PRESENTATION,
-                           bits_stored=14, laterality=side, view=view, spacing=0.07, uid_seed=f"{seed}{name}")
-                sheet.append({"Patient ID": "removed", "Patient age": "removed", "Laterality": side, "View": view,
-                              "Acquisition date": f"2008{int(rng.integers(1, 13)):02d}", "File Name": file_no, "ACR": acr, "Bi-Rads": birads})
-                truth[str(file_no)] = {"patient_id": phash, "side": side, "view": view, "birads": birads,
-                                       "label": None if birads == "3" else int(birads[0] in "456"), "n_lesions": len(lesions)}
-    # The real INbreast.csv is semicolon-separated.
-    atomic_write_bytes(out / "INbreast.csv", pd.DataFrame(sheet, columns=INBREAST_COLUMNS).to_csv(index=False, sep=";").encode())
-    return {"size": [h, w], "images": truth}
-
-
-LAYOUTS = ("ddsm", "inbreast", "rsna", "vindr", "cmmd")
-
-
-def synthesize(out: str | Path, patients: int = 24, seed: int = 0, size: str = "tiny", difficulty: str = "hard",
-               layouts: tuple[str, ...] = ("ddsm", "inbreast")) -> dict:
-    """Generate the chosen dataset layouts under OUT/<layout>; write and return OUT/ground_truth.json."""
-    from cvfast.data.synth_screening import SCREENING_WRITERS  # that module draws with this one's functions
-
-    out = Path(out)
-    unknown = [name for name in layouts if name not in LAYOUTS]
-    if unknown or not layouts:
-        raise CvfastError(f"layouts {', '.join(unknown) or '(none)'}: expected some of {', '.join(LAYOUTS)}")
-    occupied = [p for sub in layouts if (out / sub).is_dir() for p in (out / sub).iterdir()]
-    if occupied and not (out / "ground_truth.json").is_file():  # someone's data, not an earlier synth run's: keep it
-        raise CvfastError(f"{out}: already holds {occupied[0]} (not written by `cvfast synth`); choose an empty --out")
-    if patients < 2:
-        raise CvfastError(f"--patients {patients}: need at least 2 patients for a train/test split")
-    if difficulty not in DIFFICULTIES:
-        raise CvfastError(f"--difficulty {difficulty!r}: expected one of {', '.join(DIFFICULTIES)}")
-    look = DIFFICULTIES[difficulty]
-    if size in SIZE_PRESETS:
-        ddsm_size, digital_size = SIZE_PRESETS[size]
-    else:
-        ddsm_size = parse_size(size)
-        digital_size = (int(ddsm_size[0] * 1.021), int(ddsm_size[1] * 1.109))
-    writers = {"ddsm": synth_ddsm, "inbreast": synth_inbreast, **SCREENING_WRITERS}
-    truth = {"seed": seed, "patients": patients, "difficulty": difficulty}
-    for name in layouts:
-        truth[name] = writers[name](out / name, patients, seed, ddsm_size if name == "ddsm" else digital_size, look)
-    atomic_write_bytes(out / "ground_truth.json", json.dumps(truth, indent=1).encode())
-    log.info("synthetic data: %s in %s", ", ".join(f"{len(truth[n]['images'])} {n}-like images" for n in layouts), out)
-    return truth

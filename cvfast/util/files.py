@@ -1,11 +1,14 @@
-"""Paths made from data, and the guards every writer uses: safe file names, folder walks, no write onto an input.
+"""Files: the guards every writer uses (safe names, folder walks, no write onto an input) and atomic writes.
 
 One place for three rules (users' files are sacred, their inputs untrusted):
 - a file name derived from data (image, patient or abnormality ids, uids, stems) goes through `safe_stem` /
   `unique_stems` and is joined under its output folder with `inside`, so no id can leave --out;
 - folders are searched with `walk_files`, which follows symlinked folders (clusters link datasets in) and
   stops at loops;
-- before a command writes, `refuse_overwrite` checks that none of its outputs is one of its inputs.
+- before a command writes, `refuse_overwrite` checks that none of its outputs is one of its inputs;
+- every file is written whole or not at all (`atomic_write_bytes`).
+
+The floor of the house: used by every layer, imports nothing of cvfast but errors.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import hashlib
 import json
 import os
 import re
+import tempfile
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -22,6 +26,8 @@ from cvfast.errors import CvfastError
 # what a stem may hold as it is: portable on every file system, no separators, no leading dot, no NUL
 PLAIN_STEM = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,119}$")
 MAX_STEM = 120
+TEMP_PREFIX = ".cvfast-"  # temporaries of a killed run are removed by this prefix: never a user's own hidden files
+TEMP_GLOB = f"{TEMP_PREFIX}*.tmp"
 DEVICE_NAMES = re.compile(r"^(con|prn|aux|nul|com[0-9]|lpt[0-9])(\..*)?$", re.I)  # Windows refuses these as file names
 
 
@@ -153,3 +159,19 @@ def read_json(path: str | os.PathLike, what: str) -> dict:
     if not isinstance(value, dict):
         raise CvfastError(f"{path}: {what} must be a JSON object, got {type(value).__name__}")
     return value
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write bytes to path via a temporary file in the same folder and os.replace, so no partial file appears."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{TEMP_PREFIX}{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException as e:
+        Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise CvfastError(f"{path}: cannot write ({e.strerror or e})") from None
+        raise

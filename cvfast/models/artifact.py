@@ -1,4 +1,8 @@
-"""Model files: a fastai .pkl learner, a safetensors weights file and a JSON sidecar to rebuild without unpickling."""
+"""Model files and the model factory: a fastai .pkl learner, a safetensors weights file and a JSON sidecar to rebuild without unpickling.
+
+One registry of model kinds (`MODEL_KINDS`): what each kind outputs (its classes, in order) and how its architecture is
+built from a sidecar's spec (`create_model`). Adding a model kind = one builder + one registry entry here.
+"""
 
 from __future__ import annotations
 
@@ -8,19 +12,20 @@ import logging
 import math
 import os
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from cvfast.data.blocks import WHOLE_IMAGE_CLASSES
+from cvfast.data.classes import PATCH_CLASSES, WHOLE_IMAGE_CLASSES
 from cvfast.data.crop import CropSpec
-from cvfast.data.manifest import PATCH_CLASSES
-from cvfast.data.read import atomic_write_bytes
 from cvfast.errors import CvfastError
 from cvfast.models.body import create_body
 from cvfast.models.patch import PatchClassifier
 from cvfast.models.whole import whole_from_patch
+from cvfast.util.files import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -63,29 +68,47 @@ def model_files(path: str | Path) -> list[Path]:
     return [path, *(folder / n for n in (SIDECAR, WEIGHTS, PKL) if (folder / n).is_file())]
 
 
-def build_model(spec: dict) -> torch.nn.Module:
-    """An untrained model of the architecture a sidecar describes (no hub, no pickles)."""
-    if spec["kind"] == "patch":
-        model = PatchClassifier(create_body(spec["arch"]), spec["n_classes"], spec["head"], spec.get("dropout", 0.0))
-    elif spec["kind"] == "whole":
-        p = spec["patch"]
-        patch = PatchClassifier(create_body(p["arch"]), p["n_classes"], p["head"], p.get("dropout", 0.0))
-        patch.spec = p
-        top = {k: spec[k] for k in ("top", "heatmap", "stages", "units", "vgg_width", "vgg_convs", "dropout")}
-        top |= {k: spec[k] for k in ("heatmap_window", "heatmap_pool") if spec.get(k) is not None}
-        if spec.get("heatmap") and not spec.get("heatmap_window"):
-            raise CvfastError("a heatmap model exported before cvfast used the reference heatmap (its spec has no heatmap_window); "
-                              "retrain it with `cvfast whole --heatmap`")
-        model = whole_from_patch(patch, n_classes=spec["n_classes"], widths=tuple(spec["widths"]), **top)
-    else:
-        raise CvfastError(f"unknown model kind {spec['kind']!r}")
+def _patch_model(spec: dict) -> torch.nn.Module:
+    """A patch classifier: the body of spec["arch"] and the paper's (or fastai's) head."""
+    model = PatchClassifier(create_body(spec["arch"]), spec["n_classes"], spec["head"], spec.get("dropout", 0.0))
+    model.spec = spec
+    return model
+
+
+def _whole_model(spec: dict) -> torch.nn.Module:
+    """A whole-image classifier: the patch classifier of spec["patch"] with the top blocks the spec names."""
+    patch = _patch_model(spec["patch"])
+    top = {k: spec[k] for k in ("top", "heatmap", "stages", "units", "vgg_width", "vgg_convs", "dropout")}
+    top |= {k: spec[k] for k in ("heatmap_window", "heatmap_pool") if spec.get(k) is not None}
+    if spec.get("heatmap") and not spec.get("heatmap_window"):
+        raise CvfastError("a heatmap model exported before cvfast used the reference heatmap (its spec has no heatmap_window); "
+                          "retrain it with `cvfast whole --heatmap`")
+    return whole_from_patch(patch, n_classes=spec["n_classes"], widths=tuple(spec["widths"]), **top)
+
+
+@dataclass(frozen=True)
+class ModelKind:
+    """A kind of model: the classes it outputs (in order) and the builder of its architecture from a spec."""
+
+    classes: list[str]
+    build: Callable[[dict], torch.nn.Module]
+
+
+MODEL_KINDS: dict[str, ModelKind] = {"patch": ModelKind(PATCH_CLASSES, _patch_model), "whole": ModelKind(WHOLE_IMAGE_CLASSES, _whole_model)}
+
+
+def create_model(spec: dict) -> torch.nn.Module:
+    """An untrained model of the architecture a sidecar's spec describes (no hub, no pickles)."""
+    kind = MODEL_KINDS.get(spec.get("kind"))
+    if kind is None:
+        raise CvfastError(f"unknown model kind {spec.get('kind')!r} (known: {', '.join(MODEL_KINDS)})")
+    model = kind.build(spec)
     model.spec = spec
     return model
 
 
 # what decides a model's outputs: covered by content_sha256 (recipe and metrics are notes about the run, not covered)
 CONTENT_FIELDS = ("format", "kind", "classes", "mean_grey", "size", "source_size", "crop", "spec", "weights", "weights_sha256")
-CLASSES = {"patch": PATCH_CLASSES, "whole": WHOLE_IMAGE_CLASSES}
 
 
 def content_digest(sidecar: dict) -> str:
@@ -105,10 +128,11 @@ def _pair(value, name: str, where: str) -> list[int]:
 
 def check_info(info: dict, kind: str, where: str) -> None:
     """Refuse preprocessing settings that would make a model's outputs meaningless (class order, mean grey, sizes)."""
-    if kind not in CLASSES:
-        raise CvfastError(f"{where}: kind {kind!r}, expected one of {sorted(CLASSES)}")
-    if list(info.get("classes") or []) != CLASSES[kind]:
-        raise CvfastError(f"{where}: classes {info.get('classes')!r}; a {kind} model outputs {CLASSES[kind]} in this order "
+    if kind not in MODEL_KINDS:
+        raise CvfastError(f"{where}: kind {kind!r}, expected one of {sorted(MODEL_KINDS)}")
+    classes = MODEL_KINDS[kind].classes
+    if list(info.get("classes") or []) != classes:
+        raise CvfastError(f"{where}: classes {info.get('classes')!r}; a {kind} model outputs {classes} in this order "
                           "(an edited class order would silently change what p_cancer means)")
     m = info.get("mean_grey")
     if isinstance(m, bool) or not isinstance(m, (int, float)) or not math.isfinite(m) or not 0 <= m <= 1:
@@ -132,7 +156,7 @@ def check_sidecar(sidecar, path: Path) -> dict:
         raise CvfastError(f"{path}: not a cvfast model sidecar (expected a JSON object with format {FORMAT})")
     if "content_sha256" not in sidecar:
         raise CvfastError(f"{path}: has no content_sha256 (written before cvfast checked model files whole, or edited); if you "
-                          f"trust its content, seal it with `python -m cvfast.train.export {path.parent}`")
+                          f"trust its content, seal it with `python -m cvfast.models.artifact {path.parent}`")
     if sidecar["content_sha256"] != content_digest(sidecar):
         raise CvfastError(f"{path}: its content does not match its checksum (content_sha256): a field that decides the outputs "
                           f"({', '.join(CONTENT_FIELDS[1:])}) was edited or damaged; re-export the model")
@@ -175,7 +199,7 @@ def load_model(path: str | Path) -> tuple[torch.nn.Module, dict]:
     if _sha256(weights) != sidecar["weights_sha256"]:
         raise CvfastError(f"{weights}: SHA-256 does not match {path.name}; the file is corrupt or was replaced")
     try:
-        model = build_model(sidecar["spec"])
+        model = create_model(sidecar["spec"])
         model.load_state_dict(load_file(str(weights)))
     except CvfastError as e:
         raise CvfastError(f"{path}: {e}") from None
@@ -190,7 +214,7 @@ def _load_pickle(path: Path) -> tuple[torch.nn.Module, dict]:
     from fastai.learner import load_learner
 
     warnings.warn(f"{path}: loading a pickle runs code stored in it; load only files you trust. The safe "
-                  f"alternative is {SIDECAR} + {WEIGHTS} in the same folder (cvfast.train.export.load_model).", stacklevel=2)
+                  f"alternative is {SIDECAR} + {WEIGHTS} in the same folder (cvfast.models.artifact.load_model).", stacklevel=2)
     try:
         learn = load_learner(path)
     except Exception as e:
@@ -219,10 +243,10 @@ def seal(folder: str | Path) -> Path:
     return path
 
 
-if __name__ == "__main__":  # python -m cvfast.train.export MODEL_FOLDER: seal an older model.json you trust
+if __name__ == "__main__":  # python -m cvfast.models.artifact MODEL_FOLDER: seal an older model.json you trust
     import sys
 
     try:
         print(f"sealed {seal(sys.argv[1])}")
     except (CvfastError, IndexError) as e:
-        sys.exit(f"error: {e if isinstance(e, CvfastError) else 'usage: python -m cvfast.train.export MODEL_FOLDER'}")
+        sys.exit(f"error: {e if isinstance(e, CvfastError) else 'usage: python -m cvfast.models.artifact MODEL_FOLDER'}")
