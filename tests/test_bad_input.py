@@ -583,7 +583,7 @@ CATALOGUE += [
     Bad("a device name torch does not know", lambda c: ([*_predict_with(c.whole_model, c), "--device", "gpu7"], "device 'gpu7'")),
     Bad("a recipe value of the wrong type", lambda c: (
         ["patch", "--data", str(c.patches), "--recipe", str(_recipe_with(c, "lr = 1e-3", 'lr = "fast"')), "--out", str(c.tmp / "m")],
-        "lr = 'fast' is not valid (expected a number or a list of 3 numbers")),
+        "lr = 'fast' is not valid (expected a number")),
     Bad("a recipe with a misspelt key", lambda c: (
         ["patch", "--data", str(c.patches), "--recipe", str(_recipe_with(c, "epochs = 1", "epoch = 1")), "--out", str(c.tmp / "m")],
         "unknown key 'epoch'")),
