@@ -451,8 +451,8 @@ def lr_find(recipe: Annotated[str, typer.Option(help="Recipe name or path (its k
     runtime = _runtime(device, precision, channels_last, compile, workers)
     refuse_overwrite([out], [*data_files(data), *(model_files(model) if model else [])], hint="choose another --out for the plot")
     with tempfile.TemporaryDirectory() as tmp:
-        learn = learner_from_recipe(r, data, model, tmp, runtime)
-        suggestions = find_lr(learn, stages[stage - 1], num_it=num_it, plot=out)
+        learn, cbs = learner_from_recipe(r, data, model, tmp, runtime)
+        suggestions = find_lr(learn, stages[stage - 1], num_it=num_it, plot=out, cbs=cbs)
     for name, value in suggestions.items():
         stdout.print(f"{name}: {value:.2e}")
     console.print(f"plot written to {out}")

@@ -41,6 +41,8 @@ def test_defaults_are_filled_in_one_place():
     ("lr = 1e-3", "lr = inf", "[[stages]] lr = inf is not valid (expected a number or a list of 3 numbers, > 0 and finite)"),
     ("lr = 1e-3", "lr = [1e-3, 1e-3]", "lr = [0.001, 0.001] is not valid"),
     ("lr = 1e-3", "lr = 'fast'", "lr = 'fast' is not valid"),
+    ("[data]", "[data]\nsize = [0, 0]", "[data] size = [0, 0] is not valid (expected an integer or a list of 2 integers, each >= 8)"),
+    ("arch = 'test_resnet'", "arch = 'test_resnet'\nwidths = [0, -1, 5]", "[model] widths = [0, -1, 5] is not valid"),
     ("bs = 8", "bs = true", "[data] bs = True is not valid (expected an integer, >= 1)"),
     ("seed = 1", "seed = 1.5", "[train] seed = 1.5 is not valid (expected an integer, >= 0)"),
     ("epochs = 1\n", "", "stage 1: [[stages]] has no epochs"),

@@ -265,7 +265,7 @@ def _probe(plist: pd.DataFrame, patches: Path, test: pd.DataFrame, images: dict[
            stride: int) -> tuple[np.ndarray, dict]:
     """The frozen linear probe of the fold: fitted on the training folds' patches, the max over each held-out image's windows."""
     info = json.loads((patches / "patchset.json").read_text())
-    cfg = typed(recipe)
+    cfg = typed(recipe, validate=False)  # resolved and checked by the fold already
     fed = cfg.data.size
     pspec = ProbeSpec(arch=cfg.model.arch, window=spec.patch_size, fed=int(fed) if fed else None, stride=stride, c=spec.probe_c,
                       mean_grey=float(info["mean_grey"]))

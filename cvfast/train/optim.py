@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from functools import partial
+from typing import TYPE_CHECKING
 
 from fastai.optimizer import Optimizer, adam_step, average_grad, average_sqr_grad, step_stat, weight_decay
 
-from cvfast.train.recipes import TrainSection
+if TYPE_CHECKING:  # for the annotation only: unpickling an old learner (paper_adam) must not pull in the recipe schema
+    from cvfast.train.recipes import TrainSection
 
 WEIGHT_DECAY_MODES = ("l2", "decoupled")
 

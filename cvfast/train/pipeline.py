@@ -37,7 +37,7 @@ from cvfast.train.callbacks import (
 from cvfast.train.heldout import heldout_patch_metrics, heldout_whole_metrics
 from cvfast.train.learners import learner_for, patch_learner, whole_image_learner
 from cvfast.train.optim import optimizer_from, optimizer_settings
-from cvfast.train.recipes import fingerprint, typed
+from cvfast.train.recipes import Recipe, fingerprint, typed
 from cvfast.train.runtime import Runtime, apply_runtime, data_parallel, export_ready, rank0_decision, this_process_only
 from cvfast.train.schedule import Stage, begin_stage, describe, fit_stage, random_init_schedule, stages_from
 from cvfast.util.batch_progress import BatchProgress
@@ -91,7 +91,7 @@ def train_schedule(learn: Learner, stages: list[Stage], out: Path, recipe: dict,
         extra = [BatchProgress(f"stage {i + 1}/{len(stages)} ({stage.name})", start, stage.epochs), RestoreSmoothLoss(smooth)]
         epochs_before = sum(s.epochs for s in stages[:i]) + start
         if num_distrib() > 1:
-            extra.append(RankStreams(typed(recipe).train.seed, epochs_before))
+            extra.append(RankStreams(_settings(recipe).train.seed, epochs_before))
         if logger == "tensorboard":
             extra.append(tensorboard_callback(out / "tensorboard", epochs_before))
         # constant learning rates: resuming is fitting the remaining epochs (no schedule position to restore)
@@ -130,15 +130,20 @@ def _finish(learn: Learner, out: Path, recipe: dict, extra: Callable[[], dict]) 
     return TrainResult(learn, out, metrics)
 
 
+def _settings(recipe: dict) -> Recipe:
+    """A checked recipe's typed settings, every default filled in (checked by load_recipe / resolve, not again here)."""
+    return typed(recipe, validate=False)
+
+
 def _schedule(recipe: dict, random_init: bool) -> list[Stage]:
     """The recipe's stages, or the random-init schedule for untrained weights."""
     stages = stages_from(recipe["stages"])
-    return random_init_schedule(stages, typed(recipe).train.random_init_lr) if random_init else stages
+    return random_init_schedule(stages, _settings(recipe).train.random_init_lr) if random_init else stages
 
 
 def whole_training_cbs(recipe: dict, hold_body_bn: bool = True) -> list:
     """The whole-image recipes' training callbacks: BatchNorm policy and gradient accumulation."""
-    cfg = typed(recipe)
+    cfg = _settings(recipe)
     cbs = [HoldBodyBatchNorm()] if cfg.train.bn_policy == "hold_body_stats" and hold_body_bn else []
     if cfg.data.grad_acc > 1:
         cbs.append(GradientAccumulation(n_acc=cfg.batch_size * cfg.data.grad_acc))  # fastai counts samples
@@ -148,7 +153,7 @@ def whole_training_cbs(recipe: dict, hold_body_bn: bool = True) -> list:
 def _stage_cbs(recipe: dict, hold_body_bn: bool = True) -> Callable[[dict], list]:
     """Per-stage callbacks: training ones (whole-image and fine-tune recipes), the best epoch on the validation score
     kept across all stages (the reference's checkpointers: AUC for whole images, accuracy for patches), early stopping."""
-    cfg = typed(recipe)
+    cfg = _settings(recipe)
     patience, keep_best = cfg.train.early_stopping_patience, cfg.train.keep_best
     # the reference's checkpointers (accuracy for patches, AUC for whole images) unless the recipe names another
     monitor = cfg.monitor
@@ -175,7 +180,7 @@ def _stage_cbs(recipe: dict, hold_body_bn: bool = True) -> Callable[[dict], list
 
 def _whole_dls(recipe: dict, data: str | Path, runtime: Runtime, mean: float | None = None, mean_source: str | None = None):
     """Whole-image DataLoaders per the recipe's data section (no size: the cache's own size); `mean`: a given mean grey."""
-    cfg = typed(recipe)
+    cfg = _settings(recipe)
     size = cfg.data.size
     return whole_image_dataloaders(data, bs=cfg.batch_size, size=(size, size) if isinstance(size, int) else size,
                                    augment=cfg.data.augment, seed=cfg.train.seed, mean=mean,
@@ -190,7 +195,7 @@ def _inputs(**paths) -> dict:
 def patch_learner_from_recipe(recipe: dict, patches: str | Path, out: str | Path, weights: str | Path | None = None,
                               runtime: Runtime | None = None) -> tuple[Learner, str]:
     """The recipe's patch learner on a patch set; returns it and how it was initialised (random | hub | package NAME | file PATH)."""
-    cfg, runtime = typed(recipe), runtime or Runtime()
+    cfg, runtime = _settings(recipe), runtime or Runtime()
     m, seed = cfg.model, cfg.train.seed
     if m.arch is None:
         raise CvfastError(f"recipe {cfg.name or '?'}: a patch recipe needs [model] arch (or --arch)")
@@ -216,7 +221,7 @@ def patch_learner_from_recipe(recipe: dict, patches: str | Path, out: str | Path
 
 def whole_learner_from_recipe(recipe: dict, data: str | Path, patch: str | Path, out: str | Path, runtime: Runtime | None = None) -> Learner:
     """The recipe's whole-image learner, converted from a trained patch classifier."""
-    cfg = typed(recipe)
+    cfg = _settings(recipe)
     set_seed(cfg.train.seed)
     patch_model, sidecar = load_model(patch)
     if sidecar["kind"] != "patch":
@@ -240,7 +245,7 @@ def whole_learner_from_recipe(recipe: dict, data: str | Path, patch: str | Path,
 def finetune_learner_from_recipe(recipe: dict, data: str | Path, source: str | Path, out: str | Path, scratch: bool = False,
                                  runtime: Runtime | None = None) -> Learner:
     """A learner for transfer: the source whole-image model (or, scratch=True, the same architecture untrained)."""
-    cfg = typed(recipe)
+    cfg = _settings(recipe)
     set_seed(cfg.train.seed)
     model, sidecar = load_model(source)
     if sidecar["kind"] != "whole":
@@ -252,17 +257,17 @@ def finetune_learner_from_recipe(recipe: dict, data: str | Path, source: str | P
                                      opt_func=optimizer_from(cfg.train)), runtime)
 
 
-def learner_from_recipe(recipe: dict, data: str | Path, model: str | Path | None, out: str | Path, runtime: Runtime | None = None) -> Learner:
-    """The learner any recipe builds, by its kind: patch (DATA = a patch set), whole (MODEL = a patch model) or finetune
-    (MODEL = a whole-image model), with the training callbacks its kind uses (what lr_find and notebooks need)."""
+def learner_from_recipe(recipe: dict, data: str | Path, model: str | Path | None, out: str | Path,
+                        runtime: Runtime | None = None) -> tuple[Learner, list]:
+    """The learner any recipe builds, by its kind -- patch (DATA = a patch set), whole (MODEL = a patch model) or finetune
+    (MODEL = a whole-image model) -- and the training callbacks its kind trains with (pass them to fit or find_lr)."""
     if recipe["kind"] != "patch" and model is None:
         raise CvfastError(f"a {recipe['kind']} recipe needs a model to start from (a {'patch' if recipe['kind'] == 'whole' else 'whole-image'} model)")
     if recipe["kind"] == "patch":
-        return patch_learner_from_recipe(recipe, data, out, runtime=runtime)[0]
+        return patch_learner_from_recipe(recipe, data, out, runtime=runtime)[0], []
     learn = (whole_learner_from_recipe(recipe, data, model, out, runtime) if recipe["kind"] == "whole"
              else finetune_learner_from_recipe(recipe, data, model, out, runtime=runtime))
-    learn.add_cbs(whole_training_cbs(recipe))
-    return learn
+    return learn, whole_training_cbs(recipe)
 
 
 def _refuse_overwriting_inputs(out: Path, data: str | Path, model: str | Path | None = None) -> None:
@@ -297,7 +302,7 @@ def train_patch(recipe: dict, patches: str | Path, out: str | Path, weights: str
     learn, init = patch_learner_from_recipe(recipe, patches, out, weights, runtime)
     stages = _schedule(recipe, init == "random")
     recipe = {**recipe, "init": init, "inputs": _inputs(patches=patches, weights=weights), "resolved_stages": describe(stages),
-              "optimizer": optimizer_settings(typed(recipe).train)}
+              "optimizer": optimizer_settings(_settings(recipe).train)}
     return _train(learn, stages, out, recipe, lambda: {"init": init, **heldout_patch_metrics(learn, patches)}, cbs=_stage_cbs(recipe),
                   resume=resume, runtime=runtime)
 
@@ -310,7 +315,7 @@ def train_whole(recipe: dict, data: str | Path, patch: str | Path, out: str | Pa
     learn = whole_learner_from_recipe(recipe, data, patch, out, runtime)
     stages = _schedule(recipe, False)
     recipe = {**recipe, "inputs": _inputs(data=data, patch_model=patch), "resolved_stages": describe(stages),
-              "optimizer": optimizer_settings(typed(recipe).train)}
+              "optimizer": optimizer_settings(_settings(recipe).train)}
     return _train(learn, stages, out, recipe, lambda: heldout_whole_metrics(learn, data), cbs=_stage_cbs(recipe), resume=resume,
                   runtime=runtime)
 
@@ -326,7 +331,7 @@ def finetune(recipe: dict, data: str | Path, source: str | Path, out: str | Path
     learn = finetune_learner_from_recipe(recipe, data, source, out, scratch, runtime)
     stages = _schedule(recipe, scratch)
     recipe = {**recipe, "inputs": _inputs(data=data, source_model=source), "scratch": scratch, "resolved_stages": describe(stages),
-              "optimizer": optimizer_settings(typed(recipe).train)}
+              "optimizer": optimizer_settings(_settings(recipe).train)}
     # the from-scratch control has no pretrained BatchNorm statistics to hold: its BN layers train normally
     return _train(learn, stages, out, recipe, lambda: heldout_whole_metrics(learn, data), cbs=_stage_cbs(recipe, hold_body_bn=not scratch),
                   resume=resume, runtime=runtime)

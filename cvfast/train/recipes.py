@@ -65,7 +65,7 @@ class ModelSection:
     pretrained: bool = False
     top: Literal["resnet", "vgg"] = "resnet"
     heatmap: bool = False
-    widths: tuple[int, int, int] = (512, 512, 1024)
+    widths: tuple[int, int, int] = field(default=(512, 512, 1024), metadata={"range": "each >= 1", "ok": lambda v: all(x >= 1 for x in v)})
     stages: int = field(default=2, metadata={"range": ">= 1", "ok": lambda v: v >= 1})
     units: int = field(default=2, metadata={"range": ">= 1", "ok": lambda v: v >= 1})
     vgg_width: int = field(default=512, metadata={"range": ">= 1", "ok": lambda v: v >= 1})
@@ -79,7 +79,7 @@ class DataSection:
     """[data]: batches and images."""
 
     bs: Optional[int] = field(default=None, metadata={"range": ">= 1", "ok": lambda v: v >= 1})  # None: the kind's (see batch_size)
-    size: Union[int, tuple[int, int], None] = field(default=None, metadata={"range": ">= 8", "ok": lambda v: not isinstance(v, int) or v >= 8})
+    size: Union[int, tuple[int, int], None] = field(default=None, metadata={"range": "each >= 8", "ok": lambda v: all(x >= 8 for x in _values(v))})
     augment: bool = True
     grad_acc: int = field(default=1, metadata={"range": ">= 1", "ok": lambda v: v >= 1})
     dataset: Optional[str] = None  # what DATA holds (finetune: recorded with the model)
@@ -180,8 +180,10 @@ def _describe(hint) -> str:
     return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(hint, str(hint))
 
 
-def _section(cls, table, where: str, label: str):
+def _section(cls, table, where: str, label: str, validate: bool = True):
     """A typed section from a TOML table: unknown keys, missing keys and wrong types or ranges refused with the file and key."""
+    if not validate:
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in table.items()})
     if not isinstance(table, dict):
         raise CvfastError(f"{where}: {label} must be a table")
     known = {f.name: f for f in fields(cls)}
@@ -199,9 +201,16 @@ def _section(cls, table, where: str, label: str):
     return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in table.items()})
 
 
-def typed(recipe: dict, where: str = "") -> Recipe:
-    """The typed recipe of a recipe's tables (every default filled in); refused with the key and allowed values if it does not fit."""
+def typed(recipe: dict, where: str = "", validate: bool = True) -> Recipe:
+    """The typed recipe of a recipe's tables (every default filled in); refused with the key and allowed values if it does not fit.
+
+    validate=False: the defaults only, for code handed a recipe that `load_recipe` / `resolve` checked already (a notebook
+    may then change a value on purpose -- an lr of 0 to hold the weights -- as it always could)."""
     where = where or f"recipe {recipe.get('name', '?')}"
+    if not validate:
+        return Recipe(kind=recipe["kind"], name=recipe.get("name", ""), description=recipe.get("description", ""),
+                      **{s: _section(cls, recipe.get(s, {}), where, s, False) for s, cls in SECTIONS.items()},
+                      stages=tuple(_section(StageSection, st, where, "stage", False) for st in recipe["stages"]))
     top = {k: v for k, v in recipe.items() if k not in (*SECTIONS, "stages", *RUN_KEYS)}
     for key in top:
         if key not in ("kind", "name", "description"):
