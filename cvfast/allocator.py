@@ -1,40 +1,51 @@
-"""The memory allocator the CLI runs under: the system's, or (CVFAST_ALLOCATOR=jemalloc|tcmalloc) one preloaded.
+"""The memory allocator the CLI runs under: glibc's malloc tuned to keep freed memory (the default), glibc's as it
+comes (CVFAST_ALLOCATOR=system), or jemalloc / tcmalloc preloaded.
 
 PyTorch's CPU training allocates and frees large tensors every step; glibc's malloc returns that memory to the kernel
-and takes it back again, page fault by page fault (sys time). jemalloc with its decay switched off keeps it.
-The CLI re-executes itself once with the library preloaded (LD_PRELOAD must be set before the process starts, which
-no Python API can do after the fact -- hence this module). `DEFAULT` is what `auto` means: it becomes an allocator
-only once bench/allocator.py has measured it faster on this stack (BENCHMARKS.md); until then `auto` is the system's.
-Debian/Ubuntu: `apt-get install libjemalloc2` (or libtcmalloc-minimal4). A leaf: it imports nothing of cvfast.
+and takes it back again, page fault by page fault (sys time). Told not to trim its heap and to serve large blocks from
+it rather than from fresh mmaps (GLIBC_TUNABLES), glibc keeps them; so does jemalloc with its decay switched off.
+bench/allocator.py measured both ~1.2x faster than glibc's defaults on the same CPU training (BENCHMARKS.md), at a few
+percent more peak memory; the tuned glibc needs nothing installed, so it is `DEFAULT` wherever the C library is glibc.
+The CLI re-executes itself once with the setting in its environment (GLIBC_TUNABLES and LD_PRELOAD are read when a
+process starts, which no Python API can change after the fact -- hence this module). A leaf: imports nothing of cvfast.
 """
 
 from __future__ import annotations
 
 import ctypes.util
 import os
+import platform
 import sys
 from pathlib import Path
 
-ENV = "CVFAST_ALLOCATOR"  # auto (default) | jemalloc | tcmalloc | system
+ENV = "CVFAST_ALLOCATOR"  # auto (default) | glibc-tuned | jemalloc | tcmalloc | system
 DONE = "_CVFAST_ALLOCATOR"  # set in the re-executed process: which allocator it runs under
 LIBRARIES = {
     "jemalloc": ("libjemalloc.so.2", "libjemalloc.so"),
     "tcmalloc": ("libtcmalloc_minimal.so.4", "libtcmalloc.so.4"),
 }
+GLIBC_TUNED = "glibc.malloc.trim_threshold=4294967295:glibc.malloc.mmap_threshold=1073741824:glibc.malloc.top_pad=268435456"
 # measured: jemalloc's default decay returns pages as glibc does (slower); no decay keeps them (bench/allocator.py)
-SETTINGS = {"jemalloc": {"MALLOC_CONF": "dirty_decay_ms:-1,muzzy_decay_ms:-1"}, "tcmalloc": {}}
-DEFAULT: str | None = None  # not yet measured on this stack: bench/allocator.py decides
+SETTINGS = {"glibc-tuned": {"GLIBC_TUNABLES": GLIBC_TUNED}, "jemalloc": {"MALLOC_CONF": "dirty_decay_ms:-1,muzzy_decay_ms:-1"},
+            "tcmalloc": {}}
+CHOICES = ("auto", "system", *SETTINGS)
+DEFAULT = "glibc-tuned"  # bench/allocator.py: as fast as jemalloc without decay, and nothing to install
 SEARCH = ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64", "/usr/lib", "/usr/local/lib")
 
 
 def find_library(name: str) -> str | None:
     """The path of an allocator's shared library, or None when it is not installed."""
-    for file in LIBRARIES[name]:
+    for file in LIBRARIES.get(name, ()):
         for folder in SEARCH:
             if (Path(folder) / file).is_file():
                 return str(Path(folder) / file)
-    found = ctypes.util.find_library(name)
+    found = ctypes.util.find_library(name) if name in LIBRARIES else None
     return found if found and Path(found).is_absolute() else None
+
+
+def available(name: str) -> bool:
+    """Whether an allocator can run here: the tuned glibc where the C library is glibc, the others when installed."""
+    return platform.libc_ver()[0] == "glibc" if name == "glibc-tuned" else find_library(name) is not None
 
 
 def wanted() -> str | None:
@@ -42,10 +53,10 @@ def wanted() -> str | None:
     choice = os.environ.get(ENV, "auto").strip().lower() or "auto"
     if choice == "system" or not sys.platform.startswith("linux"):
         return None
-    if choice not in ("auto", *LIBRARIES):
-        raise SystemExit(f"error: {ENV}={choice!r}: expected auto, system, {', '.join(LIBRARIES)}")
+    if choice not in CHOICES:
+        raise SystemExit(f"error: {ENV}={choice!r}: expected one of {', '.join(CHOICES)}")
     name = DEFAULT if choice == "auto" else choice
-    return name if name and find_library(name) else None
+    return name if available(name) else None
 
 
 def reexec_with_allocator(argv: list[str]) -> None:
@@ -55,9 +66,11 @@ def reexec_with_allocator(argv: list[str]) -> None:
     name = wanted()
     if name is None:
         return
-    lib = find_library(name)
-    env = {**os.environ, DONE: name, **SETTINGS[name],
-           "LD_PRELOAD": " ".join(p for p in (lib, os.environ.get("LD_PRELOAD", "")) if p)}
+    env = {**os.environ, DONE: name, **SETTINGS[name]}
+    if "GLIBC_TUNABLES" in SETTINGS[name] and os.environ.get("GLIBC_TUNABLES"):  # the user's own tunables come last: theirs win
+        env["GLIBC_TUNABLES"] = f"{SETTINGS[name]['GLIBC_TUNABLES']}:{os.environ['GLIBC_TUNABLES']}"
+    if name in LIBRARIES:
+        env["LD_PRELOAD"] = " ".join(p for p in (find_library(name), os.environ.get("LD_PRELOAD", "")) if p)
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, [sys.executable, "-m", "cvfast", *argv], env)

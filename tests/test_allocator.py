@@ -8,7 +8,8 @@ import sys
 
 import pytest
 
-from cvfast.allocator import find_library
+import cvfast.allocator as allocator
+from cvfast.allocator import GLIBC_TUNED, available, find_library
 
 
 def _cvfast(*args: str, **env: str) -> subprocess.CompletedProcess:
@@ -27,4 +28,28 @@ def test_the_system_allocator_is_kept_when_asked_and_an_unknown_one_refused():
     r = _cvfast("--verbose", "recipes", "list", CVFAST_ALLOCATOR="system")
     assert r.returncode == 0 and "memory allocator: system" in r.stderr
     bad = _cvfast("recipes", "list", CVFAST_ALLOCATOR="hoard")
+    assert bad.returncode != 0 and "expected one of auto, system, glibc-tuned, jemalloc, tcmalloc" in bad.stderr
     assert bad.returncode != 0 and "CVFAST_ALLOCATOR='hoard'" in bad.stderr and "Traceback" not in bad.stderr
+
+
+@pytest.mark.skipif(not available("glibc-tuned"), reason="the C library is not glibc")
+def test_by_default_the_cli_runs_under_the_tuned_glibc():
+    """The measured default needs nothing installed: the re-executed CLI says so, and a plain run differs from system."""
+    env = {k: v for k, v in os.environ.items() if k not in ("CVFAST_ALLOCATOR", allocator.DONE)}
+    r = subprocess.run([sys.executable, "-m", "cvfast", "--verbose", "recipes", "list"], capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0 and "memory allocator: glibc-tuned" in r.stderr, r.stderr
+
+
+@pytest.mark.skipif(not available("glibc-tuned"), reason="the C library is not glibc")
+def test_the_re_executed_environment_keeps_the_users_own_settings(monkeypatch):
+    """GLIBC_TUNABLES the user set come after cvfast's (the later setting wins in glibc); LD_PRELOAD is left alone."""
+    seen = {}
+    monkeypatch.setattr(allocator.os, "execve", lambda exe, argv, env: seen.update(env=env, argv=argv))
+    for name in ("CVFAST_ALLOCATOR", allocator.DONE):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.arena_max=2")
+    monkeypatch.setenv("LD_PRELOAD", "/opt/mine.so")
+    allocator.reexec_with_allocator(["recipes", "list"])
+    env = seen["env"]
+    assert env["GLIBC_TUNABLES"] == f"{GLIBC_TUNED}:glibc.malloc.arena_max=2" and env["LD_PRELOAD"] == "/opt/mine.so"
+    assert env[allocator.DONE] == "glibc-tuned" and seen["argv"][-2:] == ["recipes", "list"]
