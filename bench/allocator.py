@@ -99,8 +99,8 @@ def main() -> None:
         med = lambda k: float(np.median([r[k] for r in rs]))  # noqa: E731
         best = min(r["wall"] for r in rs)
         lines.append(f"| {name} | {best:.1f} | {med('wall'):.1f} | {base / best:.2f}x | {med('user'):.1f} | {med('sys'):.1f} | {med('maxrss_mib'):.0f} |")
-    lines += ["", f"The CLI runs under `cvfast.allocator.DEFAULT` (glibc tunables: as fast as jemalloc without decay, nothing to install; "
-              f"`{DONE}` tells a child which it got); `CVFAST_ALLOCATOR=system` turns it off, `=jemalloc` or `=tcmalloc` preloads those."]
+    lines += ["", f"The CLI runs under `cvfast.allocator.DEFAULT` (None: glibc's own, since the tuned glibc ran a 1024x1024 training out of "
+              f"memory); `CVFAST_ALLOCATOR=glibc-tuned`, `=jemalloc` or `=tcmalloc` opt in (`{DONE}` tells a child which it got)."]
     publish(NAME, lines, write=not args.no_write)
     save_md(lines, args.md_out)
 

@@ -1,11 +1,12 @@
-"""The memory allocator the CLI runs under: glibc's malloc tuned to keep freed memory (the default), glibc's as it
-comes (CVFAST_ALLOCATOR=system), or jemalloc / tcmalloc preloaded.
+"""The memory allocator the CLI runs under: glibc's as it comes (the default), glibc tuned to keep freed memory
+(CVFAST_ALLOCATOR=glibc-tuned), or jemalloc / tcmalloc preloaded.
 
 PyTorch's CPU training allocates and frees large tensors every step; glibc's malloc returns that memory to the kernel
-and takes it back again, page fault by page fault (sys time). Told not to trim its heap and to serve large blocks from
-it rather than from fresh mmaps (GLIBC_TUNABLES), glibc keeps them; so does jemalloc with its decay switched off.
-bench/allocator.py measured both ~1.2x faster than glibc's defaults on the same CPU training (BENCHMARKS.md), at a few
-percent more peak memory; the tuned glibc needs nothing installed, so it is `DEFAULT` wherever the C library is glibc.
+and takes it back again, page fault by page fault (sys time). Told not to trim its heap and to serve blocks up to 1 GiB
+from it (GLIBC_TUNABLES), glibc keeps them; so does jemalloc with its decay switched off. bench/allocator.py measured
+both ~1.3x faster on a short CPU training at 256x192 (BENCHMARKS.md). But the tuned glibc is not the default: in the
+test suite a 1024x1024 VGG-heatmap training under it grew past 18 GB and was killed by the kernel (its heap fragments
+and is never trimmed), where glibc's defaults pass. `DEFAULT` is what `auto` means; None keeps the system's.
 The CLI re-executes itself once with the setting in its environment (GLIBC_TUNABLES and LD_PRELOAD are read when a
 process starts, which no Python API can change after the fact -- hence this module). A leaf: imports nothing of cvfast.
 """
@@ -29,7 +30,7 @@ GLIBC_TUNED = "glibc.malloc.trim_threshold=4294967295:glibc.malloc.mmap_threshol
 SETTINGS = {"glibc-tuned": {"GLIBC_TUNABLES": GLIBC_TUNED}, "jemalloc": {"MALLOC_CONF": "dirty_decay_ms:-1,muzzy_decay_ms:-1"},
             "tcmalloc": {}}
 CHOICES = ("auto", "system", *SETTINGS)
-DEFAULT = "glibc-tuned"  # bench/allocator.py: as fast as jemalloc without decay, and nothing to install
+DEFAULT: str | None = None  # the tuned glibc is faster at small sizes but ran out of memory at 1024x1024 (see above)
 SEARCH = ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64", "/usr/lib", "/usr/local/lib")
 
 
@@ -56,7 +57,7 @@ def wanted() -> str | None:
     if choice not in CHOICES:
         raise SystemExit(f"error: {ENV}={choice!r}: expected one of {', '.join(CHOICES)}")
     name = DEFAULT if choice == "auto" else choice
-    return name if available(name) else None
+    return name if name and available(name) else None
 
 
 def reexec_with_allocator(argv: list[str]) -> None:

@@ -20,16 +20,15 @@ from cvfast.data.ingest import prepare_ddsm
 from cvfast.data.ingest.common import PrepareOptions
 from cvfast.data.manifest import read_manifest
 from cvfast.data.synth import synthesize
-
-ROOT = Path(__file__).resolve().parents[1]
+from cvfast.train.recipes import recipe_paths
 
 
 def tiny_recipes(folder: Path) -> tuple[str, str]:
     """The mini-MIAS CPU recipes at one epoch per stage, patches fed as cut, a narrow top: the same code paths, seconds of work."""
     folder.mkdir(parents=True, exist_ok=True)
-    patch = (ROOT / "recipes" / "mias-cpu-patch.toml").read_text()
+    patch = recipe_paths()["mias-cpu-patch"].read_text()
     patch = patch.replace("size = 96\n", "").replace("epochs = 2", "epochs = 1").replace("epochs = 5", "epochs = 1")
-    whole = (ROOT / "recipes" / "mias-cpu-whole.toml").read_text()
+    whole = recipe_paths()["mias-cpu-whole"].read_text()
     whole = whole.replace("epochs = 8", "epochs = 1").replace("epochs = 3", "epochs = 1").replace("[64, 64, 128]", "[8, 8, 16]")
     whole = whole.replace("size = [512, 416]\n", "")
     (folder / "p.toml").write_text(patch)
