@@ -207,10 +207,15 @@ def typed(recipe: dict, where: str = "", validate: bool = True) -> Recipe:
     validate=False: the defaults only, for code handed a recipe that `load_recipe` / `resolve` checked already (a notebook
     may then change a value on purpose -- an lr of 0 to hold the weights -- as it always could)."""
     where = where or f"recipe {recipe.get('name', '?')}"
-    if not validate:
-        return Recipe(kind=recipe["kind"], name=recipe.get("name", ""), description=recipe.get("description", ""),
-                      **{s: _section(cls, recipe.get(s, {}), where, s, False) for s, cls in SECTIONS.items()},
-                      stages=tuple(_section(StageSection, st, where, "stage", False) for st in recipe["stages"]))
+    if validate:
+        _check_top(recipe, where)
+    return Recipe(kind=recipe["kind"], name=recipe.get("name", ""), description=recipe.get("description", ""),
+                  **{s: _section(cls, recipe.get(s, {}), where, f"[{s}]", validate) for s, cls in SECTIONS.items()},
+                  stages=tuple(_section(StageSection, st, f"{where} stage {i + 1}", "[[stages]]", validate) for i, st in enumerate(recipe["stages"])))
+
+
+def _check_top(recipe: dict, where: str) -> None:
+    """The recipe's own keys: kind, name, description and a non-empty [[stages]] list; nothing else."""
     top = {k: v for k, v in recipe.items() if k not in (*SECTIONS, "stages", *RUN_KEYS)}
     for key in top:
         if key not in ("kind", "name", "description"):
@@ -223,9 +228,6 @@ def typed(recipe: dict, where: str = "", validate: bool = True) -> Recipe:
     stages = recipe.get("stages")
     if not isinstance(stages, list) or not stages:
         raise CvfastError(f"{where}: [[stages]] must be a list of tables, at least one")
-    return Recipe(kind=recipe["kind"], name=recipe.get("name", ""), description=recipe.get("description", ""),
-                  **{s: _section(cls, recipe.get(s, {}), where, f"[{s}]") for s, cls in SECTIONS.items()},
-                  stages=tuple(_section(StageSection, st, f"{where} stage {i + 1}", "[[stages]]") for i, st in enumerate(stages)))
 
 
 def check_recipe(recipe: dict, where: str) -> None:
