@@ -102,8 +102,13 @@ def main(version: Annotated[bool, typer.Option("--version", callback=_version, i
     import os
 
     from cvfast.allocator import current
+    from cvfast.util.distributed import check_distributed_environment
 
     VERBOSE["on"] = verbose
+    try:
+        check_distributed_environment()
+    except CvfastError as e:
+        _error(str(e))
     # data parallel (torchrun / accelerate launch): rank 0 tells the story, the others only warn
     level = logging.DEBUG if verbose else logging.WARNING if quiet or int(os.environ.get("RANK", 0)) else logging.INFO
     for c in (console, stdout):

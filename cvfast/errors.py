@@ -3,3 +3,7 @@
 
 class CvfastError(Exception):
     """A problem with the user's input or environment, worded for the user (names the file or row)."""
+
+
+class DiskFull(CvfastError):
+    """No space left where cvfast writes: an environment failure; the run stops, never publishes a partial result, and a re-run resumes."""

@@ -153,6 +153,8 @@ def test_each_torchrun_rank_takes_only_its_own_gpu(monkeypatch, local_rank):
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", str(local_rank))
     monkeypatch.setenv("LOCAL_RANK", str(local_rank))
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "29500")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "set_device", lambda d: current.append(torch.device(d)))
     monkeypatch.setattr(torch.cuda, "current_device", lambda: pytest.fail("asked for the current device: a context on GPU 0"))

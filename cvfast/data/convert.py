@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -13,7 +14,7 @@ import numpy as np
 
 from cvfast.data.crop import CropSpec, apply_crop, cut_breast
 from cvfast.data.read import WORKING_SIZE, read_mammogram, read_png, resize, resize_mask, write_png
-from cvfast.errors import CvfastError
+from cvfast.errors import CvfastError, DiskFull
 from cvfast.util.files import TEMP_GLOB, TEMP_PREFIX, atomic_write_bytes, inside, read_json, safe_stem
 from cvfast.util.parallel import default_workers, parallel_map
 
@@ -131,7 +132,7 @@ def convert_one(job: ImageJob, data_dir: str, size: tuple[int, int], crop: CropS
             if record.get("key") == key and all((data_dir / p).is_file() for p in outputs):
                 if "pixels_sha256" not in record:  # a record of an older cvfast: the digest from the cache, not a re-conversion
                     record["pixels_sha256"] = _pixels_digest(read_png(data_dir / record["path"]))
-                    atomic_write_bytes(record_path, json.dumps(record).encode())
+                    atomic_write_bytes(record_path, json.dumps(record).encode(), cache=True)
                 return record
         except (CvfastError, KeyError, AttributeError, TypeError):
             pass  # a damaged record: convert the image again
@@ -166,7 +167,7 @@ def convert_one(job: ImageJob, data_dir: str, size: tuple[int, int], crop: CropS
               "patient_id": mammo.patient_id, "masks": masks, "rejects": rejects,
               # the working-size pixels' digest: the same image under two names or patients is found by it
               "pixels_sha256": _pixels_digest(working), **({"breast_crop": planned.to_json(crop)} if planned else {})}
-    atomic_write_bytes(record_path, json.dumps(record).encode())
+    atomic_write_bytes(record_path, json.dumps(record).encode(), cache=True)
     return record
 
 
@@ -176,12 +177,20 @@ def _pixels_digest(pixels: np.ndarray) -> str:
 
 
 def _run_job(args: tuple[ImageJob, str, tuple[int, int], CropSpec]) -> tuple[str, dict | None, str | None]:
-    """Worker entry point: never raises for bad input, returns the error text instead."""
+    """Worker entry point: never raises for bad input, returns the error text instead; a full disk stops the run (it is no
+    fault of the image: a rejects line for it would publish a dataset with images silently missing)."""
     job, data_dir, size, crop = args
     try:
         return job.image_id, convert_one(job, data_dir, size, crop), None
+    except DiskFull:
+        raise
     except CvfastError as e:
         return job.image_id, None, str(e)
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise DiskFull(f"{data_dir}: the disk is full (or over quota) while converting {job.source}; free space and run the same "
+                           "command again: the images converted so far are kept") from None
+        return job.image_id, None, f"{job.source}: {e.strerror or e}"
     except Exception as e:  # an unexpected failure on one file must not kill the whole run
         return job.image_id, None, f"{job.source}: {type(e).__name__}: {e}"
 

@@ -235,7 +235,7 @@ def write_png(path: str | os.PathLike, pixels: np.ndarray, compression: int = 0)
     ok, buf = cv2.imencode(".png", pixels, params)
     if not ok:
         raise CvfastError(f"{path}: PNG encoding failed")
-    atomic_write_bytes(path, buf.tobytes())
+    atomic_write_bytes(path, buf.tobytes(), cache=True)
 
 
 def read_png(path: str | os.PathLike) -> np.ndarray:

@@ -118,7 +118,7 @@ def _thumbnail(args: tuple[str, str, int]) -> str | None:
     if Path(target).is_file():
         return None
     try:
-        atomic_write_bytes(Path(target), _grey_png(read_mammogram(source).pixels, height))
+        atomic_write_bytes(Path(target), _grey_png(read_mammogram(source).pixels, height), cache=True)
     except CvfastError as e:
         return str(e)
     return None
@@ -159,13 +159,13 @@ def _write_errors(folder: Path, rows: pd.DataFrame, paths: dict[str, list[str]],
                         Image.fromarray(overlay(hm, name, alpha=alpha, height=options.error_height)).save(buf, format="PNG")
                         target = folder / f"{stem}-{key}.png"
                         refuse_overwrite([target], inputs, hint="choose another --out for the review")
-                        atomic_write_bytes(target, buf.getvalue())
+                        atomic_write_bytes(target, buf.getvalue(), cache=True)
                         entry[key] = f"{ERRORS}/{target.name}"
                     entry["map"] = name
                 else:
                     target = folder / f"{stem}-image.png"
                     refuse_overwrite([target], inputs, hint="choose another --out for the review")
-                    atomic_write_bytes(target, _grey_png(read_mammogram(path).pixels, options.error_height))
+                    atomic_write_bytes(target, _grey_png(read_mammogram(path).pixels, options.error_height), cache=True)
                     entry["image"] = f"{ERRORS}/{target.name}"
             except CvfastError as e:
                 entry["error"] = str(e)

@@ -10,7 +10,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,11 +20,11 @@ from safetensors.torch import load_file, save_file
 
 from cvfast.data.classes import PATCH_CLASSES, WHOLE_IMAGE_CLASSES
 from cvfast.data.crop import CropSpec
-from cvfast.errors import CvfastError
+from cvfast.errors import CvfastError, DiskFull
 from cvfast.models.body import create_body
 from cvfast.models.patch import PatchClassifier
 from cvfast.models.whole import whole_from_patch
-from cvfast.util.files import atomic_write_bytes
+from cvfast.util.files import TEMP_PREFIX, atomic_write_bytes, claim_output, file_sha256, replace_file
 
 log = logging.getLogger(__name__)
 
@@ -33,31 +32,39 @@ FORMAT = "cvfast-model/1"
 PKL, WEIGHTS, SIDECAR = "model.pkl", "model.safetensors", "model.json"
 
 
-def _sha256(path: Path) -> str:
-    """SHA-256 of a file."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def export_model(learn, out_dir: str | Path, recipe: dict | None = None, metrics: dict | None = None) -> dict[str, Path]:
-    """Write OUT/model.pkl (learn.export), OUT/model.safetensors and OUT/model.json; each atomically."""
+    """Write OUT/model.pkl (learn.export), OUT/model.safetensors and OUT/model.json, all or nothing.
+
+    Both big files are written to temporaries first: a failure there (a full disk) leaves the folder as it was. Then
+    model.json, the commit point, is removed, the files moved in, and the new model.json written last: a folder without
+    model.json is an unfinished export, which load_model refuses (it never falls back to a lone model.pkl).
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model = learn.model
-    tmp_pkl = out / f".{PKL}.tmp"
-    learn.export(tmp_pkl.resolve())
-    os.replace(tmp_pkl, out / PKL)
-    tmp_w = out / f".{WEIGHTS}.tmp"
-    save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(tmp_w))
-    os.replace(tmp_w, out / WEIGHTS)
-    sidecar = {"format": FORMAT, "kind": model.spec["kind"], **model.info, "spec": model.spec,
-               "weights": WEIGHTS, "weights_sha256": _sha256(out / WEIGHTS), "recipe": recipe or {}, "metrics": metrics or {}}
-    sidecar = json.loads(json.dumps(sidecar, default=str))  # tuples -> lists: the digest is of what a reader sees
-    sidecar["content_sha256"] = content_digest(sidecar)
-    atomic_write_bytes(out / SIDECAR, json.dumps(sidecar, indent=1, default=str).encode())
+    temps = {PKL: out / f"{TEMP_PREFIX}{PKL}.tmp", WEIGHTS: out / f"{TEMP_PREFIX}{WEIGHTS}.tmp"}
+    try:
+        for name in (PKL, WEIGHTS, SIDECAR):
+            claim_output(out / name)  # before any work: a user's own file of one of these names stays
+        learn.export(temps[PKL].resolve())
+        save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(temps[WEIGHTS]))
+        sidecar = {"format": FORMAT, "kind": model.spec["kind"], **model.info, "spec": model.spec,
+                   "weights": WEIGHTS, "weights_sha256": file_sha256(temps[WEIGHTS]), "pkl_sha256": file_sha256(temps[PKL]),
+                   "recipe": recipe or {}, "metrics": metrics or {}}
+        sidecar = json.loads(json.dumps(sidecar, default=str))  # tuples -> lists: the digest is of what a reader sees
+        sidecar["content_sha256"] = content_digest(sidecar)
+        (out / SIDECAR).unlink(missing_ok=True)
+        for name, tmp in temps.items():
+            replace_file(tmp, out / name)
+        atomic_write_bytes(out / SIDECAR, json.dumps(sidecar, indent=1, default=str).encode())
+    except BaseException as e:
+        for tmp in temps.values():
+            tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError) or "No space left" in str(e) or "unexpected pos" in str(e):
+            # torch and safetensors wrap a failed write in their own errors (RuntimeError, SafetensorError)
+            raise DiskFull(f"{out}: the model could not be written ({' '.join(str(e).split())[:160]}); free space and export again "
+                           "(the folder holds no half-written model: its model.json is written last)") from None
+        raise
     return {"pkl": out / PKL, "weights": out / WEIGHTS, "sidecar": out / SIDECAR}
 
 
@@ -181,10 +188,14 @@ def load_model(path: str | Path) -> tuple[torch.nn.Module, dict]:
     """Load a model from a model folder, its model.json, or a .pkl (with a warning); return (model, sidecar)."""
     path = Path(path)
     if path.is_dir():
-        path = path / SIDECAR if (path / SIDECAR).is_file() else path / PKL
+        if not (path / SIDECAR).is_file() and (path / PKL).is_file():
+            raise CvfastError(f"{path}: no {SIDECAR}: its export did not finish (export again), or the folder holds only a learner "
+                              f"pickle: name {path / PKL} itself to load it")
+        path = path / SIDECAR
     if not path.is_file():
         raise CvfastError(f"{path}: no such model file")
     if path.suffix == ".pkl":
+        _check_pickle_against_sidecar(path)
         return _load_pickle(path)
     if path.suffix == ".safetensors":
         path = path.with_name(SIDECAR)
@@ -196,7 +207,7 @@ def load_model(path: str | Path) -> tuple[torch.nn.Module, dict]:
     weights = path.parent / sidecar["weights"]
     if not weights.is_file():
         raise CvfastError(f"{weights}: weights file missing next to {path.name}")
-    if _sha256(weights) != sidecar["weights_sha256"]:
+    if file_sha256(weights) != sidecar["weights_sha256"]:
         raise CvfastError(f"{weights}: SHA-256 does not match {path.name}; the file is corrupt or was replaced")
     try:
         model = create_model(sidecar["spec"])
@@ -207,6 +218,16 @@ def load_model(path: str | Path) -> tuple[torch.nn.Module, dict]:
         raise CvfastError(f"{path}: its spec and weights do not make a model ({type(e).__name__}: {str(e)[:200]})") from None
     model.info = {k: sidecar[k] for k in ("classes", "mean_grey", "size", "source_size", "crop", "mean_grey_source", "breast_crop") if k in sidecar}
     return model.eval(), sidecar
+
+
+def _check_pickle_against_sidecar(path: Path) -> None:
+    """Refuse a model.pkl that its folder's model.json does not describe (left by an export that did not finish)."""
+    try:
+        expected = json.loads((path.parent / SIDECAR).read_text()).get("pkl_sha256") if path.name == PKL else None
+    except (OSError, ValueError, AttributeError):
+        return  # no sidecar (or not ours): a learner pickle on its own
+    if isinstance(expected, str) and file_sha256(path) != expected:
+        raise CvfastError(f"{path}: does not match {SIDECAR} beside it (an export that did not finish, or a replaced file); export again")
 
 
 def _load_pickle(path: Path) -> tuple[torch.nn.Module, dict]:
@@ -238,7 +259,7 @@ def seal(folder: str | Path) -> Path:
         raise CvfastError(f"{path}: not a cvfast model sidecar (expected a JSON object with format {FORMAT})")
     check_fields(sidecar, path)
     sidecar["content_sha256"] = content_digest(sidecar)
-    atomic_write_bytes(path, json.dumps(sidecar, indent=1).encode())
+    atomic_write_bytes(path, json.dumps(sidecar, indent=1).encode(), edit=True)  # the user named this file to be sealed
     load_model(path)  # the weights must fit too
     return path
 

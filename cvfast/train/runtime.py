@@ -22,6 +22,7 @@ from torch import nn
 from cvfast.allocator import current as current_allocator
 from cvfast.data.loader import PREFETCH, PersistentWorkers
 from cvfast.errors import CvfastError
+from cvfast.util.distributed import check_distributed_environment
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,7 @@ class Runtime:
     log: str | None = None  # 'tensorboard': also log to OUT/tensorboard (the per-epoch CSV is always written)
 
     def __post_init__(self):
+        check_distributed_environment()
         if self.precision not in PRECISIONS:
             raise CvfastError(f"precision {self.precision!r}: expected one of {', '.join(PRECISIONS)}")
         if self.log not in (None, "tensorboard"):

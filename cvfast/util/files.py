@@ -6,6 +6,8 @@ One place for three rules (users' files are sacred, their inputs untrusted):
 - folders are searched with `walk_files`, which follows symlinked folders (clusters link datasets in) and
   stops at loops;
 - before a command writes, `refuse_overwrite` checks that none of its outputs is one of its inputs;
+- a file that already exists is replaced only when cvfast wrote it and nobody changed it since (`claim_output`: a
+  digest of each file cvfast writes is kept beside it, in the folder's `.cvfast-written/`);
 - every file is written whole or not at all (`atomic_write_bytes`).
 
 The floor of the house: used by every layer, imports nothing of cvfast but errors.
@@ -13,6 +15,7 @@ The floor of the house: used by every layer, imports nothing of cvfast but error
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -21,7 +24,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from cvfast.errors import CvfastError
+from cvfast.errors import CvfastError, DiskFull
 
 # what a stem may hold as it is: portable on every file system, no separators, no leading dot, no NUL
 PLAIN_STEM = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,119}$")
@@ -161,17 +164,96 @@ def read_json(path: str | os.PathLike, what: str) -> dict:
     return value
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write bytes to path via a temporary file in the same folder and os.replace, so no partial file appears."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{TEMP_PREFIX}{path.name}.", suffix=".tmp")
+# beside the files cvfast writes: WRITTEN_DIR/<name>.sha256 holds the digest of what it wrote, so a later run can tell
+# its own earlier output (replace it) from a user's file of the same name (keep it, refuse)
+WRITTEN_DIR = ".cvfast-written"
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """The SHA-256 of a file's bytes (read in 1 MiB blocks)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _written_record(path: Path) -> Path:
+    return path.parent / WRITTEN_DIR / f"{path.name}.sha256"
+
+
+def written_by_cvfast(path: str | os.PathLike) -> bool:
+    """True when PATH holds exactly what cvfast last wrote there."""
+    path, record = Path(path), _written_record(Path(path))
     try:
+        return record.read_text().strip() == file_sha256(path)
+    except OSError:
+        return False
+
+
+def claim_output(path: str | os.PathLike) -> None:
+    """Refuse to replace an existing file that cvfast did not write (a user's own file of the same name), or that was
+    changed since cvfast wrote it; a file that does not exist yet is free."""
+    path = Path(path)
+    if path.is_dir() and not path.is_symlink():
+        raise CvfastError(f"{path}: is a folder; cvfast would write a file of that name there")
+    if path.exists() and not written_by_cvfast(path):
+        raise CvfastError(f"{path}: already exists and was not written by cvfast (or was changed since); it is kept: move it or choose another --out")
+
+
+def _replace(tmp: str | os.PathLike, path: Path, digest: str | None) -> None:
+    """os.replace(tmp, path), then record path's digest (None: a cache file, whose folder cvfast keeps its own records for)."""
+    os.replace(tmp, path)
+    if digest is not None:
+        record = _written_record(path)
+        record.parent.mkdir(exist_ok=True)
+        fd, rtmp = tempfile.mkstemp(dir=record.parent, prefix=TEMP_PREFIX, suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            f.write(digest + "\n")
+        os.replace(rtmp, record)
+
+
+def _unwritable(path: Path, e: OSError) -> CvfastError:
+    """The message for a write that failed; a full disk is said to be one (an environment failure, not bad input)."""
+    if e.errno == errno.ENOSPC or e.errno == errno.EDQUOT:
+        return DiskFull(f"{path}: cannot write: the disk is full (or over quota); free space and run the same command again: finished work is kept")
+    return CvfastError(f"{path}: cannot write ({e.strerror or e})")
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, cache: bool = False, edit: bool = False) -> None:
+    """Write bytes to path via a temporary file in the same folder and os.replace, so no partial file appears.
+
+    An existing file is replaced only when cvfast wrote it (`claim_output`); CACHE files (cached images, records of a
+    DATA folder's cache) skip that check and its record: their folder's own records say what they hold. EDIT: the user
+    asked for this very file to be rewritten (no check, a new record).
+    """
+    path = Path(path)
+    if not (cache or edit):
+        claim_output(path)
+    fd = tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{TEMP_PREFIX}{path.name}.", suffix=".tmp")
         with os.fdopen(fd, "wb") as f:
             f.write(data)
-        os.replace(tmp, path)
+        _replace(tmp, path, None if cache else hashlib.sha256(data).hexdigest())
+    except BaseException as e:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise _unwritable(path, e) from None
+        raise
+
+
+def replace_file(tmp: str | os.PathLike, path: str | os.PathLike) -> None:
+    """Move a finished temporary file (written by a library: torch, safetensors) onto PATH, with atomic_write_bytes' check
+    and record; the temporary is removed when that fails."""
+    path = Path(path)
+    try:
+        claim_output(path)
+        _replace(tmp, path, file_sha256(tmp))
     except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
         if isinstance(e, OSError):
-            raise CvfastError(f"{path}: cannot write ({e.strerror or e})") from None
+            raise _unwritable(path, e) from None
         raise

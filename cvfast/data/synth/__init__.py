@@ -13,7 +13,7 @@ from pathlib import Path
 from cvfast.data.datasets import DATASETS
 from cvfast.data.synth.render import DIFFICULTIES, SIZE_PRESETS, parse_size
 from cvfast.errors import CvfastError
-from cvfast.util.files import atomic_write_bytes
+from cvfast.util.files import atomic_write_bytes, claim_output, written_by_cvfast
 
 log = logging.getLogger(__name__)
 
@@ -29,8 +29,10 @@ def synthesize(out: str | Path, patients: int = 24, seed: int = 0, size: str = "
     unknown = [name for name in layouts if name not in LAYOUTS]
     if unknown or not layouts:
         raise CvfastError(f"layouts {', '.join(unknown) or '(none)'}: expected some of {', '.join(LAYOUTS)}")
+    truth_file = out / "ground_truth.json"
+    claim_output(truth_file)  # before anything is written: a user's own ground_truth.json stays, and so does the rest
     occupied = [p for sub in layouts if (out / sub).is_dir() for p in (out / sub).iterdir()]
-    if occupied and not (out / "ground_truth.json").is_file():  # someone's data, not an earlier synth run's: keep it
+    if occupied and not written_by_cvfast(truth_file):  # someone's data, not an earlier synth run's: keep it
         raise CvfastError(f"{out}: already holds {occupied[0]} (not written by `cvfast synth`); choose an empty --out")
     if patients < 2:
         raise CvfastError(f"--patients {patients}: need at least 2 patients for a train/test split")
@@ -45,6 +47,6 @@ def synthesize(out: str | Path, patients: int = 24, seed: int = 0, size: str = "
     truth = {"seed": seed, "patients": patients, "difficulty": difficulty}
     for name in layouts:
         truth[name] = DATASETS[name].synth(out / name, patients, seed, ddsm_size if name == "ddsm" else digital_size, look)
-    atomic_write_bytes(out / "ground_truth.json", json.dumps(truth, indent=1).encode())
+    atomic_write_bytes(truth_file, json.dumps(truth, indent=1).encode())
     log.info("synthetic data: %s in %s", ", ".join(f"{len(truth[n]['images'])} {n}-like images" for n in layouts), out)
     return truth

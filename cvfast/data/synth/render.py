@@ -325,7 +325,7 @@ def make_dicom(path: Path, pixels: np.ndarray, *, patient_id: str, sop_class: st
         ds.compress(syntax, encoding_plugin=ENCODERS[syntax], generate_instance_uid=False)
     buf = BytesIO()
     ds.save_as(buf, enforce_file_format=True)
-    atomic_write_bytes(path, buf.getvalue())
+    atomic_write_bytes(path, buf.getvalue(), cache=True)
 
 
 # ----------------------------------------------------------------------------------------------- layouts
