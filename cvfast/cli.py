@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import re
 import warnings
 from enum import Enum
 from pathlib import Path
@@ -50,7 +51,8 @@ def handles_errors(fn: Callable) -> Callable:
         except (typer.Exit, typer.Abort, click.ClickException):
             raise
         except CvfastError as e:
-            _error(str(e))
+            # fastai prefixes an error raised in a callback with where it was raised: the user needs only what it says
+            _error(re.sub(r"^Exception occured in `\w+` when calling event `\w+`:\s*", "", str(e)))
         except OSError as e:  # disk full, read-only or unwritable output, ...: the file and the reason, not a traceback
             _error(f"{f'{e.filename}: ' if e.filename else ''}{e.strerror or e}")
         except Exception as e:

@@ -185,3 +185,65 @@ def test_a_stray_rank_stops_training_before_it_starts(s10, tmp_path):
     r, out = _cli("patch", "--data", str(s10), "--recipe", "demo-patch", "--epochs-scale", "0.25", "--out", str(tmp_path / "m"), env={"RANK": "1"})
     assert r.exit_code == 1 and "half-set distributed environment" in out and "unset RANK" in out, out
     assert not (tmp_path / "m").exists()
+
+
+def test_a_full_disk_while_checkpointing_says_so_and_leaves_no_temporary(s10, tmp_path):
+    with small_disk(tmp_path / "disk", "32k") as disk:
+        r, out = _cli("patch", "--data", str(s10), "--recipe", "demo-patch", "--arch", "test_resnet", "--no-pretrained", "--epochs-scale", "0.25",
+                      "--out", str(disk / "m"))
+        assert r.exit_code == 1 and "checkpoints: no space for the" in out and "unexpected" not in out, out
+        assert not list((disk / "m").rglob("*.tmp*")) and not (disk / "m" / "model.pkl").exists()
+
+
+# --- state that outlives its inputs (items 6 and 10) ---------------------------------------------------------------
+
+
+def test_a_run_is_not_resumed_onto_a_re_split_data_folder(untrained_models, ddsm_data, synth_dir, tmp_path, monkeypatch):
+    from conftest import SIZE
+
+    from cvfast.data.ingest import prepare_ddsm
+    from cvfast.train import callbacks
+    from cvfast.train.pipeline import train_whole
+    from cvfast.train.recipes import load_recipe, resolve
+
+    data = Path(shutil.copytree(ddsm_data, tmp_path / "data", symlinks=True))
+    recipe = resolve(load_recipe("demo-whole"), {}, epochs_scale=0.05)
+    checkpoint = callbacks.EpochCheckpoint._checkpoint
+
+    def killed_after_the_first_epoch(self, values, stopped):
+        checkpoint(self, values, stopped)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(callbacks.EpochCheckpoint, "_checkpoint", killed_after_the_first_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        train_whole(recipe, data, untrained_models[0], tmp_path / "m")
+    monkeypatch.undo()
+    assert (tmp_path / "m" / "checkpoints" / "progress.json").is_file()
+    before = pd.read_csv(data / "manifest.csv")
+    prepare_ddsm(synth_dir / "ddsm", PrepareOptions(out=data, size=SIZE, workers=1, seed=3, valid_frac=0.4))
+    assert not before["split"].equals(pd.read_csv(data / "manifest.csv")["split"])  # patients moved between splits
+    with pytest.raises(CvfastError, match="holds an unfinished run of a different recipe or data"):
+        train_whole(recipe, data, untrained_models[0], tmp_path / "m")
+    assert train_whole(recipe, data, untrained_models[0], tmp_path / "m", resume=False).metrics  # --no-resume starts over
+
+
+@pytest.mark.slow
+def test_a_second_training_run_into_the_same_out_is_refused_and_the_first_finishes_whole(s10, tmp_path):
+    import json
+    import sys
+    import time
+
+    out = tmp_path / "m"
+    cmd = [sys.executable, "-m", "cvfast.cli", "patch", "--data", str(s10), "--recipe", "demo-patch", "--arch", "test_resnet", "--no-pretrained",
+           "--epochs-scale", "2", "--out", str(out)]
+    first = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    progress = out / "checkpoints" / "progress.json"
+    deadline = time.time() + 300
+    while not progress.is_file() and time.time() < deadline and first.poll() is None:
+        time.sleep(0.05)
+    r, said = _cli(*cmd[3:])
+    assert r.exit_code == 1 and "another cvfast training run is writing into this folder now" in said, said
+    assert first.wait(timeout=900) == 0, first.stderr.read()
+    history = json.loads((out / "checkpoints" / "history.json").read_text())
+    assert [h["epoch"] for h in history] == list(range(16))  # the first run's epochs, each once
+    assert not list(out.rglob("*.tmp*"))

@@ -24,7 +24,7 @@ from cvfast.errors import CvfastError, DiskFull
 from cvfast.models.body import create_body
 from cvfast.models.patch import PatchClassifier
 from cvfast.models.whole import whole_from_patch
-from cvfast.util.files import TEMP_PREFIX, atomic_write_bytes, claim_output, file_sha256, replace_file
+from cvfast.util.files import TEMP_PREFIX, atomic_write_bytes, claim_output, disk_full, file_sha256, replace_file
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +60,7 @@ def export_model(learn, out_dir: str | Path, recipe: dict | None = None, metrics
     except BaseException as e:
         for tmp in temps.values():
             tmp.unlink(missing_ok=True)
-        if isinstance(e, OSError) or "No space left" in str(e) or "unexpected pos" in str(e):
-            # torch and safetensors wrap a failed write in their own errors (RuntimeError, SafetensorError)
+        if disk_full(e):  # torch and safetensors wrap a failed write in their own errors (RuntimeError, SafetensorError)
             raise DiskFull(f"{out}: the model could not be written ({' '.join(str(e).split())[:160]}); free space and export again "
                            "(the folder holds no half-written model: its model.json is written last)") from None
         raise

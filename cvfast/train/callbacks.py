@@ -18,13 +18,13 @@ import torch.distributed as dist
 from fastai.callback.core import Callback, CancelFitException
 from fastai.callback.fp16 import MixedPrecision
 from fastai.callback.tracker import EarlyStoppingCallback, SaveModelCallback, TrackerCallback
-from fastai.learner import Recorder
+from fastai.learner import Learner, Recorder
 from fastai.torch_core import distrib_barrier, get_model, num_distrib, rank_distrib
 from torch import nn
 
-from cvfast.errors import CvfastError
+from cvfast.errors import CvfastError, DiskFull
 from cvfast.util.distributed import is_main_process
-from cvfast.util.files import atomic_write_bytes, read_json
+from cvfast.util.files import TEMP_PREFIX, atomic_write_bytes, disk_full, read_json
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +45,21 @@ class HoldBodyBatchNorm(Callback):
                 m.eval()
 
 
+def save_atomically(learn: Learner, path: Path, with_opt: bool, what: str) -> None:
+    """learn.save to a temporary, then os.replace onto PATH (a .pth): a kill never leaves a half-written checkpoint behind
+    (the temporary is removed at the next start), and a full disk is said to be one (torch calls it "unexpected pos")."""
+    tmp = path.parent.resolve() / f"{TEMP_PREFIX}{path.stem}.tmp.pth"
+    try:
+        learn.save(tmp.with_suffix(""), with_opt=with_opt)
+        os.replace(tmp, path)
+    except Exception as e:
+        tmp.unlink(missing_ok=True)
+        if disk_full(e):
+            raise DiskFull(f"{path.parent}: no space for {what}; free space and run the same command again: it resumes from the "
+                           "last checkpoint") from None
+        raise
+
+
 class BestModel(SaveModelCallback):
     """SaveModelCallback on validation ROC AUC whose "best so far" survives a resume and carries across stages.
 
@@ -62,6 +77,11 @@ class BestModel(SaveModelCallback):
         if self.new_best:
             log.info("best %s so far: %.4f (epoch %d of this stage)", self.monitor, self.best, self.epoch + 1)
             self._save(self.fname)
+
+    def _save(self, name: str) -> None:
+        """fastai writes best.pth in place, where a kill would leave half a file for the end of training to load."""
+        if is_main_process():
+            save_atomically(self.learn, self.path / self.model_dir / f"{name}.pth", self.with_opt, "the best epoch's weights")
 
     def after_fit(self, **kwargs):
         """Wait for rank 0's best.pth under data parallel; warn when no epoch was ever saved as best."""
@@ -124,8 +144,7 @@ class EpochCheckpoint(Callback):
         epoch = self.offset + self.epoch
         self.dir.mkdir(parents=True, exist_ok=True)
         name = f"s{self.stage_index}e{epoch + 1}"
-        tmp = self.learn.save(self.dir.resolve() / f"{name}.tmp", with_opt=True)
-        os.replace(tmp, self.dir / f"{name}.pth")
+        save_atomically(self.learn, self.dir / f"{name}.pth", True, f"the checkpoint of epoch {epoch + 1}")
         state = read_progress_raw(self.dir)
         history = state.get("history", []) + [{"stage": self.stage_index, "epoch": epoch, **{k: _num(v) for k, v in values.items()}}]
         trackers = {type(cb).__name__: {"best": _num(getattr(cb, "best", None)), "wait": getattr(cb, "wait", 0)}

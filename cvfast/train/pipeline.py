@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
@@ -17,6 +18,7 @@ from fastai.torch_core import distrib_barrier, num_distrib, set_seed
 
 from cvfast.data.blocks import data_files, patch_dataloaders, patch_set_train_mean, whole_image_dataloaders
 from cvfast.data.loader import close_readers
+from cvfast.data.manifest import MANIFEST_NAME
 from cvfast.errors import CvfastError
 from cvfast.models.artifact import PKL, SIDECAR, WEIGHTS, create_model, export_model, load_model, model_files
 from cvfast.train.callbacks import (
@@ -42,7 +44,7 @@ from cvfast.train.runtime import Runtime, apply_runtime, data_parallel, export_r
 from cvfast.train.schedule import Stage, begin_stage, describe, fit_stage, random_init_schedule, stages_from
 from cvfast.util.batch_progress import BatchProgress
 from cvfast.util.distributed import is_main_process
-from cvfast.util.files import atomic_write_bytes, refuse_overwrite
+from cvfast.util.files import TEMP_PREFIX, atomic_write_bytes, exclusive, file_sha256, refuse_overwrite
 
 log = logging.getLogger(__name__)
 
@@ -187,9 +189,27 @@ def _whole_dls(recipe: dict, data: str | Path, runtime: Runtime, mean: float | N
                                    mean_source=mean_source, **runtime.loader_kwargs())
 
 
+# the file that says what an input holds: a patch set's description (its patches and their DATA manifest), a DATA
+# folder's manifest (splits, labels), a model's sidecar (its weights' digest)
+DEFINING_FILES = ("patchset.json", MANIFEST_NAME, SIDECAR)
+
+
+def _defining_digest(path: Path) -> str:
+    """SHA-256 of the file that defines an input (a file input: the file itself)."""
+    if path.is_file():
+        return file_sha256(path)
+    for name in DEFINING_FILES:
+        if (path / name).is_file():
+            return file_sha256(path / name)
+    raise CvfastError(f"{path}: neither a DATA folder, a patch set nor a model folder")
+
+
 def _inputs(**paths) -> dict:
-    """Absolute input paths, part of the resolved recipe (and so of the resume fingerprint)."""
-    return {k: str(Path(v).resolve()) if v is not None else None for k, v in paths.items()}
+    """Absolute input paths and digests of their content, part of the resolved recipe (and so of the resume fingerprint):
+    a run is not resumed onto a re-split DATA folder, a re-cut patch set or a replaced starting model."""
+    found = {k: Path(v) for k, v in paths.items() if v is not None}
+    return {**{k: str(p.resolve()) for k, p in found.items()}, **{k: None for k, v in paths.items() if v is None},
+            **{f"{k}_sha256": _defining_digest(p) for k, p in found.items()}}
 
 
 def patch_learner_from_recipe(recipe: dict, patches: str | Path, out: str | Path, weights: str | Path | None = None,
@@ -282,7 +302,10 @@ def _train(learn: Learner, stages: list[Stage], out: Path, recipe: dict, extra: 
            runtime: Runtime | None = None) -> TrainResult:
     """Train (data-parallel under torchrun / accelerate launch), then validate and export on rank 0 only."""
     # fastai's bar and printed table give way to rich bars and EpochCheckpoint's log lines: readable in terminals, logs, notebooks
-    with learn.no_bar(), learn.no_logging():
+    # one run at a time per --out (rank 0 holds the lock for all): two would overwrite each other's checkpoints
+    with exclusive(out, "cvfast training run") if is_main_process() else nullcontext(), learn.no_bar(), learn.no_logging():
+        for tmp in (out / "checkpoints").glob(f"{TEMP_PREFIX}*.tmp.pth") if is_main_process() else []:
+            tmp.unlink(missing_ok=True)  # a checkpoint a killed run was writing
         try:
             with data_parallel(learn):
                 train_schedule(learn, stages, out, recipe, cbs=cbs, resume=resume, logger=(runtime or Runtime()).log)

@@ -21,6 +21,7 @@ import json
 import os
 import re
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -31,6 +32,7 @@ PLAIN_STEM = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,119}$")
 MAX_STEM = 120
 TEMP_PREFIX = ".cvfast-"  # temporaries of a killed run are removed by this prefix: never a user's own hidden files
 TEMP_GLOB = f"{TEMP_PREFIX}*.tmp"
+LOCK_NAME = f"{TEMP_PREFIX}lock"  # held by the run writing into a folder (`exclusive`)
 DEVICE_NAMES = re.compile(r"^(con|prn|aux|nul|com[0-9]|lpt[0-9])(\..*)?$", re.I)  # Windows refuses these as file names
 
 
@@ -213,9 +215,42 @@ def _replace(tmp: str | os.PathLike, path: Path, digest: str | None) -> None:
         os.replace(rtmp, record)
 
 
+# how libraries that write through their own C++ code (torch's zip writer, safetensors) report a full disk
+DISK_FULL_WORDS = ("No space left", "unexpected pos", "Disk quota exceeded", "file write failed")
+
+
+def disk_full(e: BaseException) -> bool:
+    """Whether a failed write failed for lack of space (an OSError's errno, or a library's own wording of it)."""
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return isinstance(e, DiskFull) or any(w in str(e) for w in DISK_FULL_WORDS)
+
+
+@contextmanager
+def exclusive(folder: str | os.PathLike, what: str) -> Iterator[None]:
+    """Hold a lock on FOLDER while a run writes into it: a second run into the same folder is refused, never interleaved
+    (the lock goes with the process, so a killed run leaves none behind); where file locks are unknown (Windows) it holds none."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise CvfastError(f"{folder}: another {what} is writing into this folder now; wait for it to end, or choose another --out") from None
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
 def _unwritable(path: Path, e: OSError) -> CvfastError:
     """The message for a write that failed; a full disk is said to be one (an environment failure, not bad input)."""
-    if e.errno == errno.ENOSPC or e.errno == errno.EDQUOT:
+    if disk_full(e):
         return DiskFull(f"{path}: cannot write: the disk is full (or over quota); free space and run the same command again: finished work is kept")
     return CvfastError(f"{path}: cannot write ({e.strerror or e})")
 
