@@ -219,6 +219,7 @@ class Bad:
     kind: str
     make: Callable[[Ctx], tuple[list[str], str]]
     rejects: str | None = None  # the rejects CSV (relative to ctx.tmp) that lists it, when the command goes on without it
+    env: dict | None = None  # environment variables the command runs with
 
 
 def _csv_site(ctx: Ctx, rows: dict) -> Path:
@@ -690,6 +691,40 @@ CATALOGUE += [
 ]
 
 
+def _background_only(ctx: Ctx) -> Path:
+    """A patch set whose every patch is background (as if cut with --n-roi 0 by an older cvfast)."""
+    out = Path(shutil.copytree(ctx.patches, ctx.tmp / "bg_only"))
+    df = pd.read_csv(out / "patches.csv")
+    df[df["label"] == "background"].to_csv(out / "patches.csv", index=False)
+    info = json.loads((out / "patchset.json").read_text())
+    info["patches_sha256"] = __import__("hashlib").sha256((out / "patches.csv").read_bytes()).hexdigest()
+    (out / "patchset.json").write_text(json.dumps(info))
+    return out
+
+
+CATALOGUE += [
+    # degenerate sets and a stray environment (issue 23)
+    Bad("patches with --n-roi 0 --n-background 0", lambda c: (
+        ["patches", str(c.data), "--size", str(PATCH), "--n-roi", "0", "--n-background", "0", "--out", str(c.tmp / "p")], "that cuts no patches")),
+    Bad("patches with --n-roi 0: background patches only", lambda c: (
+        ["patches", str(c.data), "--size", str(PATCH), "--n-roi", "0", "--out", str(c.tmp / "p")], "a patch classifier needs at least two")),
+    Bad("a patch set of background patches only", lambda c: (
+        ["patch", "--data", str(_background_only(c)), "--recipe", "demo-patch", "--out", str(c.tmp / "m")], "the train split has only background")),
+    Bad("a recipe whose stages all have epochs = 0", lambda c: (
+        ["patch", "--data", str(c.patches), "--recipe", str(_recipe_file(c, "\n".join(
+            line if not line.strip().startswith("epochs") else "epochs = 0"
+            for line in __import__("cvfast.train.recipes", fromlist=["x"]).recipe_paths()["demo-patch"].read_text().splitlines()))),
+         "--out", str(c.tmp / "m")], "every stage has epochs = 0")),
+    Bad("a recipe with lr = inf", lambda c: (
+        ["patch", "--data", str(c.patches), "--recipe", str(_recipe_with(c, "lr = 1e-3", "lr = inf")), "--out", str(c.tmp / "m")], "lr = inf")),
+    Bad("a stray RANK=1 outside torchrun", lambda c: (
+        ["patch", "--data", str(c.patches), "--recipe", "demo-patch", "--out", str(c.tmp / "m")], "half-set distributed environment"),
+        env={"RANK": "1"}),
+    Bad("RANK=abc for a command that trains nothing", lambda c: (["recipes", "list"], "RANK='abc' in the environment is not a process number"),
+        env={"RANK": "abc"}),
+]
+
+
 @pytest.fixture(scope="module")
 def models(untrained_models) -> tuple[Path, Path]:
     return untrained_models
@@ -700,7 +735,7 @@ def test_bad_input_catalogue(case, small_synth, ddsm_data, s10, models, tmp_path
     assert len(CATALOGUE) >= 15
     ctx = Ctx(tmp_path, small_synth, ddsm_data, s10, *models)
     args, says = case.make(ctx)
-    r = CliRunner().invoke(app, args, env={"COLUMNS": "400"})
+    r = CliRunner().invoke(app, args, env={"COLUMNS": "400", **(case.env or {})})
     assert r.exception is None or isinstance(r.exception, SystemExit), f"bare exception: {r.exception!r}"
     out = " ".join(r.output.split())
     if case.rejects:

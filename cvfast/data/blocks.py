@@ -144,6 +144,10 @@ def _dataloaders(df: pd.DataFrame, classes: list[str], label_col: str, bs: int, 
         per = f" ({ranks} data-parallel processes, each a batch of {bs})" if ranks > 1 else ""
         raise CvfastError(f"the train split has {n_train} {'patches' if classes == PATCH_CLASSES else 'images'} for a batch of "
                           f"{bs}{per}: lower --bs, or give the train split more data")
+    present = set(df.loc[~df["is_valid"], label_col])
+    if len(present) < 2:  # one class: every prediction is right, the metrics say 1.000, and the model learnt nothing
+        raise CvfastError(f"the train split has only {', '.join(sorted(map(str, present)))} {'patches' if classes == PATCH_CLASSES else 'images'}: "
+                          f"a classifier needs at least two of its classes ({', '.join(classes)}) to learn anything")
     given_mean = mean is not None
     mean = mean if given_mean else mean_grey(df.loc[~df["is_valid"], "path"].tolist(), seed=seed or 0)
     resize_to = tuple(size) if size is not None and tuple(size) != tuple(file_size) else None

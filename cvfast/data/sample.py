@@ -202,6 +202,8 @@ def make_patches(data: str | Path, spec: PatchSetSpec, out: str | Path | None = 
     """Cut a patch set from a prepared DATA folder into OUT (default DATA/patches_<set>); return its manifest."""
     if spec.size < 8:
         raise CvfastError(f"patch size {spec.size}: patches must be at least 8 pixels")
+    if spec.n_roi < 1 and spec.n_background < 1:
+        raise CvfastError(f"--n-roi {spec.n_roi} and --n-background {spec.n_background}: that cuts no patches")
     df = read_manifest(data)
     data_dir = Path(data) if Path(data).is_dir() else Path(data).parent
     out = Path(out) if out else data_dir / f"patches_{spec.name}"
@@ -230,6 +232,11 @@ def make_patches(data: str | Path, spec: PatchSetSpec, out: str | Path | None = 
         rejects += rej
     patches = pd.DataFrame(rows, columns=["patch_id", "path", "label", "class_idx", "image_id", "patient_id", "split", "cy", "cx"])
     write_csv(rejects_frame(rejects), out / REJECTS_NAME)
+    train_classes = sorted(set(patches.loc[patches["split"] == "train", "label"]))
+    if len(train_classes) < 2:  # nothing to learn from: refused before a patch set is published
+        raise CvfastError(f"{out}: the cut gives {len(patches)} patches and {len(train_classes)} class(es) in the train split "
+                          f"({', '.join(train_classes) or 'none'}); a patch classifier needs at least two (see {out / REJECTS_NAME} "
+                          "and --n-roi / --n-background)")
     written = write_csv(patches, out / PATCH_MANIFEST)
     # the paper's one mean grey for patch and whole-image data: the whole-image training set's, train split only
     train_images = df.loc[df["split"] == "train", "path"].tolist()

@@ -228,6 +228,8 @@ def _check_top(recipe: dict, where: str) -> None:
     stages = recipe.get("stages")
     if not isinstance(stages, list) or not stages:
         raise CvfastError(f"{where}: [[stages]] must be a list of tables, at least one")
+    if all(isinstance(s, dict) and s.get("epochs") == 0 for s in stages):  # training would export the untrained model as if trained
+        raise CvfastError(f"{where}: every stage has epochs = 0; at least one stage must train")
 
 
 def check_recipe(recipe: dict, where: str) -> None:
