@@ -691,6 +691,18 @@ CATALOGUE += [
 ]
 
 
+def _empty_manifest(ctx: Ctx) -> Path:
+    folder = ctx.tmp / "empty_data"
+    folder.mkdir()
+    (folder / "manifest.csv").write_bytes(b"")
+    return folder
+
+
+def _train_patches(ctx: Ctx) -> int:
+    """The train split's patch count: as the batch size, one batch per epoch."""
+    return int((pd.read_csv(ctx.patches / "patches.csv")["split"] == "train").sum())
+
+
 def _background_only(ctx: Ctx) -> Path:
     """A patch set whose every patch is background (as if cut with --n-roi 0 by an older cvfast)."""
     out = Path(shutil.copytree(ctx.patches, ctx.tmp / "bg_only"))
@@ -720,6 +732,12 @@ CATALOGUE += [
     Bad("a stray RANK=1 outside torchrun", lambda c: (
         ["patch", "--data", str(c.patches), "--recipe", "demo-patch", "--out", str(c.tmp / "m")], "half-set distributed environment"),
         env={"RANK": "1"}),
+    Bad("a 0-byte manifest.csv", lambda c: (["patches", str(_empty_manifest(c)), "--size", str(PATCH), "--out", str(c.tmp / "p")],
+                                             "manifest.csv: manifest is not a readable CSV")),
+    Bad("a learning rate that makes the weights non-finite in one step", lambda c: (
+        ["patch", "--data", str(c.patches), "--recipe", str(_recipe_with(c, "random_init_lr = 1e-3", "random_init_lr = 1e9")),
+         "--arch", "test_resnet", "--no-pretrained", "--bs", str(_train_patches(c)), "--epochs-scale", "0.25", "--out", str(c.tmp / "m")],
+        "training diverged (non-finite loss) in stage 1 before any epoch finished")),
     Bad("RANK=abc for a command that trains nothing", lambda c: (["recipes", "list"], "RANK='abc' in the environment is not a process number"),
         env={"RANK": "abc"}),
 ]

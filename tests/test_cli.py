@@ -76,6 +76,7 @@ def test_training_commands_chain_and_lr_find(ddsm_data, inbreast_data, s10, tmp_
                 "--out", str(tmp_path / "lr.png"))
     assert r.returncode == 0, r.stderr
     assert "valley" in r.stdout or "steep" in r.stdout
+    assert not re.search(r"\d+\.\d+% \[\d+/\d+", r.stdout + r.stderr), r.stderr  # no fastai bar frames in a log or a pipe
     r = run_cli("whole", "--patch", str(tmp_path / "w"), "--data", str(ddsm_data), "--recipe", "demo-whole", "--out", str(tmp_path / "x"))
     assert r.returncode == 1 and "needs a patch classifier" in r.stderr
     # a paper recipe's top and heatmap are kept unless a flag says otherwise; --size wins over --quick. The heatmap's

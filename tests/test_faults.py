@@ -57,6 +57,30 @@ def test_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(s10, tmp_pat
     assert all(torch.isfinite(p).all() for p in fresh.model.parameters())
 
 
+class PoisonWeights(Callback):
+    """Make the weights non-finite with the last step of an epoch: every training loss was finite, validation is not."""
+
+    def __init__(self, epoch: int):
+        self.at = epoch
+
+    def after_step(self):
+        if self.epoch == self.at and self.iter == self.n_iter - 1:
+            with torch.no_grad():
+                next(self.learn.model.parameters()).fill_(float("nan"))
+
+
+def test_weights_that_turn_non_finite_in_the_last_step_stop_as_divergence_not_in_the_metrics(ddsm_data, untrained_models, tmp_path):
+    """The whole-image model's ROC AUC would fail on NaN scores in the Recorder ("Input contains NaN", unexpected)."""
+    from cvfast.train.pipeline import whole_learner_from_recipe
+
+    recipe = load_recipe("demo-whole")
+    stages = [Stage(epochs=3, lr=1e-4, train="all", name="all")]
+    learn = whole_learner_from_recipe(recipe, ddsm_data, untrained_models[0], tmp_path)
+    with learn.no_bar(), learn.no_logging(), pytest.raises(CvfastError, match="diverged.*last good checkpoint is kept"):
+        train_schedule(learn, stages, tmp_path, recipe, cbs=lambda trackers: [PoisonWeights(epoch=1)])
+    assert json.loads((tmp_path / "checkpoints" / "progress.json").read_text())["epochs_done"] == 1
+
+
 def test_same_seed_same_metrics_on_cpu(s10, tmp_path):
     recipe = resolve(load_recipe("demo-patch"), {}, epochs_scale=0.25)
     a = train_patch(recipe, s10, tmp_path / "a").metrics

@@ -23,6 +23,7 @@ from cvfast.data.manifest import MANIFEST_NAME, REJECTS_NAME, read_manifest
 from cvfast.data.read import mean_grey, read_png
 from cvfast.data.sample import PATCH_MANIFEST, check_patch_set
 from cvfast.errors import CvfastError
+from cvfast.util.files import read_csv
 
 log = logging.getLogger(__name__)
 
@@ -187,7 +188,7 @@ def patch_dataloaders(patches: str | Path, bs: int = 32, augment: bool = True, b
     if not csv.is_file():
         raise CvfastError(f"{csv}: no patch manifest; run `cvfast patches DATA` first")
     info = check_patch_set(csv.parent)
-    df = pd.read_csv(csv, dtype={"image_id": str, "patient_id": str})
+    df = read_csv(csv, "patch manifest", dtype={"image_id": str, "patient_id": str})
     df["path"] = [str(csv.parent / p) for p in df["path"]]
     df = _with_valid(df, str(csv))
     file_size = read_png(df["path"].iloc[0]).shape
@@ -203,7 +204,7 @@ def patch_dataloaders(patches: str | Path, bs: int = 32, augment: bool = True, b
 def patch_set_train_mean(patches: str | Path, seed: int = 0) -> float:
     """Mean grey of a patch set's own train patches (the reference code's patch mean; the paper uses the whole images')."""
     csv = Path(patches) / PATCH_MANIFEST if Path(patches).is_dir() else Path(patches)
-    df = pd.read_csv(csv, dtype={"image_id": str, "patient_id": str})
+    df = read_csv(csv, "patch manifest", dtype={"image_id": str, "patient_id": str})
     return mean_grey([str(csv.parent / p) for p in df.loc[df["split"] == "train", "path"]], seed=seed)
 
 
@@ -231,7 +232,7 @@ def data_files(data: str | Path) -> list[Path]:
         df = read_manifest(folder)
         files += [Path(p) for p in df["path"]] + [Path(a["mask"]) for abns in df["abnormalities"] for a in abns if a.get("mask")]
     if (folder / PATCH_MANIFEST).is_file():
-        files += [folder / p for p in pd.read_csv(folder / PATCH_MANIFEST, usecols=["path"])["path"]]
+        files += [folder / p for p in read_csv(folder / PATCH_MANIFEST, "patch manifest", usecols=["path"])["path"]]
     return files
 
 

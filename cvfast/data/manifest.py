@@ -20,7 +20,7 @@ import pandas as pd
 from sklearn.model_selection import train_test_split
 
 from cvfast.errors import CvfastError
-from cvfast.util.files import atomic_write_bytes
+from cvfast.util.files import atomic_write_bytes, read_csv
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ def read_manifest(data: str | Path) -> pd.DataFrame:
     if not path.is_file():
         raise CvfastError(f"{path}: no manifest here; run `cvfast prepare ...` first")
     # codes stay text whatever a dataset's values look like: BI-RADS "4a" and "2" alike (a column of only "1"/"2" would read as ints)
-    df = pd.read_csv(path, dtype={c: str for c in TEXT_COLUMNS}, keep_default_na=False)
+    df = read_csv(path, "manifest", dtype={c: str for c in TEXT_COLUMNS}, keep_default_na=False)
     missing = [c for c in MANIFEST_COLUMNS if c not in df.columns]
     if missing:
         raise CvfastError(f"{path}: not a cvfast manifest, columns {missing} are missing")

@@ -16,7 +16,7 @@ from cvfast.data.manifest import read_manifest
 from cvfast.data.sample import PATCH_MANIFEST
 from cvfast.errors import CvfastError
 from cvfast.models.artifact import load_model, model_files
-from cvfast.util.files import atomic_write_bytes, check_output_name, refuse_overwrite
+from cvfast.util.files import atomic_write_bytes, check_output_name, read_csv, refuse_overwrite
 
 VIEWS = ("batch", "results", "top-losses", "confusion")
 
@@ -41,7 +41,7 @@ def _labelled_rows(learn: Learner, data: str | Path, split: str) -> pd.DataFrame
     """The rows of a split with the columns the learner's DataBlock reads (path and label)."""
     if learn.model.spec["kind"] == "patch":
         csv = Path(data) / PATCH_MANIFEST if Path(data).is_dir() else Path(data)
-        df = pd.read_csv(csv, dtype={"image_id": str, "patient_id": str})
+        df = read_csv(csv, "patch manifest", dtype={"image_id": str, "patient_id": str})
         df["path"] = [str(csv.parent / p) for p in df["path"]]
     else:
         df = read_manifest(data)

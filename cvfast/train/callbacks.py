@@ -197,9 +197,8 @@ class StopOnNonFinite(Callback):
         self.learn.diverged = False
 
     def after_loss(self):
-        """Cancel the fit on every rank when any rank's loss is nan or inf."""
-        if not self.training:
-            return
+        """Cancel the fit on every rank when any rank's loss is nan or inf -- in validation too: weights a step made
+        non-finite show there first when an epoch is one batch, and the metrics would fail on NaN scores."""
         bad = torch.tensor([0.0 if torch.isfinite(self.learn.loss).all() else 1.0], device=self.learn.loss.device)
         if num_distrib() > 1:
             dist.all_reduce(bad, op=dist.ReduceOp.MAX)

@@ -15,6 +15,7 @@ from cvfast.data.classes import PATCH_CLASSES, WHOLE_IMAGE_CLASSES
 from cvfast.data.manifest import read_manifest
 from cvfast.stats import patient_bootstrap_aucs, percentile_ci
 from cvfast.util.batch_progress import BatchProgress
+from cvfast.util.files import read_csv
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +63,7 @@ def _with_scores(learn: Learner, df: pd.DataFrame) -> pd.DataFrame:
 def heldout_patch_metrics(learn: Learner, patches: str | Path, split: str = "test") -> dict:
     """Patch accuracy (5 classes) and one-vs-rest macro AUC on a held-out split of a patch set."""
     csv = Path(patches) / "patches.csv" if Path(patches).is_dir() else Path(patches)
-    df = pd.read_csv(csv)
+    df = read_csv(csv, "patch manifest")
     df = df[df["split"] == split].assign(path=lambda d: [str(csv.parent / p) for p in d["path"]])
     if df.empty:
         return {}

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import io
 import logging
+from contextlib import nullcontext
 from pathlib import Path
 
+import fastai.callback.progress  # noqa: F401  (Learner.no_bar)
 from fastai.callback.schedule import minimum, slide, steep, valley  # noqa: F401  (also patches Learner.lr_find)
 from fastai.callback.training import BnFreeze
 from fastai.learner import Learner
@@ -13,6 +15,7 @@ from fastai.learner import Learner
 from cvfast.errors import CvfastError
 from cvfast.train.schedule import Stage, begin_stage
 from cvfast.util.files import atomic_write_bytes, check_output_name
+from cvfast.util.progress import bars_wanted
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +36,8 @@ def find_lr(learn: Learner, stage: Stage | None = None, num_it: int = 100, plot:
         begin_stage(learn, stage)
         if not stage.train_bn:
             cbs.append(BnFreeze())
-    with learn.added_cbs(cbs):
+    # fastai's own bar prints a line per update into a log or a pipe
+    with learn.added_cbs(cbs), (nullcontext() if bars_wanted() else learn.no_bar()):
         try:
             result = learn.lr_find(num_it=num_it, show_plot=False, suggest_funcs=(minimum, steep, valley, slide))
         except IndexError:  # diverged early: too few points for valley/slide; the robust suggestions still work

@@ -84,8 +84,10 @@ def train_schedule(learn: Learner, stages: list[Stage], out: Path, recipe: dict,
             learn.load((ckpt / progress["checkpoint"]).with_suffix("").resolve(), with_opt=True)  # after begin_stage: same groups
             restore_rng_state(learn, progress.get("rng"))  # the same data order and augmentation as an uninterrupted run
             start, trackers, smooth, progress = progress["epochs_done"], progress.get("trackers", {}), progress.get("smooth_loss"), None
-            log.info("resuming at stage %d (%s), epoch %d of %d", i + 1, stage.name, start + 1, stage.epochs)
+            if start < stage.epochs:
+                log.info("resuming at stage %d (%s), epoch %d of %d", i + 1, stage.name, start + 1, stage.epochs)
         if start >= stage.epochs:  # the stage was complete when the run stopped: the best score so far carries on
+            log.info("resuming after stage %d (%s): it was complete", i + 1, stage.name)
             carried = {k: v for k, v in trackers.items() if k == "BestModel"}
             continue
         log.info("stage %d (%s): %d epochs, lr %s, wd %s, training %s", i + 1, stage.name, stage.epochs, stage.lr, stage.wd, stage.train)

@@ -255,6 +255,18 @@ def _unwritable(path: Path, e: OSError) -> CvfastError:
     return CvfastError(f"{path}: cannot write ({e.strerror or e})")
 
 
+def read_csv(path: str | os.PathLike, what: str, **kwargs):
+    """pandas.read_csv, with an empty, truncated or non-text file refused by name (pandas' EmptyDataError names no file)."""
+    import pandas as pd  # here, not at the top: the floor of the house stays cheap to import
+
+    try:
+        return pd.read_csv(path, **kwargs)
+    except FileNotFoundError:
+        raise CvfastError(f"{path}: {what} not found") from None
+    except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError, ValueError) as e:
+        raise CvfastError(f"{path}: {what} is not a readable CSV (empty, truncated or edited?): {' '.join(str(e).split())[:160]}") from None
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes, cache: bool = False, edit: bool = False) -> None:
     """Write bytes to path via a temporary file in the same folder and os.replace, so no partial file appears.
 
