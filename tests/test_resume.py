@@ -11,6 +11,7 @@ import time
 
 import pandas as pd
 import pytest
+import torch
 from conftest import run_cli
 
 from cvfast.data.synth import synthesize
@@ -71,3 +72,31 @@ def test_training_resumes_after_being_killed(s10, tmp_path):
     history = json.loads((out / "checkpoints" / "history.json").read_text())
     assert [h["epoch"] for h in history] == list(range(total))  # every epoch once: none lost, none repeated
     assert (out / "model.pkl").is_file() and not list(out.rglob("*.tmp*"))
+
+
+def test_a_resumed_whole_image_run_ends_with_the_weights_of_an_uninterrupted_one(ddsm_data, untrained_models, tmp_path, monkeypatch):
+    """Killed after its first epoch and resumed: the same weights, bit for bit (data order, augmentation and the
+    loaders' random state restored); skipping any of those restores changes them."""
+    from safetensors.torch import load_file
+
+    from cvfast.train import callbacks
+    from cvfast.train.pipeline import train_whole
+    from cvfast.train.recipes import load_recipe, resolve
+
+    recipe = resolve(load_recipe("demo-whole"), {}, epochs_scale=0.1)
+    assert sum(s["epochs"] for s in recipe["stages"]) >= 3
+    train_whole(recipe, ddsm_data, untrained_models[0], tmp_path / "whole")
+    checkpoint = callbacks.EpochCheckpoint._checkpoint
+
+    def killed_after_the_first_epoch(self, values, stopped):
+        checkpoint(self, values, stopped)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(callbacks.EpochCheckpoint, "_checkpoint", killed_after_the_first_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        train_whole(recipe, ddsm_data, untrained_models[0], tmp_path / "resumed")
+    monkeypatch.undo()
+    assert json.loads((tmp_path / "resumed" / "checkpoints" / "progress.json").read_text())["epochs_done"] == 1
+    train_whole(recipe, ddsm_data, untrained_models[0], tmp_path / "resumed")
+    a, b = load_file(tmp_path / "whole" / "model.safetensors"), load_file(tmp_path / "resumed" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

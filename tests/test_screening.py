@@ -10,8 +10,11 @@ import numpy as np
 import pandas as pd
 import pydicom
 import pytest
+import torch
 from conftest import SIZE
 from pydicom.pixels import apply_voi_lut
+from safetensors.torch import load_file
+from sklearn.metrics import roc_auc_score
 from typer.testing import CliRunner
 
 from cvfast.cli import app
@@ -146,7 +149,13 @@ def test_finetune_runs_on_each_screening_set(name, prepared, untrained_models, t
     assert json.loads((tmp_path / "f" / "recipe.json").read_text())["data"]["dataset"] == name
     metrics = json.loads((tmp_path / "f" / "model.json").read_text())["metrics"]
     n_test = (read_manifest(prepared[name])["split"] == "test").sum()
-    assert metrics["test_images"] == n_test and 0 <= metrics["test_auc"] <= 1, out
+    assert metrics["test_images"] == n_test, out
+    # the held-out AUC is the one `predict` reproduces from the exported model, and fine-tuning changed the weights
+    cli("predict", tmp_path / "f", prepared[name], "--split", "test", "--out", tmp_path / "p.csv")
+    preds = pd.read_csv(tmp_path / "p.csv")
+    assert len(preds) == n_test and metrics["test_auc"] == pytest.approx(roc_auc_score(preds["label"], preds["p_cancer"]), abs=1e-6)
+    before, after = load_file(untrained_models[1] / "model.safetensors"), load_file(tmp_path / "f" / "model.safetensors")
+    assert before.keys() == after.keys() and any(not torch.equal(before[k], after[k]) for k in before)
 
 
 def test_probabilistic_f1_is_the_rsna_formula():
