@@ -690,6 +690,37 @@ CATALOGUE += [
 ]
 
 
+# --- issue 23: nothing silently wrong
+
+def _float_tiff(ctx: Ctx, name: str, edit: Callable[[np.ndarray], None]) -> str:
+    """A float32 TIFF beside ok1.png, edited by EDIT (a NaN pixel, every pixel equal, ...)."""
+    from PIL import Image
+
+    arr = np.random.default_rng(2).random((80, 60)).astype(np.float32)
+    edit(arr)
+    Image.fromarray(arr).save(ctx.tmp / name)
+    return name
+
+
+def _site_with_tiff(ctx: Ctx, edit: Callable[[np.ndarray], None]) -> list[str]:
+    csv = _csv_site(ctx, {"path": ["ok1.png", "ok2.png", _float_tiff(ctx, "f.tif", edit)], "label": ["1", "0", "1"], "patient_id": ["a", "b", "c"]})
+    return ["prepare", "csv", str(csv), "--out", str(ctx.tmp / "out"), "--size", "64x48", "--valid-frac", "0", "--test-frac", "0"]
+
+
+CATALOGUE += [
+    Bad("a float TIFF with one NaN pixel in a site CSV", lambda c: (
+        _site_with_tiff(c, lambda a: a.__setitem__((3, 4), np.nan)), "f.tif: 1 pixel(s) are NaN or infinite"), rejects="out/rejects.csv"),
+    Bad("a blank (constant) image in a site CSV", lambda c: (
+        _site_with_tiff(c, lambda a: a.fill(0.5)), "f.tif: every pixel has the same value"), rejects="out/rejects.csv"),
+    Bad("a float TIFF with an infinite pixel among the predict inputs", lambda c: (
+        [*_predict_with(c.whole_model, c)[:-2], str(c.tmp / _float_tiff(c, "inf.tif", lambda a: a.__setitem__((0, 0), np.inf))),
+         "--out", str(c.tmp / "p.csv")], "inf.tif: 1 pixel(s) are NaN or infinite"), rejects="p.rejects.csv"),
+    Bad("heatmap of a blank image", lambda c: (
+        ["heatmap", str(c.patch_model), str(c.tmp / _float_tiff(c, "blank.tif", lambda a: a.fill(0))), "--out", str(c.tmp / "h.png")],
+        "blank.tif: every pixel has the same value")),
+]
+
+
 @pytest.fixture(scope="module")
 def models(untrained_models) -> tuple[Path, Path]:
     return untrained_models

@@ -161,3 +161,45 @@ def test_resize_mask_keeps_tiny_lesion():
     m[500, 400] = True
     out = resize_mask(m, (100, 80))
     assert out.dtype == np.uint8 and out.sum() == 255
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_a_float_tiff_with_one_non_finite_pixel_is_refused(tmp_path, bad):
+    arr = np.random.default_rng(0).random((20, 16)).astype(np.float32)
+    arr[3, 5] = bad
+    Image.fromarray(arr).save(tmp_path / "f.tif")
+    with pytest.raises(CvfastError, match=r"f\.tif: 1 pixel\(s\) are NaN or infinite \(the first at row 3, column 5\)"):
+        read_mammogram(tmp_path / "f.tif")
+
+
+def test_a_nan_rescale_slope_is_refused(tmp_path, ramp):
+    make_dicom(tmp_path / "r.dcm", ramp, patient_id="P", bits_stored=12, extra={"RescaleSlope": "NaN", "RescaleIntercept": 0})
+    with pytest.raises(CvfastError, match=r"r\.dcm: .*NaN or infinite"):
+        read_mammogram(tmp_path / "r.dcm")
+
+
+@pytest.mark.parametrize("name", ["c.tif", "c.png", "c.dcm"])
+def test_a_blank_image_is_refused(tmp_path, name):
+    f = tmp_path / name
+    if name == "c.tif":
+        Image.fromarray(np.full((20, 16), 0.25, np.float32)).save(f)
+    elif name == "c.png":
+        write_png(f, np.full((20, 16), 1234, np.uint16))
+    else:
+        make_dicom(f, np.full((20, 16), 77, np.uint16), patient_id="P", bits_stored=12)
+    with pytest.raises(CvfastError, match=rf"{name.replace('.', '[.]')}: every pixel has the same value"):
+        read_mammogram(f)
+    assert read_mammogram(f, allow_blank=True).pixels.shape == (20, 16)  # an ROI mask may be empty
+
+
+def test_a_float64_tiff_reads_like_its_float32_copy(tmp_path):
+    import tifffile
+
+    arr = np.random.default_rng(1).random((20, 16)) * 1000 - 200
+    tifffile.imwrite(tmp_path / "d.tif", arr)
+    Image.fromarray(arr.astype(np.float32)).save(tmp_path / "s.tif")
+    np.testing.assert_array_equal(read_mammogram(tmp_path / "d.tif").pixels, read_mammogram(tmp_path / "s.tif").pixels)
+    arr[0, 0] = np.nan
+    tifffile.imwrite(tmp_path / "n.tif", arr)
+    with pytest.raises(CvfastError, match=r"n\.tif: 1 pixel\(s\) are NaN"):
+        read_mammogram(tmp_path / "n.tif")
