@@ -248,6 +248,25 @@ def test_breast_and_exam_aggregation_on_a_crafted_case():
         aggregate(df.assign(side=[None, "L", "R", "R", "L", "L"]), "breast")
 
 
+def test_breast_and_exam_grouping_refuses_what_it_cannot_group(tmp_path):
+    df = pd.DataFrame({"image_id": list("abcdef"), "patient_id": ["p1"] * 4 + ["p2"] * 2, "side": list("LLRRLL"),
+                       "view": ["CC", "MLO"] * 3, "label": [1, 0, 0, 0, 0, 0], "p_cancer": [0.9, 0.3, 0.2, 0.4, 0.1, 0.5]})
+    # side X would be a breast of its own; L on CC and LEFT on MLO two breasts instead of one
+    with pytest.raises(CvfastError, match=r"p\.csv: --by breast needs side L or R on every image, not 'X': row 4 \(c\)"):
+        aggregate(df.assign(side=list("LLXRLL")), "breast", source="p.csv")
+    with pytest.raises(CvfastError, match=r"not 'LEFT': row 3 \(b\)"):
+        aggregate(df.assign(side=["L", "LEFT", "R", "R", "L", "L"]), "breast", source="p.csv")
+    partial = df.assign(exam_id=["e1", "e1", None, None, "e2", "e2"])  # p1's untagged images would be an exam apart
+    for by in ("breast", "exam"):
+        with pytest.raises(CvfastError, match=rf"p\.csv: --by {by}: exam_id is given on some rows only, missing on rows 4 \(c\), 5 \(d\)"):
+            aggregate(partial, by, source="p.csv")
+    assert len(aggregate(df.assign(exam_id=None), "exam")) == 2  # no exam_id anywhere: a patient's images are one exam
+    preds = tmp_path / "p.csv"
+    df.assign(side=list("LLXRLL"), split="test").to_csv(preds, index=False)
+    with pytest.raises(CvfastError, match=r"p\.csv: --by breast needs side L or R"):
+        evaluate(preds, EvalSettings(by="breast", n_boot=10))
+
+
 def test_delong_matches_its_definition_and_thresholds_come_from_validation(tmp_path):
     df = _crafted(seed=2)
     rng = np.random.default_rng(0)

@@ -107,20 +107,38 @@ def unit_of(df: pd.DataFrame, by: str = "image") -> pd.Series:
     return pd.concat(parts, axis=1).astype(str).agg("/".join, axis=1)
 
 
-def aggregate(df: pd.DataFrame, by: str = "image", agg: str = "mean", score: str = "p_cancer", keep: tuple[str, ...] = ()) -> pd.DataFrame:
+def _rows(df: pd.DataFrame, which: pd.Series) -> str:
+    """The first few flagged rows as the CSV's line numbers (header = line 1) with their image ids."""
+    idx = df.index[which.to_numpy()]
+    shown = ", ".join(f"{i + 2} ({df.at[i, 'image_id']})" for i in idx[:5])
+    return f"row{'s' if len(idx) > 1 else ''} {shown}{f' and {len(idx) - 5} more' if len(idx) > 5 else ''}"
+
+
+def aggregate(df: pd.DataFrame, by: str = "image", agg: str = "mean", score: str = "p_cancer", keep: tuple[str, ...] = (),
+              source: str | Path = "predictions") -> pd.DataFrame:
     """Predictions per image, per breast (patient, exam, side) or per exam (patient, exam): score mean|max, label max.
 
     Without an exam_id column, a patient's images are taken as one exam. `keep`: columns carried over (first value per unit).
+    What cannot be grouped is refused, naming `source` and its rows: a side other than L/R, exam_id on some rows only.
     """
     if by not in LEVELS or agg not in AGGREGATIONS:
         raise CvfastError(f"--by {by} / --agg {agg}: expected one of {LEVELS} / {AGGREGATIONS}")
     if "patient_id" not in df.columns or df["patient_id"].isna().any():
-        raise CvfastError("predictions lack patient_id for some rows; the patient bootstrap (and breast/exam levels) need it")
+        raise CvfastError(f"{source}: predictions lack patient_id for some rows; the patient bootstrap (and breast/exam levels) need it")
     if by == "image":
         return df.assign(unit=unit_of(df), n_images=1)
-    if by == "breast" and ("side" not in df.columns or df["side"].isna().any()):
-        rows = df["image_id"][df["side"].isna()].head(3).tolist() if "side" in df.columns else "all"
-        raise CvfastError(f"--by breast needs the side (L/R) of every image; missing for {rows}")
+    if by == "breast":
+        if "side" not in df.columns:
+            raise CvfastError(f"{source}: --by breast needs the side (L/R) of every image; there is no side column")
+        bad = ~df["side"].isin(["L", "R"])  # anything else (X, B, LEFT, blank) would make a breast of its own
+        if bad.any():
+            values = ", ".join(sorted({"(blank)" if pd.isna(v) else repr(v) for v in df.loc[bad, "side"]}))
+            raise CvfastError(f"{source}: --by breast needs side L or R on every image, not {values}: {_rows(df, bad)} "
+                              "(predict normalises LEFT/RIGHT; fix or drop these rows)")
+    if "exam_id" in df.columns and df["exam_id"].isna().any() and df["exam_id"].notna().any():
+        missing = df["exam_id"].isna()  # a patient's rows without exam_id would form an exam apart from her rows with one
+        raise CvfastError(f"{source}: --by {by}: exam_id is given on some rows only, missing on {_rows(df, missing)} "
+                          "(give every row its exam_id, or drop the column to take each patient's images as one exam)")
     df = df.assign(unit=unit_of(df, by))
     g = df.groupby("unit", sort=True)
     out = g.agg(patient_id=("patient_id", "first"), label=("label", "max"), n_images=("image_id", "size"), **{score: (score, agg)}).reset_index()
@@ -137,7 +155,7 @@ def _units(path: str | Path, st: EvalSettings, labels: str | Path | None = None)
     df = read_predictions(path, labels, st.score)
     if st.by_group is not None and st.by_group not in df.columns:
         raise CvfastError(f"--by-group {st.by_group}: {path} has no such column (columns: {', '.join(df.columns)})")
-    return aggregate(df, st.by, st.agg, st.score, keep=(st.by_group,) if st.by_group else ())
+    return aggregate(df, st.by, st.agg, st.score, keep=(st.by_group,) if st.by_group else (), source=path)
 
 
 def _other_units(path: str | Path, st: EvalSettings, labels: str | Path | None) -> pd.DataFrame:
