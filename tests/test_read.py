@@ -203,3 +203,48 @@ def test_a_float64_tiff_reads_like_its_float32_copy(tmp_path):
     tifffile.imwrite(tmp_path / "n.tif", arr)
     with pytest.raises(CvfastError, match=r"n\.tif: 1 pixel\(s\) are NaN"):
         read_mammogram(tmp_path / "n.tif")
+
+
+def _dicom(path, stored: np.ndarray, signed: bool, syntax=pydicom.uid.ExplicitVRLittleEndian, extra: dict | None = None) -> None:
+    """A 16-bit-allocated, 12-bit-stored grey DICOM whose 16-bit words are STORED as given (bits above BitsStored included)."""
+    from pydicom.dataset import FileMetaDataset
+
+    ds = pydicom.Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = pydicom.uid.SecondaryCaptureImageStorage
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = pydicom.uid.generate_uid()
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+    ds.PatientID, ds.Modality, (ds.Rows, ds.Columns) = "P", "MG", stored.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PixelRepresentation = 1, "MONOCHROME2", int(signed)
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 12, 11
+    for k, v in (extra or {}).items():
+        setattr(ds, k, v)
+    ds.PixelData = stored.astype("<u2").tobytes()
+    if syntax != pydicom.uid.ExplicitVRLittleEndian:
+        ds.compress(syntax, generate_instance_uid=False)  # pydicom's own RLE encoder: the stored words, bits above 12 included
+    ds.save_as(path, enforce_file_format=True)
+
+
+@pytest.mark.parametrize("signed,extra", [(False, {}), (True, {}), (False, {"RescaleSlope": 2, "RescaleIntercept": -100}),
+                                          (True, {"RescaleSlope": "0.5", "RescaleIntercept": 1000})], ids=["unsigned", "signed", "rescaled", "signed-rescaled"])
+def test_every_backend_gives_the_uncompressed_pixels_with_garbage_above_bits_stored(tmp_path, signed, extra, monkeypatch):
+    from cvfast.data.decode import BACKENDS
+
+    rng = np.random.default_rng(7)
+    values = rng.integers(0, 4096, (40, 32)).astype(np.uint16)  # 12-bit words (two's complement when signed)
+    stored = values | (rng.integers(0, 16, values.shape).astype(np.uint16) << 12)  # garbage in the 4 bits above BitsStored
+    _dicom(tmp_path / "raw.dcm", stored, signed, extra=extra)
+    _dicom(tmp_path / "rle.dcm", stored, signed, syntax=RLELossless, extra=extra)
+    reference = decode(pydicom.dcmread(tmp_path / "raw.dcm"), "pydicom")
+    expected = ((values.astype(np.int32) ^ 2048) - 2048) if signed else values  # what BitsStored says the pixels are
+    np.testing.assert_array_equal(reference.astype(np.int32), expected)
+    for name in ("raw.dcm", "rle.dcm"):
+        for backend in BACKENDS:
+            ds = pydicom.dcmread(tmp_path / name)
+            if backend == "dicomsdl" and not signed:  # the direct path, really taken: pydicom's own decode is made to fail
+                monkeypatch.setattr(pydicom.Dataset, "pixel_array", property(lambda self: pytest.fail("dicomsdl fell back to pydicom")))
+            np.testing.assert_array_equal(decode(ds, backend), reference, err_msg=f"{name} by {backend}")
+            monkeypatch.undo()
+    full = read_mammogram(tmp_path / "raw.dcm").pixels  # the rescale and the mapping onto 0..65535 on top, by the fastest backend
+    np.testing.assert_array_equal(read_mammogram(tmp_path / "rle.dcm").pixels, full)
+    assert 20000 < full.mean() < 45000  # 12 bits spread over the range, not saturated by the garbage
