@@ -182,3 +182,47 @@ def test_review_per_breast_and_its_refusals(ddsm_data, tmp_path):
     assert res.returncode == 1 and "no 'path' column" in res.stderr
     res = run_cli("review", str(tmp_path / "preds.csv"), "--out", str(tmp_path))  # the report would land beside preds.csv: fine,
     assert res.returncode == 0 and (tmp_path / "index.html").is_file() and (tmp_path / "preds.csv").read_text() == df.to_csv(index=False)
+
+
+def _small_review_set(folder: Path, n: int = 40, seed: int = 0) -> pd.DataFrame:
+    """N small distinct images, one per woman, a third of them valid, with labelled scores (no model needed)."""
+    import cv2
+
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for k in range(n):
+        path = folder / f"c{k:03d}.png"
+        cv2.imwrite(str(path), rng.integers(0, 65535, (32, 24), dtype=np.uint16))
+        label = k % 2
+        rows.append({"path": str(path), "image_id": f"c{k:03d}", "patient_id": f"W{k:03d}", "split": "valid" if k % 3 == 0 else "test",
+                     "label": label, "p_cancer": round(float(np.clip(0.4 + 0.2 * label + rng.normal(0, 0.2), 0.01, 0.99)), 2)})
+    return pd.DataFrame(rows)
+
+
+def _thumb_of(html: str, image_id: str) -> str:
+    """The thumbnail file the page shows in IMAGE_ID's row."""
+    import re
+
+    row = re.search(rf'<tr data-outcome="\w+"><td class="id">{image_id}</td><td class="thumbs"><img src="([^"]+)"', html)
+    assert row, image_id
+    return row.group(1)
+
+
+def test_review_redraws_a_thumbnail_whose_image_changed(tmp_path):
+    from PIL import Image
+
+    df = _small_review_set(tmp_path / "img")
+    df.to_csv(tmp_path / "preds.csv", index=False)
+    case = df.loc[df["split"] == "test", "image_id"].iloc[0]
+    before = review(tmp_path / "preds.csv", tmp_path / "review", settings=EvalSettings(n_boot=50), options=ReviewSettings(errors=0)).read_text()
+    first = _thumb_of(before, case)
+    assert Image.open(tmp_path / "review" / first).size == (96, 128)  # 24x32 at height 128
+    import cv2  # the image re-prepared (say with --crop breast): same path, new pixels and aspect
+
+    cv2.imwrite(df.set_index("image_id").at[case, "path"], np.full((32, 32), 40000, np.uint16) - np.eye(32, dtype=np.uint16))
+    html = review(tmp_path / "preds.csv", tmp_path / "review", settings=EvalSettings(n_boot=50), options=ReviewSettings(errors=0)).read_text()
+    again = _thumb_of(html, case)
+    assert again != first and Image.open(tmp_path / "review" / again).size == (128, 128)
+    others = df.loc[(df["split"] == "test") & (df["image_id"] != case), "image_id"]
+    assert all(_thumb_of(html, i) == _thumb_of(before, i) for i in others)  # the unchanged images' thumbnails are reused

@@ -11,6 +11,7 @@ import hashlib
 import html
 import io
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,7 +72,7 @@ def review(preds: str | Path, out: str | Path, model: str | Path | None = None, 
     cases = ev.cases.assign(outcome=outcomes(ev.cases["label"], ev.cases[settings.score], op["threshold"]))
     members = images[images["unit"].isin(cases["unit"])].sort_values(["unit", "view" if "view" in images.columns else "image_id"])
     inputs = [str(preds), *map(str, members["path"]), *([str(labels)] if labels else []), *(map(str, model_files(model)) if model else [])]
-    thumb_names = _thumb_names(members["path"])
+    thumb_names = _thumb_names(members["path"], options.thumb_height)
     error_rows = _worst_errors(cases, settings.score, options.errors)
     planned = [out / PAGE, *(out / n for n in REPORT_FILES), *(out / THUMBS / n for n in thumb_names.values())]
     refuse_overwrite(planned, inputs, hint="choose another --out for the review")
@@ -86,11 +87,20 @@ def review(preds: str | Path, out: str | Path, model: str | Path | None = None, 
     return out / PAGE
 
 
-def _thumb_names(paths: pd.Series) -> dict[str, str]:
-    """A thumbnail file name per source image: a safe stem plus a digest of the full path, so a rerun reuses only its own."""
+def _thumb_names(paths: pd.Series, height: int) -> dict[str, str]:
+    """A thumbnail file name per source image: a safe stem plus a digest of the full path, the file's size and mtime and the
+    thumbnail height, so a rerun reuses a thumbnail only while its source is unchanged (not after a re-prepare, say)."""
     unique = list(dict.fromkeys(paths))
     stems = unique_stems(Path(p).stem for p in unique)
-    return {p: f"{stems[Path(p).stem]}-{hashlib.sha1(p.encode()).hexdigest()[:10]}.png" for p in unique}
+
+    def key(path: str) -> str:
+        try:
+            st = os.stat(path)
+            return f"{path}|{st.st_size}|{st.st_mtime_ns}|{height}"
+        except OSError:  # unreadable: reported when the thumbnail is drawn
+            return f"{path}|{height}"
+
+    return {p: f"{stems[Path(p).stem]}-{hashlib.sha1(key(p).encode()).hexdigest()[:10]}.png" for p in unique}
 
 
 def _worst_errors(cases: pd.DataFrame, score: str, n: int) -> pd.DataFrame:
@@ -113,7 +123,7 @@ def _grey_png(pixels: np.ndarray, height: int) -> bytes:
 
 
 def _thumbnail(args: tuple[str, str, int]) -> str | None:
-    """Worker: write one thumbnail (kept when it exists: written atomically, named by its source); the error text if unreadable."""
+    """Worker: write one thumbnail (kept when it exists: written atomically, named by its source as it is now); the error text if unreadable."""
     source, target, height = args
     if Path(target).is_file():
         return None
