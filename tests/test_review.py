@@ -226,3 +226,30 @@ def test_review_redraws_a_thumbnail_whose_image_changed(tmp_path):
     assert again != first and Image.open(tmp_path / "review" / again).size == (128, 128)
     others = df.loc[(df["split"] == "test") & (df["image_id"] != case), "image_id"]
     assert all(_thumb_of(html, i) == _thumb_of(before, i) for i in others)  # the unchanged images' thumbnails are reused
+
+
+def test_review_counts_match_the_predictions_at_the_threshold(tmp_path):
+    """The page's outcome counts (filter buttons, the TP / FP / FN / TN line, the rows) against counts made here from the
+    predictions with score >= threshold: cases tied with the threshold are called positive (a '>' would call them negative)."""
+    import re
+
+    df = _small_review_set(tmp_path / "img", n=60, seed=3)
+    df.to_csv(tmp_path / "preds.csv", index=False)
+    threshold = evaluate(tmp_path / "preds.csv", EvalSettings(n_boot=50))["operating_points"]["youden"]["threshold"]
+    test = df.index[df["split"] == "test"]
+    ties = [test[df.loc[test, "label"] == 1][0], test[df.loc[test, "label"] == 0][0]]  # one cancer, one normal exactly at it
+    df.loc[ties, "p_cancer"] = threshold
+    df.to_csv(tmp_path / "preds.csv", index=False)
+    html = review(tmp_path / "preds.csv", tmp_path / "review", settings=EvalSettings(n_boot=50), options=ReviewSettings(errors=0)).read_text()
+    t = df.loc[test]
+    called, cancer = t["p_cancer"].to_numpy() >= threshold, t["label"].to_numpy() == 1
+    expected = {"TP": int((called & cancer).sum()), "FP": int((called & ~cancer).sum()), "FN": int((~called & cancer).sum()),
+                "TN": int((~called & ~cancer).sum())}
+    assert expected["TP"] and expected["FP"] and expected["FN"] and expected["TN"]
+    for outcome, n in expected.items():
+        assert f'data-filter="{outcome}">{outcome} ({n})</button>' in html
+        assert html.count(f'<tr data-outcome="{outcome}">') == n
+    line = re.search(r"<th>TP / FP / FN / TN</th><td>(\d+) / (\d+) / (\d+) / (\d+)</td>", html)
+    assert line and tuple(map(int, line.groups())) == (expected["TP"], expected["FP"], expected["FN"], expected["TN"])
+    for i in ties:
+        assert f'<tr data-outcome="{"TP" if df.at[i, "label"] == 1 else "FP"}"><td class="id">{df.at[i, "image_id"]}</td>' in html
