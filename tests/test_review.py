@@ -12,6 +12,7 @@ import pytest
 from conftest import run_cli
 
 from cvfast.data.manifest import read_manifest
+from cvfast.errors import CvfastError
 from cvfast.infer.evaluate import EvalSettings, evaluate
 from cvfast.infer.review import ReviewSettings, outcomes, review
 
@@ -253,3 +254,28 @@ def test_review_counts_match_the_predictions_at_the_threshold(tmp_path):
     assert line and tuple(map(int, line.groups())) == (expected["TP"], expected["FP"], expected["FN"], expected["TN"])
     for i in ties:
         assert f'<tr data-outcome="{"TP" if df.at[i, "label"] == 1 else "FP"}"><td class="id">{df.at[i, "image_id"]}</td>' in html
+
+
+@pytest.mark.parametrize("valid_classes", [2, 1])
+def test_review_of_a_one_class_test_split_renders_with_the_metrics_marked(tmp_path, valid_classes):
+    df = _small_review_set(tmp_path / "img", n=30, seed=4)
+    test = df["split"] == "test"
+    df.loc[test, "label"] = 0  # no cancer among the test cases
+    if valid_classes == 1:
+        df.loc[~test, "label"] = 0  # nor among the valid ones: no threshold can be chosen, the fixed 0.5 is used
+    df.to_csv(tmp_path / "preds.csv", index=False)
+    with pytest.raises(CvfastError, match="all label 0; ROC AUC needs both classes"):  # evaluate itself still refuses
+        evaluate(tmp_path / "preds.csv", EvalSettings(n_boot=50))
+    point = "youden" if valid_classes == 2 else "fixed_0.5"
+    html = review(tmp_path / "preds.csv", tmp_path / "review", settings=EvalSettings(n_boot=50),
+                  options=ReviewSettings(errors=2, point=point)).read_text()
+    assert "<th>ROC AUC (95% CI)</th><td>not defined: one class</td>" in html
+    assert "<th>average precision</th><td>not defined: one class</td>" in html
+    called = df.loc[test, "p_cancer"] >= (0.5 if valid_classes == 1 else evaluate(tmp_path / "preds.csv", EvalSettings(n_boot=50, split="valid"))
+                                          ["operating_points"]["youden"]["threshold"])
+    assert html.count('<tr data-outcome="FP">') == called.sum() and html.count('<tr data-outcome="TN">') == (~called).sum() == test.sum() - called.sum()
+    assert "not defined: one class" in (tmp_path / "review" / "report.md").read_text()
+    assert all((tmp_path / "review" / n).stat().st_size > 1000 for n in ("roc.png", "pr.png", "calibration.png"))
+    if valid_classes == 1:
+        with pytest.raises(CvfastError, match="--point youden: no such operating point here"):
+            review(tmp_path / "preds.csv", tmp_path / "r2", settings=EvalSettings(n_boot=50))

@@ -226,31 +226,43 @@ def evaluate(preds: str | Path, settings: EvalSettings | None = None, compare: s
 
 
 def run_evaluation(preds: str | Path, settings: EvalSettings | None = None, compare: str | Path | None = None,
-                   labels: str | Path | None = None) -> Evaluation:
-    """The report, the ROC/PR curves' data and the evaluated cases (each file read and aggregated once)."""
+                   labels: str | Path | None = None, one_class: bool = False) -> Evaluation:
+    """The report, the ROC/PR curves' data and the evaluated cases (each file read and aggregated once).
+
+    Evaluated rows of one class are refused, unless `one_class` (a case review still shows the cases): then AUC, its CI,
+    average precision and probabilistic F1 are None, report["not_defined"] says why, and where the threshold rows are of one
+    class too only the fixed 0.5 operating point is given.
+    """
     st = settings or EvalSettings()
     units = _units(preds, st, labels)
     rows, rows_desc = _select(units, st.split)
     y, s = rows["label"].to_numpy(), rows[st.score].to_numpy(dtype=np.float64)
-    if y.min() == y.max():
+    single = bool(y.min() == y.max())
+    if single and (not one_class or compare is not None):
         raise CvfastError(f"{preds}: the evaluated rows ({rows_desc}, {len(rows)} {st.by}s) are all label {y[0]}; ROC AUC needs both classes")
     ref, ref_desc = _threshold_rows(units, rows, st.thresholds_from, st, labels)
     yr, sr = ref["label"].to_numpy(), ref[st.score].to_numpy(dtype=np.float64)
-    if yr.min() == yr.max():
+    if yr.min() != yr.max():
+        thresholds = thresholds_at(yr, sr, st.specificities)
+    elif one_class:
+        thresholds, ref_desc = {"fixed_0.5": 0.5}, f"none: {ref_desc} hold only label {yr[0]}, so only the fixed threshold 0.5 is used"
+    else:
         raise CvfastError(f"operating points: {ref_desc} hold only label {yr[0]}; both classes are needed")
-    auc = float(roc_auc_score(y, s))
-    boot = patient_bootstrap_aucs(y, [s], rows["patient_id"].to_numpy(), st.n_boot, st.seed)[:, 0]
     report = {
         "predictions": str(preds), "level": st.by, "aggregation": st.agg if st.by != "image" else None, "rows": rows_desc,
         "n": int(len(rows)), "n_positive": int(y.sum()), "n_patients": int(rows["patient_id"].nunique()),
-        "auc": auc, "auc_ci95": [float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))],
-        "ci_method": f"percentile bootstrap over patients, {len(boot)} valid resamples of {st.n_boot}, seed {st.seed}",
-        "average_precision": float(average_precision_score(y, s)),
-        "probabilistic_f1": probabilistic_f1(y, s),
+        "auc": None, "auc_ci95": None, "ci_method": None, "average_precision": None, "probabilistic_f1": None,
         "thresholds_chosen_on": ref_desc,
-        "operating_points": {name: at_threshold(y, s, t) for name, t in thresholds_at(yr, sr, st.specificities).items()},
+        "operating_points": {name: at_threshold(y, s, t) for name, t in thresholds.items()},
         "calibration": calibration(y, s),
     }
+    if single:
+        report["not_defined"] = f"one class (the evaluated rows are all label {y[0]})"  # AUC, its CI, AP and probabilistic F1
+    else:
+        boot = patient_bootstrap_aucs(y, [s], rows["patient_id"].to_numpy(), st.n_boot, st.seed)[:, 0]
+        report |= {"auc": float(roc_auc_score(y, s)), "auc_ci95": [float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))],
+                   "ci_method": f"percentile bootstrap over patients, {len(boot)} valid resamples of {st.n_boot}, seed {st.seed}",
+                   "average_precision": float(average_precision_score(y, s)), "probabilistic_f1": probabilistic_f1(y, s)}
     if st.by_group:
         report["groups"] = {"column": st.by_group, "values": _by_group(rows, st)}
     curves = [("this model", y, s)]
@@ -330,10 +342,13 @@ def write_report(report: dict, curves: list[Curve], out: str | Path) -> dict[str
 
     fig = Figure(figsize=(5, 5))
     ax = fig.subplots()
-    for k, (name, yy, ss) in enumerate(curves):
+    drawn = curves if report["auc"] is not None else []  # one class: no curve, the plots say why
+    for k, (name, yy, ss) in enumerate(drawn):
         fpr, tpr, _ = roc_curve(yy, ss)
         extra = f" [{report['auc_ci95'][0]:.3f}, {report['auc_ci95'][1]:.3f}]" if k == 0 else ""
         ax.plot(fpr, tpr, label=f"{name}: AUC {roc_auc_score(yy, ss):.3f}{extra}")
+    if not drawn:
+        ax.text(0.5, 0.5, "not defined: one class", ha="center", va="center")
     for name, op in report["operating_points"].items():
         if op["specificity"] is not None and op["sensitivity"] is not None:
             ax.plot(1 - op["specificity"], op["sensitivity"], "o", label=f"{name} (t={op['threshold']:.3g})")
@@ -343,9 +358,11 @@ def write_report(report: dict, curves: list[Curve], out: str | Path) -> dict[str
     save(fig, "roc.png")
     fig = Figure(figsize=(5, 5))
     ax = fig.subplots()
-    for name, yy, ss in curves:
+    for name, yy, ss in drawn:
         prec, rec, _ = precision_recall_curve(yy, ss)
         ax.plot(rec, prec, label=f"{name}: AP {average_precision_score(yy, ss):.3f}")
+    if not drawn:
+        ax.text(0.5, 0.5, "not defined: one class", ha="center", va="center")
     ax.axhline(y.mean(), ls=":", color="grey", label=f"prevalence {y.mean():.3f}")
     ax.set(xlabel="recall (sensitivity)", ylabel="precision (PPV)", title=f"precision-recall per {by}")
     ax.legend(fontsize=7)
@@ -369,15 +386,18 @@ def report_markdown(report: dict) -> str:
     def f(v) -> str:
         return "n/a" if v is None else f"{v:.3f}"
 
-    lo, hi = report["auc_ci95"]
     lines = [f"# Evaluation of {report['predictions']}", "",
              f"Per **{report['level']}**" + (f" ({report['aggregation']} over its images)" if report["aggregation"] else "") +
-             f", {report['rows']}: {report['n']} cases ({report['n_positive']} with cancer) from {report['n_patients']} patients.", "",
-             f"- ROC AUC **{report['auc']:.3f}** (95% CI {lo:.3f}-{hi:.3f}; {report['ci_method']})",
-             f"- average precision {report['average_precision']:.3f}; probabilistic F1 {report['probabilistic_f1']:.3f}",
-             f"- calibration: ECE {report['calibration']['ece']:.3f}, Brier {report['calibration']['brier']:.3f}", "",
-             f"Operating points (thresholds chosen on {report['thresholds_chosen_on']}):", "",
-             "| operating point | threshold | sensitivity | specificity | PPV | NPV | TP | FP | TN | FN |", "|---|---|---|---|---|---|---|---|---|---|"]
+             f", {report['rows']}: {report['n']} cases ({report['n_positive']} with cancer) from {report['n_patients']} patients.", ""]
+    if report["auc"] is None:
+        lines.append(f"- ROC AUC, average precision, probabilistic F1: not defined: {report['not_defined']}")
+    else:
+        lo, hi = report["auc_ci95"]
+        lines += [f"- ROC AUC **{report['auc']:.3f}** (95% CI {lo:.3f}-{hi:.3f}; {report['ci_method']})",
+                  f"- average precision {report['average_precision']:.3f}; probabilistic F1 {report['probabilistic_f1']:.3f}"]
+    lines += [f"- calibration: ECE {report['calibration']['ece']:.3f}, Brier {report['calibration']['brier']:.3f}", "",
+              f"Operating points (thresholds chosen on {report['thresholds_chosen_on']}):", "",
+              "| operating point | threshold | sensitivity | specificity | PPV | NPV | TP | FP | TN | FN |", "|---|---|---|---|---|---|---|---|---|---|"]
     for name, op in report["operating_points"].items():
         c = op["confusion"]
         lines.append(f"| {name} | {op['threshold']:.4g} | {f(op['sensitivity'])} | {f(op['specificity'])} | {f(op['ppv'])} | {f(op['npv'])} "

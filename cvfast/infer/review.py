@@ -66,7 +66,10 @@ def review(preds: str | Path, out: str | Path, model: str | Path | None = None, 
     blank = images["path"].isna() | (images["path"].astype(str).str.strip() == "")
     if blank.any():
         raise CvfastError(f"{preds}: row {int(images.index[blank][0]) + 2} (image_id {images.loc[blank, 'image_id'].iloc[0]}): empty path")
-    ev = run_evaluation(preds, settings, labels=labels)
+    ev = run_evaluation(preds, settings, labels=labels, one_class=True)  # one class: the cases are still worth a look
+    if options.point not in ev.report["operating_points"]:
+        raise CvfastError(f"--point {options.point}: no such operating point here (thresholds chosen on {ev.report['thresholds_chosen_on']}); "
+                          f"use --point {', '.join(ev.report['operating_points'])}")
     op = ev.report["operating_points"][options.point]
     images = images.assign(path=images["path"].astype(str), unit=unit_of(images, settings.by))
     cases = ev.cases.assign(outcome=outcomes(ev.cases["label"], ev.cases[settings.score], op["threshold"]))
@@ -194,11 +197,13 @@ def _page(report: dict, op: dict, options: ReviewSettings, cases: pd.DataFrame, 
     """The HTML page; every value from the predictions file is escaped (ids are untrusted text)."""
     e = html.escape
     score = st.score
-    lo, hi = report["auc_ci95"]
     c = op["confusion"]
     counts = cases["outcome"].value_counts().reindex(list(OUTCOMES), fill_value=0)
-    headline = [("ROC AUC (95% CI)", f"{report['auc']:.3f} ({lo:.3f}-{hi:.3f})"), ("average precision", _fmt(report["average_precision"])),
-                ("probabilistic F1", _fmt(report["probabilistic_f1"])), ("ECE / Brier", f"{report['calibration']['ece']:.3f} / {report['calibration']['brier']:.3f}"),
+    undefined = "not defined: one class"  # all evaluated cases of one label
+    auc = undefined if report["auc"] is None else f"{report['auc']:.3f} ({report['auc_ci95'][0]:.3f}-{report['auc_ci95'][1]:.3f})"
+    headline = [("ROC AUC (95% CI)", auc), ("average precision", undefined if report["auc"] is None else _fmt(report["average_precision"])),
+                ("probabilistic F1", undefined if report["auc"] is None else _fmt(report["probabilistic_f1"])),
+                ("ECE / Brier", f"{report['calibration']['ece']:.3f} / {report['calibration']['brier']:.3f}"),
                 ("cases / with cancer / patients", f"{report['n']} / {report['n_positive']} / {report['n_patients']}")]
     point = [("threshold", f"{op['threshold']:.4g}"), ("sensitivity", _fmt(op["sensitivity"])), ("specificity", _fmt(op["specificity"])),
              ("PPV", _fmt(op["ppv"])), ("NPV", _fmt(op["npv"])), ("TP / FP / FN / TN", f"{c['tp']} / {c['fp']} / {c['fn']} / {c['tn']}")]
@@ -245,7 +250,7 @@ def _page(report: dict, op: dict, options: ReviewSettings, cases: pd.DataFrame, 
 <body>
 <h1>Case review of {e(report['predictions'])}</h1>
 <p>Per <b>{e(level)}</b>, {e(report['rows'])}. Operating point <b>{e(options.point)}</b>, chosen on {e(report['thresholds_chosen_on'])};
-a case is called positive when {e(score)} &ge; {op['threshold']:.4g}. CI: {e(report['ci_method'])}.</p>
+a case is called positive when {e(score)} &ge; {op['threshold']:.4g}. CI: {e(report['ci_method'] or 'not defined: ' + report['not_defined'])}.</p>
 <div class="cols"><div><h2>Headline</h2>{table(headline)}</div><div><h2>At the operating point</h2>{table(point)}</div></div>
 <div class="plots"><img src="roc.png" alt="ROC curve"><img src="pr.png" alt="precision-recall curve"><img src="calibration.png" alt="calibration"></div>
 <h2>Errors</h2>
