@@ -765,6 +765,22 @@ CATALOGUE += [
         ["evaluate", str(_predictions(c, {"image_id": list("abcd"), "patient_id": ["1", "1", "2", "2"], "exam_id": ["e1", "", "e2", "e2"],
                                           "label": [1, 1, 0, 0], "p_cancer": [0.9, 0.8, 0.1, 0.2]})), "--by", "exam", "--out", str(c.tmp / "r")],
         "preds.csv: --by exam: exam_id is given on some rows only, missing on row 3 (b)")),
+    # messages (item 12)
+    Bad("predictions with a label 2.0 (shown plainly, not as np.float64(2.0))", lambda c: (
+        ["evaluate", str(_predictions(c, {"image_id": list("abc"), "patient_id": ["1", "2", "3"], "label": [0, 2.0, 1],
+                                          "p_cancer": [0.1, 0.5, 0.9]})), "--out", str(c.tmp / "r")], "preds.csv: row 3 (image_id b): label 2.0, expected")),
+    Bad("predictions with a blank score (shown as nan)", lambda c: (
+        ["evaluate", str(_predictions(c, {"image_id": list("abc"), "patient_id": ["1", "2", "3"], "label": [0, 1, 1],
+                                          "p_cancer": [0.1, None, 0.9]})), "--out", str(c.tmp / "r")], "preds.csv: row 3: p_cancer nan is not")),
+    Bad("predict --out inside a path that is a file", lambda c: (
+        [*_predict_with(c.whole_model, c)[:-1], str(_not_an_image(c, "afile") / "x.csv")], "afile is a file, not a folder")),
+    Bad("predict --ensemble with the model itself", lambda c: (
+        [*_predict_with(c.whole_model, c), "--ensemble", str(c.whole_model / "model.json")], "the same model as")),
+    Bad("predict --ensemble with a copy of the model", lambda c: (
+        [*_predict_with(c.whole_model, c), "--ensemble", str(shutil.copytree(c.whole_model, c.tmp / "copy"))], "(same weights)")),
+    Bad("heatmap --stride for a whole-image model", lambda c: (
+        ["heatmap", str(c.whole_model), str(_csv_site(c, {"path": ["ok1.png"], "label": ["1"]}).with_name("ok1.png")), "--stride", "8",
+         "--out", str(c.tmp / "h.png")], "--stride 8: ")),
     Bad("a float TIFF with one NaN pixel in a site CSV", lambda c: (
         _site_with_tiff(c, lambda a: a.__setitem__((3, 4), np.nan)), "f.tif: 1 pixel(s) are NaN or infinite"), rejects="out/rejects.csv"),
     Bad("a blank (constant) image in a site CSV", lambda c: (

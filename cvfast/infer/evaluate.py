@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score, roc_curve
 
-from cvfast.errors import CvfastError
+from cvfast.errors import CvfastError, shown
 from cvfast.stats import at_threshold, calibration, delong_test, patient_bootstrap_aucs, percentile_ci, probabilistic_f1, thresholds_at
 from cvfast.util.files import atomic_write_bytes, refuse_overwrite
 
@@ -67,7 +67,7 @@ def read_predictions(path: str | Path, labels: str | Path | None = None, score: 
         bad = ~values.isin([0, 1])
         if bad.any():
             row = lab.index[bad][0]
-            raise CvfastError(f"{labels}: row {row + 2} (image_id {lab.at[row, 'image_id']}): label {lab.at[row, 'label']!r}, expected 0 or 1")
+            raise CvfastError(f"{labels}: row {row + 2} (image_id {lab.at[row, 'image_id']}): label {shown(lab.at[row, 'label'])}, expected 0 or 1")
         lab["label"] = values.astype(int)
         df = df.drop(columns=["label"], errors="ignore").merge(lab[["image_id", "label"]], on="image_id", how="left")
     if "label" not in df.columns:
@@ -80,11 +80,11 @@ def read_predictions(path: str | Path, labels: str | Path | None = None, score: 
     bad = ~df["label"].isin([0, 1])
     if bad.any():
         row = df.index[bad][0]
-        raise CvfastError(f"{path}: row {row + 2} (image_id {df.at[row, 'image_id']}): label {df.at[row, 'label']!r}, expected 0 or 1")
+        raise CvfastError(f"{path}: row {row + 2} (image_id {df.at[row, 'image_id']}): label {shown(df.at[row, 'label'])}, expected 0 or 1")
     s = pd.to_numeric(df[score], errors="coerce")
     if s.isna().any() or (s < 0).any() or (s > 1).any():
         row = df.index[s.isna() | (s < 0) | (s > 1)][0]
-        raise CvfastError(f"{path}: row {row + 2}: {score} {df.at[row, score]!r} is not a probability in [0, 1]")
+        raise CvfastError(f"{path}: row {row + 2}: {score} {shown(df.at[row, score])} is not a probability in [0, 1]")
     return df.assign(label=df["label"].astype(int), **{score: s})
 
 

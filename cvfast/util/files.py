@@ -139,12 +139,20 @@ def check_output_name(path: str | os.PathLike) -> Path:
     """PATH, unless it names one of a cvfast folder's own files (RESERVED_NAMES), a dataset's label sheet, or lies in a
     DATA folder's cache or a patch set's patches (a heatmap saved over a cached image would corrupt training data)."""
     path = Path(path)
+    _parents_are_folders(path)
     if path.name in RESERVED_NAMES or re.search(r"_case_description_(train|test)_set\.csv$", path.name, re.I):
         raise CvfastError(f"{path}: that name belongs to a DATA folder, patch set, model or dataset file; choose another --out name")
     for folder in path.parents:
         if CACHE_FOLDERS.match(folder.name) and any((folder.parent / n).is_file() for n in ("manifest.csv", "patchset.json", "model.json")):
             raise CvfastError(f"{path}: lies in {folder}, the cache of a cvfast DATA folder, patch set or model; choose another --out")
     return path
+
+
+def _parents_are_folders(path: Path) -> None:
+    """Refuse a path under an existing file (OUT/x.csv where OUT is a file), which mkdir reports only as 'File exists'."""
+    for folder in reversed(path.parents):
+        if folder.exists() and not folder.is_dir():
+            raise CvfastError(f"{path}: {folder} is a file, not a folder; choose another --out")
 
 
 def read_json(path: str | os.PathLike, what: str) -> dict:
@@ -164,7 +172,11 @@ def read_json(path: str | os.PathLike, what: str) -> dict:
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write bytes to path via a temporary file in the same folder and os.replace, so no partial file appears."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):  # a file where a folder must be: say which
+        _parents_are_folders(path)
+        raise
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{TEMP_PREFIX}{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
