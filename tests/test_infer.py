@@ -225,6 +225,12 @@ def test_saturated_scores_keep_the_specificity_target():
     s = np.array([0.1] * 8 + [1.0, 1.0] + [1.0] * 10)  # 2 negatives as confident as the positives
     t = thresholds_at(y, s, (0.9,))["specificity_0.9"]
     assert at_threshold(y, s, t)["specificity"] >= 0.9
+    # one negative saturated with half the positives: 0.9 is reachable below the top score, with every cancer found; a
+    # threshold above every score (nothing called positive) would keep the specificity too, and must not be what is chosen
+    s = np.array([0.1] * 9 + [1.0] + [1.0] * 5 + [0.9] * 5)
+    t = thresholds_at(y, s, (0.9,))["specificity_0.9"]
+    op = at_threshold(y, s, t)
+    assert t == 0.9 and (op["specificity"], op["sensitivity"]) == (0.9, 1.0)
 
 
 def test_bootstrap_resamples_patients_not_images():
