@@ -354,7 +354,8 @@ def write_report(report: dict, curves: list[Curve], out: str | Path) -> dict[str
             ax.plot(1 - op["specificity"], op["sensitivity"], "o", label=f"{name} (t={op['threshold']:.3g})")
     ax.plot([0, 1], [0, 1], ":", color="grey")
     ax.set(xlabel="1 - specificity", ylabel="sensitivity", title=f"ROC per {by} ({report['rows']})")
-    ax.legend(fontsize=7, loc="lower right")
+    if ax.get_legend_handles_labels()[0]:  # one class: nothing to label
+        ax.legend(fontsize=7, loc="lower right")
     save(fig, "roc.png")
     fig = Figure(figsize=(5, 5))
     ax = fig.subplots()
