@@ -1,4 +1,6 @@
-"""The one exception type cvfast raises for bad input; the CLI turns it into a message and exit code 1."""
+"""cvfast's exceptions (CvfastError for bad input or environment, DiskFull for a full disk): the CLI turns them into a message and exit code 1."""
+
+import numpy as np
 
 
 class CvfastError(Exception):
@@ -7,3 +9,8 @@ class CvfastError(Exception):
 
 class DiskFull(CvfastError):
     """No space left where cvfast writes: an environment failure; the run stops, never publishes a partial result, and a re-run resumes."""
+
+
+def shown(value: object) -> str:
+    """A cell's value as a message shows it: numbers plainly (2.0, nan; never np.float64(2.0)), text quoted."""
+    return repr(value.item() if isinstance(value, np.generic) else value)

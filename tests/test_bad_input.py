@@ -126,6 +126,38 @@ def test_non_image_and_bad_rows_in_csv_route(tmp_path):
     assert set(rejects["row"]) >= {"labels.csv row 5", "labels.csv row 6"}
 
 
+def _distinct_pngs(folder: Path, n: int) -> list[str]:
+    """N small 16-bit PNGs with different pixels (identical pixels would be one image twice)."""
+    rng = np.random.default_rng(5)
+    for k in range(n):
+        write_png(folder / f"i{k}.png", (rng.random((80, 60)) * 65535).astype(np.uint16))
+    return [f"i{k}.png" for k in range(n)]
+
+
+def test_csv_route_normalises_sides_and_rejects_other_sides_and_blank_patients(tmp_path):
+    sides = ["L", " left ", "Right", "r", "", "X", "B", "L"]
+    patients = ["p1", "p1", "p2", "p2", "p3", "p4", "p5", " "]
+    pd.DataFrame({"path": _distinct_pngs(tmp_path, len(sides)), "label": ["1", "1", "0", "0", "0", "1", "0", "1"], "side": sides,
+                  "patient_id": patients}).to_csv(tmp_path / "labels.csv", index=False)
+    df = prepare_csv(tmp_path / "labels.csv", PrepareOptions(out=tmp_path / "out", size=(64, 48), workers=1, valid_frac=0, test_frac=0))
+    m = read_manifest(tmp_path / "out").set_index("image_id")
+    assert list(m.loc[["i0", "i1", "i2", "i3"], "side"]) == ["L", "L", "R", "R"] and sorted(df["image_id"]) == ["i0", "i1", "i2", "i3", "i4"]
+    assert m.loc["i4", "side"] in ("", None) or pd.isna(m.loc["i4", "side"])  # no side given: none invented
+    reason = dict(zip(pd.read_csv(tmp_path / "out" / "rejects.csv")["row"], pd.read_csv(tmp_path / "out" / "rejects.csv")["reason"]))
+    assert reason == {"labels.csv row 7": "side 'X' is not L, R, LEFT or RIGHT", "labels.csv row 8": "side 'B' is not L, R, LEFT or RIGHT",
+                      "labels.csv row 9": "blank patient_id: a patient-level split cannot place this image"}
+
+
+def test_predict_inputs_normalise_sides_and_reject_other_sides(tmp_path):
+    from cvfast.infer.inputs import collect_inputs
+
+    names = _distinct_pngs(tmp_path, 4)
+    pd.DataFrame({"path": names, "side": ["L", "LEFT", " r", "X"], "patient_id": ["a"] * 4}).to_csv(tmp_path / "in.csv", index=False)
+    df, rejects = collect_inputs([tmp_path / "in.csv"])
+    assert dict(zip(df["image_id"], df["side"])) == {"i0": "L", "i1": "L", "i2": "R"}
+    assert [(r["row"], r["reason"]) for r in rejects] == [("i3", "side 'X' is not L, R, LEFT or RIGHT")]
+
+
 def test_nothing_usable_exits_nonzero(tmp_path):
     (tmp_path / "x.txt").write_text("junk")
     pd.DataFrame({"path": ["x.txt"], "label": ["1"]}).to_csv(tmp_path / "l.csv", index=False)
@@ -740,6 +772,78 @@ CATALOGUE += [
         "training diverged (non-finite loss) in stage 1 before any epoch finished")),
     Bad("RANK=abc for a command that trains nothing", lambda c: (["recipes", "list"], "RANK='abc' in the environment is not a process number"),
         env={"RANK": "abc"}),
+]
+
+
+# --- issue 23: nothing silently wrong
+
+def _float_tiff(ctx: Ctx, name: str, edit: Callable[[np.ndarray], None]) -> str:
+    """A float32 TIFF beside ok1.png, edited by EDIT (a NaN pixel, every pixel equal, ...)."""
+    from PIL import Image
+
+    arr = np.random.default_rng(2).random((80, 60)).astype(np.float32)
+    edit(arr)
+    Image.fromarray(arr).save(ctx.tmp / name)
+    return name
+
+
+def _site_with_tiff(ctx: Ctx, edit: Callable[[np.ndarray], None]) -> list[str]:
+    csv = _csv_site(ctx, {"path": ["ok1.png", "ok2.png", _float_tiff(ctx, "f.tif", edit)], "label": ["1", "0", "1"], "patient_id": ["a", "b", "c"]})
+    return ["prepare", "csv", str(csv), "--out", str(ctx.tmp / "out"), "--size", "64x48", "--valid-frac", "0", "--test-frac", "0"]
+
+
+def _inbreast_side_x(src: Path) -> str:
+    sheet = src / "INbreast.csv"
+    df = pd.read_csv(sheet, sep=";", dtype=str, keep_default_na=False)
+    i = df.index[df["Bi-Rads"] != "3"][0]  # a row that is labelled (BI-RADS 3 rows are excluded before the side is read)
+    df.loc[i, "Laterality"] = "X"
+    df.to_csv(sheet, sep=";", index=False)
+    return f"INbreast.csv row {i + 2} Laterality 'X' is not L, R, LEFT or RIGHT"
+
+
+CATALOGUE += [
+    Bad("an INbreast sheet row whose Laterality is neither L nor R", lambda c: _screening_with(c, "inbreast", _inbreast_side_x), rejects="out/rejects.csv"),
+    Bad("a side that is not L or R in a site CSV", lambda c: (
+        ["prepare", "csv", str(_csv_site(c, {"path": ["ok1.png", "ok2.png"], "label": ["1", "0"], "patient_id": ["a", "b"], "side": ["X", "left"]})),
+         "--out", str(c.tmp / "out"), "--valid-frac", "0", "--test-frac", "0"], "site.csv row 2 side 'X' is not L, R, LEFT or RIGHT"),
+        rejects="out/rejects.csv"),
+    Bad("a blank patient_id in a site CSV", lambda c: (
+        ["prepare", "csv", str(_csv_site(c, {"path": ["ok1.png", "ok2.png"], "label": ["1", "0"], "patient_id": ["a", ""]})),
+         "--out", str(c.tmp / "out"), "--valid-frac", "0", "--test-frac", "0"], "site.csv row 3 blank patient_id"), rejects="out/rejects.csv"),
+    Bad("evaluate --by breast with a side that is not L or R", lambda c: (
+        ["evaluate", str(_predictions(c, {"image_id": list("abcd"), "patient_id": ["1", "1", "2", "2"], "side": ["L", "X", "L", "R"],
+                                          "label": [1, 1, 0, 0], "p_cancer": [0.9, 0.8, 0.1, 0.2]})), "--by", "breast", "--out", str(c.tmp / "r")],
+        "preds.csv: --by breast needs side L or R on every image, not 'X': row 3 (b)")),
+    Bad("evaluate --by exam with exam_id on some rows only", lambda c: (
+        ["evaluate", str(_predictions(c, {"image_id": list("abcd"), "patient_id": ["1", "1", "2", "2"], "exam_id": ["e1", "", "e2", "e2"],
+                                          "label": [1, 1, 0, 0], "p_cancer": [0.9, 0.8, 0.1, 0.2]})), "--by", "exam", "--out", str(c.tmp / "r")],
+        "preds.csv: --by exam: exam_id is given on some rows only, missing on row 3 (b)")),
+    # messages (item 12)
+    Bad("predictions with a label 2.0 (shown plainly, not as np.float64(2.0))", lambda c: (
+        ["evaluate", str(_predictions(c, {"image_id": list("abc"), "patient_id": ["1", "2", "3"], "label": [0, 2.0, 1],
+                                          "p_cancer": [0.1, 0.5, 0.9]})), "--out", str(c.tmp / "r")], "preds.csv: row 3 (image_id b): label 2.0, expected")),
+    Bad("predictions with a blank score (shown as nan)", lambda c: (
+        ["evaluate", str(_predictions(c, {"image_id": list("abc"), "patient_id": ["1", "2", "3"], "label": [0, 1, 1],
+                                          "p_cancer": [0.1, None, 0.9]})), "--out", str(c.tmp / "r")], "preds.csv: row 3: p_cancer nan is not")),
+    Bad("predict --out inside a path that is a file", lambda c: (
+        [*_predict_with(c.whole_model, c)[:-1], str(_not_an_image(c, "afile") / "x.csv")], "afile is a file, not a folder")),
+    Bad("predict --ensemble with the model itself", lambda c: (
+        [*_predict_with(c.whole_model, c), "--ensemble", str(c.whole_model / "model.json")], "the same model as")),
+    Bad("predict --ensemble with a copy of the model", lambda c: (
+        [*_predict_with(c.whole_model, c), "--ensemble", str(shutil.copytree(c.whole_model, c.tmp / "copy"))], "(same weights)")),
+    Bad("heatmap --stride for a whole-image model", lambda c: (
+        ["heatmap", str(c.whole_model), str(_csv_site(c, {"path": ["ok1.png"], "label": ["1"]}).with_name("ok1.png")), "--stride", "8",
+         "--out", str(c.tmp / "h.png")], "--stride 8: ")),
+    Bad("a float TIFF with one NaN pixel in a site CSV", lambda c: (
+        _site_with_tiff(c, lambda a: a.__setitem__((3, 4), np.nan)), "f.tif: 1 pixel(s) are NaN or infinite"), rejects="out/rejects.csv"),
+    Bad("a blank (constant) image in a site CSV", lambda c: (
+        _site_with_tiff(c, lambda a: a.fill(0.5)), "f.tif: every pixel has the same value"), rejects="out/rejects.csv"),
+    Bad("a float TIFF with an infinite pixel among the predict inputs", lambda c: (
+        [*_predict_with(c.whole_model, c)[:-2], str(c.tmp / _float_tiff(c, "inf.tif", lambda a: a.__setitem__((0, 0), np.inf))),
+         "--out", str(c.tmp / "p.csv")], "inf.tif: 1 pixel(s) are NaN or infinite"), rejects="p.rejects.csv"),
+    Bad("heatmap of a blank image", lambda c: (
+        ["heatmap", str(c.patch_model), str(c.tmp / _float_tiff(c, "blank.tif", lambda a: a.fill(0))), "--out", str(c.tmp / "h.png")],
+        "blank.tif: every pixel has the same value")),
 ]
 
 

@@ -158,13 +158,18 @@ def test_reference_heatmap_cells_are_the_patch_classifier_on_each_window():
     assert whole.heatmap.window == window
 
 
-def test_heatmap_window_spans_one_patch(exported, ddsm_data, tmp_path):
+@pytest.mark.parametrize("scale", [1, 2])
+def test_heatmap_window_spans_one_patch(exported, ddsm_data, tmp_path, scale):
+    """At the patches' source size and at twice it: a patch of CROP source pixels spans CROP * SCALE pixels of the whole image."""
+    side = json.loads((exported[0] / "model.json").read_text())
+    h, w = side["source_size"]
     recipe = load_recipe("whole-resnet-heatmap")
-    recipe["data"] |= {"bs": 2, "size": None}
+    recipe["data"] |= {"bs": 2, "size": None if scale == 1 else [h * scale, w * scale]}
     recipe["model"]["widths"] = [8, 8, 16]
     learn = whole_learner_from_recipe(recipe, ddsm_data, exported[0], tmp_path)
-    crop = json.loads((exported[0] / "model.json").read_text())["crop"]
-    assert learn.model.heatmap.window == max(1, round(crop / learn.model.body.reduction))
+    reduction = learn.model.body.reduction
+    assert (side["crop"], reduction) == (48, 32)  # so the window is round(1.5) = 2 cells at scale 1, 3 at scale 2
+    assert learn.model.heatmap.window == {1: 2, 2: 3}[scale] == max(1, round(side["crop"] * scale / reduction))
     assert learn.model.spec["heatmap_window"] == learn.model.heatmap.window and learn.model.spec["heatmap_pool"] == 5
 
 

@@ -225,6 +225,12 @@ def test_saturated_scores_keep_the_specificity_target():
     s = np.array([0.1] * 8 + [1.0, 1.0] + [1.0] * 10)  # 2 negatives as confident as the positives
     t = thresholds_at(y, s, (0.9,))["specificity_0.9"]
     assert at_threshold(y, s, t)["specificity"] >= 0.9
+    # one negative saturated with half the positives: 0.9 is reachable below the top score, with every cancer found; a
+    # threshold above every score (nothing called positive) would keep the specificity too, and must not be what is chosen
+    s = np.array([0.1] * 9 + [1.0] + [1.0] * 5 + [0.9] * 5)
+    t = thresholds_at(y, s, (0.9,))["specificity_0.9"]
+    op = at_threshold(y, s, t)
+    assert t == 0.9 and (op["specificity"], op["sensitivity"]) == (0.9, 1.0)
 
 
 def test_bootstrap_resamples_patients_not_images():
@@ -246,6 +252,25 @@ def test_breast_and_exam_aggregation_on_a_crafted_case():
     assert list(exam["label"]) == [1, 0] and list(exam["p_cancer"]) == [0.9, 0.5] and list(exam["n_images"]) == [4, 2]
     with pytest.raises(CvfastError, match="side"):
         aggregate(df.assign(side=[None, "L", "R", "R", "L", "L"]), "breast")
+
+
+def test_breast_and_exam_grouping_refuses_what_it_cannot_group(tmp_path):
+    df = pd.DataFrame({"image_id": list("abcdef"), "patient_id": ["p1"] * 4 + ["p2"] * 2, "side": list("LLRRLL"),
+                       "view": ["CC", "MLO"] * 3, "label": [1, 0, 0, 0, 0, 0], "p_cancer": [0.9, 0.3, 0.2, 0.4, 0.1, 0.5]})
+    # side X would be a breast of its own; L on CC and LEFT on MLO two breasts instead of one
+    with pytest.raises(CvfastError, match=r"p\.csv: --by breast needs side L or R on every image, not 'X': row 4 \(c\)"):
+        aggregate(df.assign(side=list("LLXRLL")), "breast", source="p.csv")
+    with pytest.raises(CvfastError, match=r"not 'LEFT': row 3 \(b\)"):
+        aggregate(df.assign(side=["L", "LEFT", "R", "R", "L", "L"]), "breast", source="p.csv")
+    partial = df.assign(exam_id=["e1", "e1", None, None, "e2", "e2"])  # p1's untagged images would be an exam apart
+    for by in ("breast", "exam"):
+        with pytest.raises(CvfastError, match=rf"p\.csv: --by {by}: exam_id is given on some rows only, missing on rows 4 \(c\), 5 \(d\)"):
+            aggregate(partial, by, source="p.csv")
+    assert len(aggregate(df.assign(exam_id=None), "exam")) == 2  # no exam_id anywhere: a patient's images are one exam
+    preds = tmp_path / "p.csv"
+    df.assign(side=list("LLXRLL"), split="test").to_csv(preds, index=False)
+    with pytest.raises(CvfastError, match=r"p\.csv: --by breast needs side L or R"):
+        evaluate(preds, EvalSettings(by="breast", n_boot=10))
 
 
 def test_delong_matches_its_definition_and_thresholds_come_from_validation(tmp_path):

@@ -161,3 +161,90 @@ def test_resize_mask_keeps_tiny_lesion():
     m[500, 400] = True
     out = resize_mask(m, (100, 80))
     assert out.dtype == np.uint8 and out.sum() == 255
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_a_float_tiff_with_one_non_finite_pixel_is_refused(tmp_path, bad):
+    arr = np.random.default_rng(0).random((20, 16)).astype(np.float32)
+    arr[3, 5] = bad
+    Image.fromarray(arr).save(tmp_path / "f.tif")
+    with pytest.raises(CvfastError, match=r"f\.tif: 1 pixel\(s\) are NaN or infinite \(the first at row 3, column 5\)"):
+        read_mammogram(tmp_path / "f.tif")
+
+
+def test_a_nan_rescale_slope_is_refused(tmp_path, ramp):
+    make_dicom(tmp_path / "r.dcm", ramp, patient_id="P", bits_stored=12, extra={"RescaleSlope": "NaN", "RescaleIntercept": 0})
+    with pytest.raises(CvfastError, match=r"r\.dcm: .*NaN or infinite"):
+        read_mammogram(tmp_path / "r.dcm")
+
+
+@pytest.mark.parametrize("name", ["c.tif", "c.png", "c.dcm"])
+def test_a_blank_image_is_refused(tmp_path, name):
+    f = tmp_path / name
+    if name == "c.tif":
+        Image.fromarray(np.full((20, 16), 0.25, np.float32)).save(f)
+    elif name == "c.png":
+        write_png(f, np.full((20, 16), 1234, np.uint16))
+    else:
+        make_dicom(f, np.full((20, 16), 77, np.uint16), patient_id="P", bits_stored=12)
+    with pytest.raises(CvfastError, match=rf"{name.replace('.', '[.]')}: every pixel has the same value"):
+        read_mammogram(f)
+    assert read_mammogram(f, allow_blank=True).pixels.shape == (20, 16)  # an ROI mask may be empty
+
+
+def test_a_float64_tiff_reads_like_its_float32_copy(tmp_path):
+    import tifffile
+
+    arr = np.random.default_rng(1).random((20, 16)) * 1000 - 200
+    tifffile.imwrite(tmp_path / "d.tif", arr)
+    Image.fromarray(arr.astype(np.float32)).save(tmp_path / "s.tif")
+    np.testing.assert_array_equal(read_mammogram(tmp_path / "d.tif").pixels, read_mammogram(tmp_path / "s.tif").pixels)
+    arr[0, 0] = np.nan
+    tifffile.imwrite(tmp_path / "n.tif", arr)
+    with pytest.raises(CvfastError, match=r"n\.tif: 1 pixel\(s\) are NaN"):
+        read_mammogram(tmp_path / "n.tif")
+
+
+def _dicom(path, stored: np.ndarray, signed: bool, syntax=pydicom.uid.ExplicitVRLittleEndian, extra: dict | None = None) -> None:
+    """A 16-bit-allocated, 12-bit-stored grey DICOM whose 16-bit words are STORED as given (bits above BitsStored included)."""
+    from pydicom.dataset import FileMetaDataset
+
+    ds = pydicom.Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = pydicom.uid.SecondaryCaptureImageStorage
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = pydicom.uid.generate_uid()
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+    ds.PatientID, ds.Modality, (ds.Rows, ds.Columns) = "P", "MG", stored.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PixelRepresentation = 1, "MONOCHROME2", int(signed)
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 12, 11
+    for k, v in (extra or {}).items():
+        setattr(ds, k, v)
+    ds.PixelData = stored.astype("<u2").tobytes()
+    if syntax != pydicom.uid.ExplicitVRLittleEndian:
+        ds.compress(syntax, generate_instance_uid=False)  # pydicom's own RLE encoder: the stored words, bits above 12 included
+    ds.save_as(path, enforce_file_format=True)
+
+
+@pytest.mark.parametrize("signed,extra", [(False, {}), (True, {}), (False, {"RescaleSlope": 2, "RescaleIntercept": -100}),
+                                          (True, {"RescaleSlope": "0.5", "RescaleIntercept": 1000})], ids=["unsigned", "signed", "rescaled", "signed-rescaled"])
+def test_every_backend_gives_the_uncompressed_pixels_with_garbage_above_bits_stored(tmp_path, signed, extra, monkeypatch):
+    from cvfast.data.decode import BACKENDS
+
+    rng = np.random.default_rng(7)
+    values = rng.integers(0, 4096, (40, 32)).astype(np.uint16)  # 12-bit words (two's complement when signed)
+    stored = values | (rng.integers(0, 16, values.shape).astype(np.uint16) << 12)  # garbage in the 4 bits above BitsStored
+    _dicom(tmp_path / "raw.dcm", stored, signed, extra=extra)
+    _dicom(tmp_path / "rle.dcm", stored, signed, syntax=RLELossless, extra=extra)
+    reference = decode(pydicom.dcmread(tmp_path / "raw.dcm"), "pydicom")
+    expected = ((values.astype(np.int32) ^ 2048) - 2048) if signed else values  # what BitsStored says the pixels are
+    np.testing.assert_array_equal(reference.astype(np.int32), expected)
+    for name in ("raw.dcm", "rle.dcm"):
+        for backend in BACKENDS:
+            ds = pydicom.dcmread(tmp_path / name)
+            if backend == "dicomsdl" and not signed:  # the direct path, really taken: pydicom's own decode is made to fail
+                monkeypatch.setattr(pydicom.Dataset, "pixel_array", property(lambda self: pytest.fail("dicomsdl fell back to pydicom")))
+            np.testing.assert_array_equal(decode(ds, backend), reference, err_msg=f"{name} by {backend}")
+            monkeypatch.undo()
+    full = read_mammogram(tmp_path / "raw.dcm").pixels  # the rescale and the mapping onto 0..65535 on top, by the fastest backend
+    np.testing.assert_array_equal(read_mammogram(tmp_path / "rle.dcm").pixels, full)
+    assert 20000 < full.mean() < 45000  # 12 bits spread over the range, not saturated by the garbage

@@ -12,6 +12,7 @@ import pytest
 from conftest import run_cli
 
 from cvfast.data.manifest import read_manifest
+from cvfast.errors import CvfastError
 from cvfast.infer.evaluate import EvalSettings, evaluate
 from cvfast.infer.review import ReviewSettings, outcomes, review
 
@@ -182,3 +183,99 @@ def test_review_per_breast_and_its_refusals(ddsm_data, tmp_path):
     assert res.returncode == 1 and "no 'path' column" in res.stderr
     res = run_cli("review", str(tmp_path / "preds.csv"), "--out", str(tmp_path))  # the report would land beside preds.csv: fine,
     assert res.returncode == 0 and (tmp_path / "index.html").is_file() and (tmp_path / "preds.csv").read_text() == df.to_csv(index=False)
+
+
+def _small_review_set(folder: Path, n: int = 40, seed: int = 0) -> pd.DataFrame:
+    """N small distinct images, one per woman, a third of them valid, with labelled scores (no model needed)."""
+    import cv2
+
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for k in range(n):
+        path = folder / f"c{k:03d}.png"
+        cv2.imwrite(str(path), rng.integers(0, 65535, (32, 24), dtype=np.uint16))
+        label = k % 2
+        rows.append({"path": str(path), "image_id": f"c{k:03d}", "patient_id": f"W{k:03d}", "split": "valid" if k % 3 == 0 else "test",
+                     "label": label, "p_cancer": round(float(np.clip(0.4 + 0.2 * label + rng.normal(0, 0.2), 0.01, 0.99)), 2)})
+    return pd.DataFrame(rows)
+
+
+def _thumb_of(html: str, image_id: str) -> str:
+    """The thumbnail file the page shows in IMAGE_ID's row."""
+    import re
+
+    row = re.search(rf'<tr data-outcome="\w+"><td class="id">{image_id}</td><td class="thumbs"><img src="([^"]+)"', html)
+    assert row, image_id
+    return row.group(1)
+
+
+def test_review_redraws_a_thumbnail_whose_image_changed(tmp_path):
+    from PIL import Image
+
+    df = _small_review_set(tmp_path / "img")
+    df.to_csv(tmp_path / "preds.csv", index=False)
+    case = df.loc[df["split"] == "test", "image_id"].iloc[0]
+    before = review(tmp_path / "preds.csv", tmp_path / "review", settings=EvalSettings(n_boot=50), options=ReviewSettings(errors=0)).read_text()
+    first = _thumb_of(before, case)
+    assert Image.open(tmp_path / "review" / first).size == (96, 128)  # 24x32 at height 128
+    import cv2  # the image re-prepared (say with --crop breast): same path, new pixels and aspect
+
+    cv2.imwrite(df.set_index("image_id").at[case, "path"], np.full((32, 32), 40000, np.uint16) - np.eye(32, dtype=np.uint16))
+    html = review(tmp_path / "preds.csv", tmp_path / "review", settings=EvalSettings(n_boot=50), options=ReviewSettings(errors=0)).read_text()
+    again = _thumb_of(html, case)
+    assert again != first and Image.open(tmp_path / "review" / again).size == (128, 128)
+    others = df.loc[(df["split"] == "test") & (df["image_id"] != case), "image_id"]
+    assert all(_thumb_of(html, i) == _thumb_of(before, i) for i in others)  # the unchanged images' thumbnails are reused
+
+
+def test_review_counts_match_the_predictions_at_the_threshold(tmp_path):
+    """The page's outcome counts (filter buttons, the TP / FP / FN / TN line, the rows) against counts made here from the
+    predictions with score >= threshold: cases tied with the threshold are called positive (a '>' would call them negative)."""
+    import re
+
+    df = _small_review_set(tmp_path / "img", n=60, seed=3)
+    df.to_csv(tmp_path / "preds.csv", index=False)
+    threshold = evaluate(tmp_path / "preds.csv", EvalSettings(n_boot=50))["operating_points"]["youden"]["threshold"]
+    test = df.index[df["split"] == "test"]
+    ties = [test[df.loc[test, "label"] == 1][0], test[df.loc[test, "label"] == 0][0]]  # one cancer, one normal exactly at it
+    df.loc[ties, "p_cancer"] = threshold
+    df.to_csv(tmp_path / "preds.csv", index=False)
+    html = review(tmp_path / "preds.csv", tmp_path / "review", settings=EvalSettings(n_boot=50), options=ReviewSettings(errors=0)).read_text()
+    t = df.loc[test]
+    called, cancer = t["p_cancer"].to_numpy() >= threshold, t["label"].to_numpy() == 1
+    expected = {"TP": int((called & cancer).sum()), "FP": int((called & ~cancer).sum()), "FN": int((~called & cancer).sum()),
+                "TN": int((~called & ~cancer).sum())}
+    assert expected["TP"] and expected["FP"] and expected["FN"] and expected["TN"]
+    for outcome, n in expected.items():
+        assert f'data-filter="{outcome}">{outcome} ({n})</button>' in html
+        assert html.count(f'<tr data-outcome="{outcome}">') == n
+    line = re.search(r"<th>TP / FP / FN / TN</th><td>(\d+) / (\d+) / (\d+) / (\d+)</td>", html)
+    assert line and tuple(map(int, line.groups())) == (expected["TP"], expected["FP"], expected["FN"], expected["TN"])
+    for i in ties:
+        assert f'<tr data-outcome="{"TP" if df.at[i, "label"] == 1 else "FP"}"><td class="id">{df.at[i, "image_id"]}</td>' in html
+
+
+@pytest.mark.parametrize("valid_classes", [2, 1])
+def test_review_of_a_one_class_test_split_renders_with_the_metrics_marked(tmp_path, valid_classes):
+    df = _small_review_set(tmp_path / "img", n=30, seed=4)
+    test = df["split"] == "test"
+    df.loc[test, "label"] = 0  # no cancer among the test cases
+    if valid_classes == 1:
+        df.loc[~test, "label"] = 0  # nor among the valid ones: no threshold can be chosen, the fixed 0.5 is used
+    df.to_csv(tmp_path / "preds.csv", index=False)
+    with pytest.raises(CvfastError, match="all label 0; ROC AUC needs both classes"):  # evaluate itself still refuses
+        evaluate(tmp_path / "preds.csv", EvalSettings(n_boot=50))
+    point = "youden" if valid_classes == 2 else "fixed_0.5"
+    html = review(tmp_path / "preds.csv", tmp_path / "review", settings=EvalSettings(n_boot=50),
+                  options=ReviewSettings(errors=2, point=point)).read_text()
+    assert "<th>ROC AUC (95% CI)</th><td>not defined: one class</td>" in html
+    assert "<th>average precision</th><td>not defined: one class</td>" in html
+    called = df.loc[test, "p_cancer"] >= (0.5 if valid_classes == 1 else evaluate(tmp_path / "preds.csv", EvalSettings(n_boot=50, split="valid"))
+                                          ["operating_points"]["youden"]["threshold"])
+    assert html.count('<tr data-outcome="FP">') == called.sum() and html.count('<tr data-outcome="TN">') == (~called).sum() == test.sum() - called.sum()
+    assert "not defined: one class" in (tmp_path / "review" / "report.md").read_text()
+    assert all((tmp_path / "review" / n).stat().st_size > 1000 for n in ("roc.png", "pr.png", "calibration.png"))
+    if valid_classes == 1:
+        with pytest.raises(CvfastError, match="--point youden: no such operating point here"):
+            review(tmp_path / "preds.csv", tmp_path / "r2", settings=EvalSettings(n_boot=50))

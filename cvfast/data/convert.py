@@ -72,7 +72,7 @@ def _mask_from_candidates(roi: RoiSpec, shape: tuple[int, int]) -> np.ndarray:
     tol = max(8, int(0.01 * max(h, w)))  # real CBIS-DDSM masks can be a few pixels off the full image
     seen = []
     for f in roi.candidates:
-        px = read_mammogram(f).pixels
+        px = read_mammogram(f, allow_blank=True).pixels  # an all-zero mask is reported below as an empty ROI
         seen.append(f"{Path(f).name} {px.shape[0]}x{px.shape[1]}")
         if px.shape[0] < h // 2 and px.shape[1] < w // 2:
             continue  # the cropped lesion

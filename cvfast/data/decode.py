@@ -38,14 +38,24 @@ def decode(ds: pydicom.Dataset, backend: str | None = None) -> np.ndarray:
         frame = next(generate_frames(ds.PixelData, number_of_frames=1))
         arr = IMAGECODECS[syntax](frame)
         if arr.shape == (ds.Rows, ds.Columns):
-            return arr.astype(np.uint8 if ds.BitsAllocated == 8 else np.uint16, copy=False)
+            return _stored_bits(arr, ds)
     elif backend == "dicomsdl" and isinstance(ds.filename, str) and _plain(ds):
         arr = dicomsdl.open(str(ds.filename)).pixelData(storedvalue=True)
         if arr.shape == (ds.Rows, ds.Columns):
-            return arr.astype(np.uint8 if ds.BitsAllocated == 8 else np.uint16, copy=False)
+            return _stored_bits(arr, ds)
     elif backend not in BACKENDS:
         raise ValueError(f"decode backend {backend!r}: expected one of {BACKENDS}")
     return ds.pixel_array
+
+
+def _stored_bits(arr: np.ndarray, ds: pydicom.Dataset) -> np.ndarray:
+    """Unsigned pixels with the bits above BitsStored cleared, as pydicom gives them: some files carry garbage there (PS3.5 8.1.1
+    says those bits are not pixel data), which the direct decoders keep and which would saturate the image."""
+    arr = arr.astype(np.uint8 if ds.BitsAllocated == 8 else np.uint16, copy=False)
+    bits = int(ds.get("BitsStored") or ds.BitsAllocated)
+    if bits < ds.BitsAllocated:
+        arr = np.bitwise_and(arr, np.array((1 << bits) - 1, arr.dtype), out=arr if arr.flags.writeable else None)
+    return arr
 
 
 def _plain(ds: pydicom.Dataset) -> bool:

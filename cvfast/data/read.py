@@ -9,6 +9,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pydicom
+import tifffile
 from PIL import Image, UnidentifiedImageError
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_modality_lut, apply_voi_lut, get_decoder
@@ -37,17 +38,33 @@ class Mammogram:
     extra: dict = field(default_factory=dict)
 
 
-def read_mammogram(path: str | os.PathLike) -> Mammogram:
-    """Read a DICOM, PNG, TIFF or PGM mammogram as uint16; raise CvfastError naming the file on failure."""
+def read_mammogram(path: str | os.PathLike, allow_blank: bool = False) -> Mammogram:
+    """Read a DICOM, PNG, TIFF or PGM mammogram as uint16; raise CvfastError naming the file on failure.
+
+    An image whose pixels are all equal is refused too (it would be learnt and scored as a black image) unless
+    `allow_blank` (an ROI mask may be empty).
+    """
     path = Path(path)
     if not path.is_file():
         raise CvfastError(f"{path}: no such file")
     try:
-        return read_raster(path) if path.suffix.lower() in RASTER_SUFFIXES else read_dicom(path)
+        mammo = read_raster(path) if path.suffix.lower() in RASTER_SUFFIXES else read_dicom(path)
     except CvfastError:
         raise
     except Exception as e:  # a decoder's own failure (PIL's DecompressionBombError, a plugin's RuntimeError, ...)
         raise CvfastError(f"{path}: cannot be decoded ({type(e).__name__}: {e})") from None
+    if not allow_blank and mammo.pixels.size and mammo.pixels.min() == mammo.pixels.max():
+        raise CvfastError(f"{path}: every pixel has the same value ({int(mammo.pixels.flat[0])} of 65535): a blank image, not a mammogram")
+    return mammo
+
+
+def _check_finite(arr: np.ndarray, path: Path) -> None:
+    """Refuse float pixels that are NaN or infinite: one such pixel would turn the whole scaled image black."""
+    if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+        bad = ~np.isfinite(arr)
+        y, x = np.argwhere(bad)[0]
+        raise CvfastError(f"{path}: {int(bad.sum())} pixel(s) are NaN or infinite (the first at row {int(y)}, column {int(x)}); "
+                          "the image cannot be scaled to grey levels")
 
 
 def _output_range(ds: pydicom.Dataset, voi_applied: bool) -> tuple[float, float]:
@@ -95,7 +112,10 @@ def read_dicom(path: str | os.PathLike) -> Mammogram:
         arr = _voi_lut_lookup(arr, ds.VOILUTSequence[0])
     elif has_voi:
         arr = apply_voi_lut(arr, ds)
+    _check_finite(arr, path)  # a NaN rescale slope or window makes every pixel NaN
     lo, hi = _output_range(ds, has_voi)  # a window maps onto the same range the modality LUT produces
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+        raise CvfastError(f"{path}: the header's rescale or LUT gives a value range {lo:g}..{hi:g} that is not finite")
     pixels = _to_uint16(arr, lo, hi)
     if ds.get("PhotometricInterpretation", "MONOCHROME2") == "MONOCHROME1":
         pixels = np.subtract(65535, pixels, dtype=np.uint16)
@@ -166,8 +186,24 @@ def norm_side(value) -> str | None:
     return {"L": "L", "LEFT": "L", "R": "R", "RIGHT": "R"}.get(v)
 
 
+def _read_tiff(path: Path) -> tuple[np.ndarray, str]:
+    """A TIFF that PIL cannot open (float64, for one) through tifffile, with the PIL mode its dtype corresponds to."""
+    try:
+        arr = tifffile.imread(path)
+    except Exception as e:  # tifffile raises TiffFileError, ValueError, ... on files it cannot parse
+        raise CvfastError(f"{path}: unreadable TIFF ({type(e).__name__}: {e})") from None
+    arr = arr.squeeze()
+    if arr.dtype.kind == "f":
+        return arr, "F"
+    if arr.dtype == np.uint8:
+        return arr, "L"
+    if arr.dtype.kind in "iu":
+        return arr, "I"
+    raise CvfastError(f"{path}: TIFF of pixel type {arr.dtype} is not supported; convert it to 16-bit unsigned grey")
+
+
 def read_raster(path: str | os.PathLike) -> Mammogram:
-    """Read a PNG/TIFF/PGM/JPEG as uint16 (8-bit data scaled by 257, colour converted to grey)."""
+    """Read a PNG/TIFF/PGM/JPEG as uint16 (8-bit data scaled by 257, colour converted to grey, floats scaled to their range)."""
     path = Path(path)
     try:
         with Image.open(path) as im:
@@ -178,7 +214,9 @@ def read_raster(path: str | os.PathLike) -> Mammogram:
                 mode = "L"
             arr = np.array(im)
     except UnidentifiedImageError:
-        raise CvfastError(f"{path}: not an image file PIL can identify") from None
+        if path.suffix.lower() not in (".tif", ".tiff"):
+            raise CvfastError(f"{path}: not an image file PIL can identify") from None
+        arr, mode = _read_tiff(path)
     except (OSError, SyntaxError, ValueError) as e:
         raise CvfastError(f"{path}: unreadable image ({e})") from None
     if mode == "L":
@@ -187,9 +225,10 @@ def read_raster(path: str | os.PathLike) -> Mammogram:
         pixels = arr
     elif mode in ("I", "I;16", "I;16B", "I;16L"):
         if arr.min() < 0 or arr.max() > 65535:
-            raise CvfastError(f"{path}: 32-bit integer values {arr.min()}..{arr.max()} do not fit 16 bits; convert it to 16-bit first")
+            raise CvfastError(f"{path}: 32-bit integer values {int(arr.min())}..{int(arr.max())} do not fit 16 bits; convert it to 16-bit first")
         pixels = arr.astype(np.uint16)
     elif mode == "F":
+        _check_finite(arr, path)
         lo, hi = float(arr.min()), float(arr.max())
         pixels = _to_uint16(arr, lo, hi)
     else:

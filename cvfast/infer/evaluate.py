@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score, roc_curve
 
-from cvfast.errors import CvfastError
+from cvfast.errors import CvfastError, shown
 from cvfast.stats import at_threshold, calibration, delong_test, patient_bootstrap_aucs, percentile_ci, probabilistic_f1, thresholds_at
 from cvfast.util.files import atomic_write_bytes, refuse_overwrite
 
@@ -67,7 +67,7 @@ def read_predictions(path: str | Path, labels: str | Path | None = None, score: 
         bad = ~values.isin([0, 1])
         if bad.any():
             row = lab.index[bad][0]
-            raise CvfastError(f"{labels}: row {row + 2} (image_id {lab.at[row, 'image_id']}): label {lab.at[row, 'label']!r}, expected 0 or 1")
+            raise CvfastError(f"{labels}: row {row + 2} (image_id {lab.at[row, 'image_id']}): label {shown(lab.at[row, 'label'])}, expected 0 or 1")
         lab["label"] = values.astype(int)
         df = df.drop(columns=["label"], errors="ignore").merge(lab[["image_id", "label"]], on="image_id", how="left")
     if "label" not in df.columns:
@@ -80,11 +80,11 @@ def read_predictions(path: str | Path, labels: str | Path | None = None, score: 
     bad = ~df["label"].isin([0, 1])
     if bad.any():
         row = df.index[bad][0]
-        raise CvfastError(f"{path}: row {row + 2} (image_id {df.at[row, 'image_id']}): label {df.at[row, 'label']!r}, expected 0 or 1")
+        raise CvfastError(f"{path}: row {row + 2} (image_id {df.at[row, 'image_id']}): label {shown(df.at[row, 'label'])}, expected 0 or 1")
     s = pd.to_numeric(df[score], errors="coerce")
     if s.isna().any() or (s < 0).any() or (s > 1).any():
         row = df.index[s.isna() | (s < 0) | (s > 1)][0]
-        raise CvfastError(f"{path}: row {row + 2}: {score} {df.at[row, score]!r} is not a probability in [0, 1]")
+        raise CvfastError(f"{path}: row {row + 2}: {score} {shown(df.at[row, score])} is not a probability in [0, 1]")
     return df.assign(label=df["label"].astype(int), **{score: s})
 
 
@@ -107,20 +107,38 @@ def unit_of(df: pd.DataFrame, by: str = "image") -> pd.Series:
     return pd.concat(parts, axis=1).astype(str).agg("/".join, axis=1)
 
 
-def aggregate(df: pd.DataFrame, by: str = "image", agg: str = "mean", score: str = "p_cancer", keep: tuple[str, ...] = ()) -> pd.DataFrame:
+def _rows(df: pd.DataFrame, which: pd.Series) -> str:
+    """The first few flagged rows as the CSV's line numbers (header = line 1) with their image ids."""
+    idx = df.index[which.to_numpy()]
+    shown = ", ".join(f"{i + 2} ({df.at[i, 'image_id']})" for i in idx[:5])
+    return f"row{'s' if len(idx) > 1 else ''} {shown}{f' and {len(idx) - 5} more' if len(idx) > 5 else ''}"
+
+
+def aggregate(df: pd.DataFrame, by: str = "image", agg: str = "mean", score: str = "p_cancer", keep: tuple[str, ...] = (),
+              source: str | Path = "predictions") -> pd.DataFrame:
     """Predictions per image, per breast (patient, exam, side) or per exam (patient, exam): score mean|max, label max.
 
     Without an exam_id column, a patient's images are taken as one exam. `keep`: columns carried over (first value per unit).
+    What cannot be grouped is refused, naming `source` and its rows: a side other than L/R, exam_id on some rows only.
     """
     if by not in LEVELS or agg not in AGGREGATIONS:
         raise CvfastError(f"--by {by} / --agg {agg}: expected one of {LEVELS} / {AGGREGATIONS}")
     if "patient_id" not in df.columns or df["patient_id"].isna().any():
-        raise CvfastError("predictions lack patient_id for some rows; the patient bootstrap (and breast/exam levels) need it")
+        raise CvfastError(f"{source}: predictions lack patient_id for some rows; the patient bootstrap (and breast/exam levels) need it")
     if by == "image":
         return df.assign(unit=unit_of(df), n_images=1)
-    if by == "breast" and ("side" not in df.columns or df["side"].isna().any()):
-        rows = df["image_id"][df["side"].isna()].head(3).tolist() if "side" in df.columns else "all"
-        raise CvfastError(f"--by breast needs the side (L/R) of every image; missing for {rows}")
+    if by == "breast":
+        if "side" not in df.columns:
+            raise CvfastError(f"{source}: --by breast needs the side (L/R) of every image; there is no side column")
+        bad = ~df["side"].isin(["L", "R"])  # anything else (X, B, LEFT, blank) would make a breast of its own
+        if bad.any():
+            values = ", ".join(sorted({"(blank)" if pd.isna(v) else repr(v) for v in df.loc[bad, "side"]}))
+            raise CvfastError(f"{source}: --by breast needs side L or R on every image, not {values}: {_rows(df, bad)} "
+                              "(predict normalises LEFT/RIGHT; fix or drop these rows)")
+    if "exam_id" in df.columns and df["exam_id"].isna().any() and df["exam_id"].notna().any():
+        missing = df["exam_id"].isna()  # a patient's rows without exam_id would form an exam apart from her rows with one
+        raise CvfastError(f"{source}: --by {by}: exam_id is given on some rows only, missing on {_rows(df, missing)} "
+                          "(give every row its exam_id, or drop the column to take each patient's images as one exam)")
     df = df.assign(unit=unit_of(df, by))
     g = df.groupby("unit", sort=True)
     out = g.agg(patient_id=("patient_id", "first"), label=("label", "max"), n_images=("image_id", "size"), **{score: (score, agg)}).reset_index()
@@ -137,7 +155,7 @@ def _units(path: str | Path, st: EvalSettings, labels: str | Path | None = None)
     df = read_predictions(path, labels, st.score)
     if st.by_group is not None and st.by_group not in df.columns:
         raise CvfastError(f"--by-group {st.by_group}: {path} has no such column (columns: {', '.join(df.columns)})")
-    return aggregate(df, st.by, st.agg, st.score, keep=(st.by_group,) if st.by_group else ())
+    return aggregate(df, st.by, st.agg, st.score, keep=(st.by_group,) if st.by_group else (), source=path)
 
 
 def _other_units(path: str | Path, st: EvalSettings, labels: str | Path | None) -> pd.DataFrame:
@@ -208,31 +226,43 @@ def evaluate(preds: str | Path, settings: EvalSettings | None = None, compare: s
 
 
 def run_evaluation(preds: str | Path, settings: EvalSettings | None = None, compare: str | Path | None = None,
-                   labels: str | Path | None = None) -> Evaluation:
-    """The report, the ROC/PR curves' data and the evaluated cases (each file read and aggregated once)."""
+                   labels: str | Path | None = None, one_class: bool = False) -> Evaluation:
+    """The report, the ROC/PR curves' data and the evaluated cases (each file read and aggregated once).
+
+    Evaluated rows of one class are refused, unless `one_class` (a case review still shows the cases): then AUC, its CI,
+    average precision and probabilistic F1 are None, report["not_defined"] says why, and where the threshold rows are of one
+    class too only the fixed 0.5 operating point is given.
+    """
     st = settings or EvalSettings()
     units = _units(preds, st, labels)
     rows, rows_desc = _select(units, st.split)
     y, s = rows["label"].to_numpy(), rows[st.score].to_numpy(dtype=np.float64)
-    if y.min() == y.max():
+    single = bool(y.min() == y.max())
+    if single and (not one_class or compare is not None):
         raise CvfastError(f"{preds}: the evaluated rows ({rows_desc}, {len(rows)} {st.by}s) are all label {y[0]}; ROC AUC needs both classes")
     ref, ref_desc = _threshold_rows(units, rows, st.thresholds_from, st, labels)
     yr, sr = ref["label"].to_numpy(), ref[st.score].to_numpy(dtype=np.float64)
-    if yr.min() == yr.max():
+    if yr.min() != yr.max():
+        thresholds = thresholds_at(yr, sr, st.specificities)
+    elif one_class:
+        thresholds, ref_desc = {"fixed_0.5": 0.5}, f"none: {ref_desc} hold only label {yr[0]}, so only the fixed threshold 0.5 is used"
+    else:
         raise CvfastError(f"operating points: {ref_desc} hold only label {yr[0]}; both classes are needed")
-    auc = float(roc_auc_score(y, s))
-    boot = patient_bootstrap_aucs(y, [s], rows["patient_id"].to_numpy(), st.n_boot, st.seed)[:, 0]
     report = {
         "predictions": str(preds), "level": st.by, "aggregation": st.agg if st.by != "image" else None, "rows": rows_desc,
         "n": int(len(rows)), "n_positive": int(y.sum()), "n_patients": int(rows["patient_id"].nunique()),
-        "auc": auc, "auc_ci95": [float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))],
-        "ci_method": f"percentile bootstrap over patients, {len(boot)} valid resamples of {st.n_boot}, seed {st.seed}",
-        "average_precision": float(average_precision_score(y, s)),
-        "probabilistic_f1": probabilistic_f1(y, s),
+        "auc": None, "auc_ci95": None, "ci_method": None, "average_precision": None, "probabilistic_f1": None,
         "thresholds_chosen_on": ref_desc,
-        "operating_points": {name: at_threshold(y, s, t) for name, t in thresholds_at(yr, sr, st.specificities).items()},
+        "operating_points": {name: at_threshold(y, s, t) for name, t in thresholds.items()},
         "calibration": calibration(y, s),
     }
+    if single:
+        report["not_defined"] = f"one class (the evaluated rows are all label {y[0]})"  # AUC, its CI, AP and probabilistic F1
+    else:
+        boot = patient_bootstrap_aucs(y, [s], rows["patient_id"].to_numpy(), st.n_boot, st.seed)[:, 0]
+        report |= {"auc": float(roc_auc_score(y, s)), "auc_ci95": [float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))],
+                   "ci_method": f"percentile bootstrap over patients, {len(boot)} valid resamples of {st.n_boot}, seed {st.seed}",
+                   "average_precision": float(average_precision_score(y, s)), "probabilistic_f1": probabilistic_f1(y, s)}
     if st.by_group:
         report["groups"] = {"column": st.by_group, "values": _by_group(rows, st)}
     curves = [("this model", y, s)]
@@ -312,22 +342,28 @@ def write_report(report: dict, curves: list[Curve], out: str | Path) -> dict[str
 
     fig = Figure(figsize=(5, 5))
     ax = fig.subplots()
-    for k, (name, yy, ss) in enumerate(curves):
+    drawn = curves if report["auc"] is not None else []  # one class: no curve, the plots say why
+    for k, (name, yy, ss) in enumerate(drawn):
         fpr, tpr, _ = roc_curve(yy, ss)
         extra = f" [{report['auc_ci95'][0]:.3f}, {report['auc_ci95'][1]:.3f}]" if k == 0 else ""
         ax.plot(fpr, tpr, label=f"{name}: AUC {roc_auc_score(yy, ss):.3f}{extra}")
+    if not drawn:
+        ax.text(0.5, 0.5, "not defined: one class", ha="center", va="center")
     for name, op in report["operating_points"].items():
         if op["specificity"] is not None and op["sensitivity"] is not None:
             ax.plot(1 - op["specificity"], op["sensitivity"], "o", label=f"{name} (t={op['threshold']:.3g})")
     ax.plot([0, 1], [0, 1], ":", color="grey")
     ax.set(xlabel="1 - specificity", ylabel="sensitivity", title=f"ROC per {by} ({report['rows']})")
-    ax.legend(fontsize=7, loc="lower right")
+    if ax.get_legend_handles_labels()[0]:  # one class: nothing to label
+        ax.legend(fontsize=7, loc="lower right")
     save(fig, "roc.png")
     fig = Figure(figsize=(5, 5))
     ax = fig.subplots()
-    for name, yy, ss in curves:
+    for name, yy, ss in drawn:
         prec, rec, _ = precision_recall_curve(yy, ss)
         ax.plot(rec, prec, label=f"{name}: AP {average_precision_score(yy, ss):.3f}")
+    if not drawn:
+        ax.text(0.5, 0.5, "not defined: one class", ha="center", va="center")
     ax.axhline(y.mean(), ls=":", color="grey", label=f"prevalence {y.mean():.3f}")
     ax.set(xlabel="recall (sensitivity)", ylabel="precision (PPV)", title=f"precision-recall per {by}")
     ax.legend(fontsize=7)
@@ -351,15 +387,18 @@ def report_markdown(report: dict) -> str:
     def f(v) -> str:
         return "n/a" if v is None else f"{v:.3f}"
 
-    lo, hi = report["auc_ci95"]
     lines = [f"# Evaluation of {report['predictions']}", "",
              f"Per **{report['level']}**" + (f" ({report['aggregation']} over its images)" if report["aggregation"] else "") +
-             f", {report['rows']}: {report['n']} cases ({report['n_positive']} with cancer) from {report['n_patients']} patients.", "",
-             f"- ROC AUC **{report['auc']:.3f}** (95% CI {lo:.3f}-{hi:.3f}; {report['ci_method']})",
-             f"- average precision {report['average_precision']:.3f}; probabilistic F1 {report['probabilistic_f1']:.3f}",
-             f"- calibration: ECE {report['calibration']['ece']:.3f}, Brier {report['calibration']['brier']:.3f}", "",
-             f"Operating points (thresholds chosen on {report['thresholds_chosen_on']}):", "",
-             "| operating point | threshold | sensitivity | specificity | PPV | NPV | TP | FP | TN | FN |", "|---|---|---|---|---|---|---|---|---|---|"]
+             f", {report['rows']}: {report['n']} cases ({report['n_positive']} with cancer) from {report['n_patients']} patients.", ""]
+    if report["auc"] is None:
+        lines.append(f"- ROC AUC, average precision, probabilistic F1: not defined: {report['not_defined']}")
+    else:
+        lo, hi = report["auc_ci95"]
+        lines += [f"- ROC AUC **{report['auc']:.3f}** (95% CI {lo:.3f}-{hi:.3f}; {report['ci_method']})",
+                  f"- average precision {report['average_precision']:.3f}; probabilistic F1 {report['probabilistic_f1']:.3f}"]
+    lines += [f"- calibration: ECE {report['calibration']['ece']:.3f}, Brier {report['calibration']['brier']:.3f}", "",
+              f"Operating points (thresholds chosen on {report['thresholds_chosen_on']}):", "",
+              "| operating point | threshold | sensitivity | specificity | PPV | NPV | TP | FP | TN | FN |", "|---|---|---|---|---|---|---|---|---|---|"]
     for name, op in report["operating_points"].items():
         c = op["confusion"]
         lines.append(f"| {name} | {op['threshold']:.4g} | {f(op['sensitivity'])} | {f(op['specificity'])} | {f(op['ppv'])} | {f(op['npv'])} "

@@ -140,6 +140,9 @@ def heatmap(model_path: str | Path, source: str | Path | np.ndarray, image_size:
         size = image_size or tuple(sidecar.get("source_size") or WORKING_SIZE)
         hm = sliding_window_heatmap(model, sidecar, source, size, stride, bs, device, progress)
     else:
+        if stride is not None:  # a class activation map has no windows: a stride the user asked for would do nothing
+            raise CvfastError(f"--stride {stride}: {model_path} is a whole-image model, whose heatmap is a class activation map without "
+                              "windows; --stride applies to patch models only")
         if image_size is not None and tuple(image_size) != tuple(sidecar["size"]):
             log.warning("a whole-image model sees images at its own size %s; --size ignored", sidecar["size"])
         hm = class_activation_map(model, sidecar, source, device)

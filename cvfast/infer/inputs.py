@@ -9,7 +9,7 @@ from typing import Sequence
 import pandas as pd
 
 from cvfast.data.manifest import MANIFEST_COLUMNS, MANIFEST_NAME, read_manifest
-from cvfast.data.read import RASTER_SUFFIXES, dicom_identity
+from cvfast.data.read import RASTER_SUFFIXES, dicom_identity, norm_side
 from cvfast.errors import CvfastError
 from cvfast.util.files import walk_files
 from cvfast.util.progress import progress_bar
@@ -58,6 +58,21 @@ def _from_csv(path: Path) -> pd.DataFrame:
     return df
 
 
+def _normalised_sides(df: pd.DataFrame) -> tuple[pd.DataFrame, list[dict]]:
+    """Sides as L/R (LEFT, RIGHT, any case, spaces stripped), blank as missing; rows with another side rejected with their reason.
+
+    Done once here so that evaluate --by breast groups each breast's views together (L on CC and LEFT on MLO are one breast).
+    """
+    if "side" not in df.columns:
+        return df, []
+    given = df["side"].map(lambda v: "" if pd.isna(v) else str(v).strip())
+    sides = given.map(norm_side)
+    bad = (given != "") & sides.isna()
+    rejects = [{"source": str(df.at[i, "path"]), "row": str(df.at[i, "image_id"]), "reason": f"side {given[i]!r} is not L, R, LEFT or RIGHT"}
+               for i in df.index[bad]]
+    return df[~bad].assign(side=sides[~bad]), rejects
+
+
 def collect_inputs(sources: Sequence[str | Path], split: str | None = None) -> tuple[pd.DataFrame, list[dict]]:
     """Rows to predict (path, image_id and what is known of patient/side/view/label/split) and the rejected inputs.
 
@@ -102,6 +117,8 @@ def collect_inputs(sources: Sequence[str | Path], split: str | None = None) -> t
         if split not in present:
             raise CvfastError(f"--split {split}: no input has that split (splits present: {', '.join(present) or 'none'})")
         df = df[df["split"] == split]
+    df, bad_sides = _normalised_sides(df)
+    rejects += bad_sides
     df["path"] = [str(Path(p).resolve()) for p in df["path"]]  # one spelling per file, for the duplicate check
     repeated = int(df["path"].duplicated().sum())
     if repeated:

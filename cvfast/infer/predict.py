@@ -28,7 +28,7 @@ from cvfast.errors import CvfastError
 from cvfast.infer.inputs import collect_inputs
 from cvfast.models.artifact import load_model, model_files
 from cvfast.util.batch_progress import BatchProgress
-from cvfast.util.files import atomic_write_bytes, check_output_name, refuse_overwrite
+from cvfast.util.files import atomic_write_bytes, check_output_name, file_identity, refuse_overwrite
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +108,14 @@ def load_members(models: Sequence[str | Path]) -> list[tuple[nn.Module, dict]]:
     if not models:
         raise CvfastError("no model given")
     members = [load_model(m) for m in models]
+    seen: dict = {}
+    for path, (_, sidecar) in zip(models, members):
+        # the same model twice (one file by two spellings, or a copy of its weights) would count double in the average
+        for key in (file_identity(model_files(path)[-1]), ("weights", sidecar.get("weights_sha256") or str(path))):
+            if key in seen:
+                raise CvfastError(f"{path}: the same model as {seen[key]} (same {'weights' if key[0] == 'weights' else 'file'}); "
+                                  "an ensemble averages different models, each given once")
+            seen[key] = path
     classes = members[0][1]["classes"]
     for path, (_, sidecar) in zip(models, members):
         if sidecar["classes"] != classes:

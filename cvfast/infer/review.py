@@ -11,6 +11,7 @@ import hashlib
 import html
 import io
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,13 +66,16 @@ def review(preds: str | Path, out: str | Path, model: str | Path | None = None, 
     blank = images["path"].isna() | (images["path"].astype(str).str.strip() == "")
     if blank.any():
         raise CvfastError(f"{preds}: row {int(images.index[blank][0]) + 2} (image_id {images.loc[blank, 'image_id'].iloc[0]}): empty path")
-    ev = run_evaluation(preds, settings, labels=labels)
+    ev = run_evaluation(preds, settings, labels=labels, one_class=True)  # one class: the cases are still worth a look
+    if options.point not in ev.report["operating_points"]:
+        raise CvfastError(f"--point {options.point}: no such operating point here (thresholds chosen on {ev.report['thresholds_chosen_on']}); "
+                          f"use --point {', '.join(ev.report['operating_points'])}")
     op = ev.report["operating_points"][options.point]
     images = images.assign(path=images["path"].astype(str), unit=unit_of(images, settings.by))
     cases = ev.cases.assign(outcome=outcomes(ev.cases["label"], ev.cases[settings.score], op["threshold"]))
     members = images[images["unit"].isin(cases["unit"])].sort_values(["unit", "view" if "view" in images.columns else "image_id"])
     inputs = [str(preds), *map(str, members["path"]), *([str(labels)] if labels else []), *(map(str, model_files(model)) if model else [])]
-    thumb_names = _thumb_names(members["path"])
+    thumb_names = _thumb_names(members["path"], options.thumb_height)
     error_rows = _worst_errors(cases, settings.score, options.errors)
     planned = [out / PAGE, *(out / n for n in REPORT_FILES), *(out / THUMBS / n for n in thumb_names.values())]
     refuse_overwrite(planned, inputs, hint="choose another --out for the review")
@@ -86,11 +90,20 @@ def review(preds: str | Path, out: str | Path, model: str | Path | None = None, 
     return out / PAGE
 
 
-def _thumb_names(paths: pd.Series) -> dict[str, str]:
-    """A thumbnail file name per source image: a safe stem plus a digest of the full path, so a rerun reuses only its own."""
+def _thumb_names(paths: pd.Series, height: int) -> dict[str, str]:
+    """A thumbnail file name per source image: a safe stem plus a digest of the full path, the file's size and mtime and the
+    thumbnail height, so a rerun reuses a thumbnail only while its source is unchanged (not after a re-prepare, say)."""
     unique = list(dict.fromkeys(paths))
     stems = unique_stems(Path(p).stem for p in unique)
-    return {p: f"{stems[Path(p).stem]}-{hashlib.sha1(p.encode()).hexdigest()[:10]}.png" for p in unique}
+
+    def key(path: str) -> str:
+        try:
+            st = os.stat(path)
+            return f"{path}|{st.st_size}|{st.st_mtime_ns}|{height}"
+        except OSError:  # unreadable: reported when the thumbnail is drawn
+            return f"{path}|{height}"
+
+    return {p: f"{stems[Path(p).stem]}-{hashlib.sha1(key(p).encode()).hexdigest()[:10]}.png" for p in unique}
 
 
 def _worst_errors(cases: pd.DataFrame, score: str, n: int) -> pd.DataFrame:
@@ -113,7 +126,7 @@ def _grey_png(pixels: np.ndarray, height: int) -> bytes:
 
 
 def _thumbnail(args: tuple[str, str, int]) -> str | None:
-    """Worker: write one thumbnail (kept when it exists: written atomically, named by its source); the error text if unreadable."""
+    """Worker: write one thumbnail (kept when it exists: written atomically, named by its source as it is now); the error text if unreadable."""
     source, target, height = args
     if Path(target).is_file():
         return None
@@ -184,11 +197,13 @@ def _page(report: dict, op: dict, options: ReviewSettings, cases: pd.DataFrame, 
     """The HTML page; every value from the predictions file is escaped (ids are untrusted text)."""
     e = html.escape
     score = st.score
-    lo, hi = report["auc_ci95"]
     c = op["confusion"]
     counts = cases["outcome"].value_counts().reindex(list(OUTCOMES), fill_value=0)
-    headline = [("ROC AUC (95% CI)", f"{report['auc']:.3f} ({lo:.3f}-{hi:.3f})"), ("average precision", _fmt(report["average_precision"])),
-                ("probabilistic F1", _fmt(report["probabilistic_f1"])), ("ECE / Brier", f"{report['calibration']['ece']:.3f} / {report['calibration']['brier']:.3f}"),
+    undefined = "not defined: one class"  # all evaluated cases of one label
+    auc = undefined if report["auc"] is None else f"{report['auc']:.3f} ({report['auc_ci95'][0]:.3f}-{report['auc_ci95'][1]:.3f})"
+    headline = [("ROC AUC (95% CI)", auc), ("average precision", undefined if report["auc"] is None else _fmt(report["average_precision"])),
+                ("probabilistic F1", undefined if report["auc"] is None else _fmt(report["probabilistic_f1"])),
+                ("ECE / Brier", f"{report['calibration']['ece']:.3f} / {report['calibration']['brier']:.3f}"),
                 ("cases / with cancer / patients", f"{report['n']} / {report['n_positive']} / {report['n_patients']}")]
     point = [("threshold", f"{op['threshold']:.4g}"), ("sensitivity", _fmt(op["sensitivity"])), ("specificity", _fmt(op["specificity"])),
              ("PPV", _fmt(op["ppv"])), ("NPV", _fmt(op["npv"])), ("TP / FP / FN / TN", f"{c['tp']} / {c['fp']} / {c['fn']} / {c['tn']}")]
@@ -235,7 +250,7 @@ def _page(report: dict, op: dict, options: ReviewSettings, cases: pd.DataFrame, 
 <body>
 <h1>Case review of {e(report['predictions'])}</h1>
 <p>Per <b>{e(level)}</b>, {e(report['rows'])}. Operating point <b>{e(options.point)}</b>, chosen on {e(report['thresholds_chosen_on'])};
-a case is called positive when {e(score)} &ge; {op['threshold']:.4g}. CI: {e(report['ci_method'])}.</p>
+a case is called positive when {e(score)} &ge; {op['threshold']:.4g}. CI: {e(report['ci_method'] or 'not defined: ' + report['not_defined'])}.</p>
 <div class="cols"><div><h2>Headline</h2>{table(headline)}</div><div><h2>At the operating point</h2>{table(point)}</div></div>
 <div class="plots"><img src="roc.png" alt="ROC curve"><img src="pr.png" alt="precision-recall curve"><img src="calibration.png" alt="calibration"></div>
 <h2>Errors</h2>

@@ -144,12 +144,20 @@ def check_output_name(path: str | os.PathLike) -> Path:
     """PATH, unless it names one of a cvfast folder's own files (RESERVED_NAMES), a dataset's label sheet, or lies in a
     DATA folder's cache or a patch set's patches (a heatmap saved over a cached image would corrupt training data)."""
     path = Path(path)
+    _parents_are_folders(path)
     if path.name in RESERVED_NAMES or re.search(r"_case_description_(train|test)_set\.csv$", path.name, re.I):
         raise CvfastError(f"{path}: that name belongs to a DATA folder, patch set, model or dataset file; choose another --out name")
     for folder in path.parents:
         if CACHE_FOLDERS.match(folder.name) and any((folder.parent / n).is_file() for n in ("manifest.csv", "patchset.json", "model.json")):
             raise CvfastError(f"{path}: lies in {folder}, the cache of a cvfast DATA folder, patch set or model; choose another --out")
     return path
+
+
+def _parents_are_folders(path: Path) -> None:
+    """Refuse a path under an existing file (OUT/x.csv where OUT is a file), which mkdir reports only as 'File exists'."""
+    for folder in reversed(path.parents):
+        if folder.exists() and not folder.is_dir():
+            raise CvfastError(f"{path}: {folder} is a file, not a folder; choose another --out")
 
 
 def read_json(path: str | os.PathLike, what: str) -> dict:
@@ -287,6 +295,8 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes, cache: bool = False
     except BaseException as e:
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, (FileExistsError, NotADirectoryError)):  # a file where a folder must be: say which
+            _parents_are_folders(path)
         if isinstance(e, OSError):
             raise _unwritable(path, e) from None
         raise

@@ -14,6 +14,7 @@ import pandas as pd
 from cvfast.data.convert import ImageJob
 from cvfast.data.ingest.common import PrepareOptions, check_source, finish
 from cvfast.data.manifest import SPLITS
+from cvfast.data.read import norm_side
 from cvfast.errors import CvfastError
 
 log = logging.getLogger(__name__)
@@ -55,8 +56,16 @@ def prepare_csv(source: str | Path, opts: PrepareOptions) -> pd.DataFrame:
         if split and split not in SPLITS:
             rejects.append({"source": str(source), "row": where, "reason": f"split {split!r} is not one of {SPLITS}"})
             continue
-        meta = {"patient_id": row.get("patient_id", "").strip() or image_id, "side": row.get("side", "").strip().upper()[:1] or None,
-                "view": row.get("view", "").strip().upper() or None, "label": int(label), "abnormalities": []}
+        patient = row.get("patient_id", "").strip() if "patient_id" in df.columns else image_id
+        if not patient:  # the image as its own patient could put one woman's images in two splits
+            rejects.append({"source": str(source), "row": where, "reason": "blank patient_id: a patient-level split cannot place this image"})
+            continue
+        side = row.get("side", "").strip()
+        if side and norm_side(side) is None:
+            rejects.append({"source": str(source), "row": where, "reason": f"side {side!r} is not L, R, LEFT or RIGHT"})
+            continue
+        meta = {"patient_id": patient, "side": norm_side(side), "view": row.get("view", "").strip().upper() or None, "label": int(label),
+                "abnormalities": []}
         if split:
             meta["split"] = split
         images[image_id] = meta

@@ -17,6 +17,7 @@ from cvfast.data.convert import ImageJob
 from cvfast.data.datasets import INBREAST_BIRADS
 from cvfast.data.ingest.common import PrepareOptions, check_source, find_sheet, finish
 from cvfast.data.manifest import abnormality
+from cvfast.data.read import norm_side
 from cvfast.errors import CvfastError
 from cvfast.util.files import walk_files
 
@@ -94,7 +95,10 @@ def prepare_inbreast(source: str | Path, opts: PrepareOptions, positive: tuple[s
         parts = f.stem.split("_")
         patient = str(row.get("Patient ID", "")).strip()
         patient = parts[1] if patient.lower() in ("", "removed") else patient
-        side, view = str(row["Laterality"]).strip().upper()[:1], str(row["View"]).strip().upper()
+        side, view = norm_side(row["Laterality"]), str(row["View"]).strip().upper()
+        if side is None:  # the first letter of anything else (X, B) would make a breast of its own in evaluate --by breast
+            rejects.append({"source": str(sheet_path), "row": where, "reason": f"Laterality {row['Laterality']!r} is not L, R, LEFT or RIGHT"})
+            continue
         # image-level labels only: an abnormality record says why the image is positive, with no ROI
         abns = [abnormality(1, "lesion", True, birads=birads)] if label else []
         images[name] = {"patient_id": patient, "side": side, "view": view, "label": label, "birads": birads, "abnormalities": abns}
