@@ -727,6 +727,18 @@ def demo(out: Annotated[Path, typer.Option(help="Folder for everything the demo 
     stdout.print((out / "report.md").read_text())
 
 
+@app.command()
+@handles_errors
+def adopt(folder: Annotated[Path, typer.Argument(help="A folder an older cvfast wrote (DATA, patch set, model, crossval, report).")]) -> None:
+    """Mark every file in FOLDER as cvfast's own, once, for a folder written before cvfast kept records of what it wrote
+    (0.1): re-runs and resumes into it may then replace those files. Only for folders you know cvfast wrote."""
+    from cvfast.util.files import adopt as adopt_folder
+
+    if not folder.is_dir():
+        raise CvfastError(f"{folder}: not a folder")
+    console.print(f"{adopt_folder(folder)} files in {folder} recorded as cvfast's")
+
+
 def run() -> None:
     """The `cvfast` program: re-executed once under the measured-fastest memory allocator when installed, then the app.
 

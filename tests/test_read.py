@@ -248,3 +248,28 @@ def test_every_backend_gives_the_uncompressed_pixels_with_garbage_above_bits_sto
     full = read_mammogram(tmp_path / "raw.dcm").pixels  # the rescale and the mapping onto 0..65535 on top, by the fastest backend
     np.testing.assert_array_equal(read_mammogram(tmp_path / "rle.dcm").pixels, full)
     assert 20000 < full.mean() < 45000  # 12 bits spread over the range, not saturated by the garbage
+
+
+@pytest.mark.parametrize("syntax", ["jpeg2000", "jpegls"])
+def test_every_backend_keeps_a_codestreams_precision_above_bits_stored(tmp_path, syntax):
+    """JPEG 2000 / JPEG-LS: pydicom keeps a 14-bit codestream's values in a 12-bit header (its precision is the stream's);
+    clearing the bits above BitsStored in the direct decoders would wrap such images into noise."""
+    import imagecodecs
+    from pydicom.encaps import encapsulate
+
+    from cvfast.data.decode import BACKENDS
+
+    values = np.random.default_rng(3).integers(0, 1 << 14, (40, 32)).astype(np.uint16)
+    _dicom(tmp_path / "x.dcm", values & 0x0FFF, False)
+    ds = pydicom.dcmread(tmp_path / "x.dcm")
+    if syntax == "jpeg2000":
+        stream, ds.file_meta.TransferSyntaxUID = imagecodecs.jpeg2k_encode(values, level=0, bitspersample=14, codecformat="j2k"), pydicom.uid.JPEG2000Lossless
+    else:
+        stream, ds.file_meta.TransferSyntaxUID = imagecodecs.jpegls_encode(values, level=0), pydicom.uid.JPEGLSLossless
+    ds.PixelData = encapsulate([stream])
+    ds["PixelData"].VR = "OB"
+    ds.save_as(tmp_path / "c.dcm", enforce_file_format=True)
+    reference = decode(pydicom.dcmread(tmp_path / "c.dcm"), "pydicom")
+    assert reference.max() > 4095  # pydicom keeps the stream's 14 bits
+    for backend in BACKENDS:
+        np.testing.assert_array_equal(decode(pydicom.dcmread(tmp_path / "c.dcm"), backend), reference, err_msg=backend)

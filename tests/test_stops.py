@@ -162,10 +162,12 @@ def test_a_failed_write_removes_its_temporary_and_says_the_disk_is_full(tmp_path
 
 
 @pytest.mark.parametrize("env,says", [
-    ({"RANK": "1"}, "RANK=1 set without WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT"),
+    ({"RANK": "1"}, "RANK=1 without WORLD_SIZE > 1"),
+    ({"RANK": "1", "WORLD_SIZE": "1", "MASTER_ADDR": "h", "MASTER_PORT": "1"}, "RANK=1 without WORLD_SIZE > 1"),
     ({"RANK": "abc"}, "RANK='abc' in the environment is not a process number"),
     ({"RANK": ""}, "RANK='' in the environment is not a process number"),
-    ({"WORLD_SIZE": "2"}, "WORLD_SIZE=2 set without RANK"),
+    ({"LOCAL_RANK": "x"}, "LOCAL_RANK='x' in the environment is not a process number"),
+    ({"WORLD_SIZE": "2"}, "WORLD_SIZE=2 without RANK"),
     ({"RANK": "2", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "x", "MASTER_PORT": "1"}, "must be below the world size"),
 ])
 def test_a_half_set_distributed_environment_is_refused_with_what_to_unset(env, says, tmp_path):
@@ -176,7 +178,11 @@ def test_a_half_set_distributed_environment_is_refused_with_what_to_unset(env, s
     assert r.exit_code == 1 and says in out and "unset" in out, out
 
 
-@pytest.mark.parametrize("env", [{}, {"WORLD_SIZE": "1", "RANK": "0"}, {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "MASTER_ADDR": "h", "MASTER_PORT": "29500"}])
+@pytest.mark.parametrize("env", [
+    {}, {"WORLD_SIZE": "1", "RANK": "0"}, {"MASTER_ADDR": "node1", "MASTER_PORT": "29500"}, {"LOCAL_RANK": "0"},
+    {"RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "h", "MASTER_PORT": "29500"},  # Kubeflow's PyTorchJob: no LOCAL_RANK
+    {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "MASTER_ADDR": "h", "MASTER_PORT": "29500"},
+], ids=["none", "one-process", "scheduler-master-only", "local-rank-only", "kubeflow", "torchrun"])
 def test_a_launcher_environment_or_none_is_accepted(env):
     check_distributed_environment(env)
 
@@ -227,23 +233,22 @@ def test_a_run_is_not_resumed_onto_a_re_split_data_folder(untrained_models, ddsm
     assert train_whole(recipe, data, untrained_models[0], tmp_path / "m", resume=False).metrics  # --no-resume starts over
 
 
-@pytest.mark.slow
-def test_a_second_training_run_into_the_same_out_is_refused_and_the_first_finishes_whole(s10, tmp_path):
-    import json
+def test_a_second_training_run_into_the_same_out_is_refused_while_the_first_holds_it(s10, tmp_path):
     import sys
-    import time
 
     out = tmp_path / "m"
-    cmd = [sys.executable, "-m", "cvfast.cli", "patch", "--data", str(s10), "--recipe", "demo-patch", "--arch", "test_resnet", "--no-pretrained",
-           "--epochs-scale", "2", "--out", str(out)]
-    first = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    progress = out / "checkpoints" / "progress.json"
-    deadline = time.time() + 300
-    while not progress.is_file() and time.time() < deadline and first.poll() is None:
-        time.sleep(0.05)
-    r, said = _cli(*cmd[3:])
-    assert r.exit_code == 1 and "another cvfast training run is writing into this folder now" in said, said
-    assert first.wait(timeout=900) == 0, first.stderr.read()
-    history = json.loads((out / "checkpoints" / "history.json").read_text())
-    assert [h["epoch"] for h in history] == list(range(16))  # the first run's epochs, each once
-    assert not list(out.rglob("*.tmp*"))
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom cvfast.util.files import exclusive\n"
+                               f"with exclusive({str(out)!r}, 'cvfast training run'):\n    print('held', flush=True)\n    time.sleep(600)"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        r, said = _cli("patch", "--data", str(s10), "--recipe", "demo-patch", "--arch", "test_resnet", "--no-pretrained", "--epochs-scale", "0.25",
+                       "--out", str(out))
+        assert r.exit_code == 1 and "another cvfast training run is writing into this folder now" in said, said
+        assert not (out / "checkpoints").exists()  # refused before anything was written
+    finally:
+        holder.kill()
+        holder.wait()
+    r, said = _cli("patch", "--data", str(s10), "--recipe", "demo-patch", "--arch", "test_resnet", "--no-pretrained", "--epochs-scale", "0.25",
+                   "--out", str(out))
+    assert r.exit_code == 0, said  # the holder is gone: its lock went with it

@@ -15,7 +15,17 @@ import imagecodecs
 import numpy as np
 import pydicom
 from pydicom.encaps import generate_frames
-from pydicom.uid import JPEG2000, JPEG2000Lossless, JPEGLossless, JPEGLosslessSV1, JPEGLSLossless, JPEGLSNearLossless, RLELossless
+from pydicom.uid import (
+    JPEG2000,
+    JPEG2000Lossless,
+    JPEG2000TransferSyntaxes,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    JPEGLSTransferSyntaxes,
+    RLELossless,
+)
 
 # imagecodecs' decoder for each encapsulated syntax it reads
 IMAGECODECS: dict[str, Callable[[bytes], np.ndarray]] = {
@@ -53,6 +63,10 @@ def _stored_bits(arr: np.ndarray, ds: pydicom.Dataset) -> np.ndarray:
     says those bits are not pixel data), which the direct decoders keep and which would saturate the image."""
     arr = arr.astype(np.uint8 if ds.BitsAllocated == 8 else np.uint16, copy=False)
     bits = int(ds.get("BitsStored") or ds.BitsAllocated)
+    # pydicom leaves JPEG 2000 and JPEG-LS alone (their codestream's own precision rules; a 14-bit stream in a 12-bit
+    # header keeps its 14 bits), so clearing there would make the decoders disagree
+    if ds.file_meta.TransferSyntaxUID in JPEG2000TransferSyntaxes + JPEGLSTransferSyntaxes:
+        return arr
     if bits < ds.BitsAllocated:
         arr = np.bitwise_and(arr, np.array((1 << bits) - 1, arr.dtype), out=arr if arr.flags.writeable else None)
     return arr

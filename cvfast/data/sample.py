@@ -231,12 +231,12 @@ def make_patches(data: str | Path, spec: PatchSetSpec, out: str | Path | None = 
         rows += r
         rejects += rej
     patches = pd.DataFrame(rows, columns=["patch_id", "path", "label", "class_idx", "image_id", "patient_id", "split", "cy", "cx"])
-    write_csv(rejects_frame(rejects), out / REJECTS_NAME)
     train_classes = sorted(set(patches.loc[patches["split"] == "train", "label"]))
-    if len(train_classes) < 2:  # nothing to learn from: refused before a patch set is published
+    if len(train_classes) < 2:  # nothing to learn from: refused before anything of a new set is written
         raise CvfastError(f"{out}: the cut gives {len(patches)} patches and {len(train_classes)} class(es) in the train split "
-                          f"({', '.join(train_classes) or 'none'}); a patch classifier needs at least two (see {out / REJECTS_NAME} "
-                          "and --n-roi / --n-background)")
+                          f"({', '.join(train_classes) or 'none'}; {len(rejects)} images or ROIs rejected); a patch classifier "
+                          "needs at least two (see --n-roi / --n-background)")
+    write_csv(rejects_frame(rejects), out / REJECTS_NAME)
     written = write_csv(patches, out / PATCH_MANIFEST)
     # the paper's one mean grey for patch and whole-image data: the whole-image training set's, train split only
     train_images = df.loc[df["split"] == "train", "path"].tolist()

@@ -14,7 +14,7 @@ from sklearn.metrics import average_precision_score, precision_recall_curve, roc
 
 from cvfast.errors import CvfastError, shown
 from cvfast.stats import at_threshold, calibration, delong_test, patient_bootstrap_aucs, percentile_ci, probabilistic_f1, thresholds_at
-from cvfast.util.files import atomic_write_bytes, refuse_overwrite
+from cvfast.util.files import atomic_write_bytes, claim_output, refuse_overwrite
 
 log = logging.getLogger(__name__)
 
@@ -427,6 +427,8 @@ def evaluate_to(preds: str | Path, out: str | Path, settings: EvalSettings | Non
     settings = settings or EvalSettings()
     read = [p for p in (preds, compare, labels, settings.thresholds_from) if p is not None and Path(p).is_file()]
     refuse_overwrite([Path(out) / name for name in REPORT_FILES], read, hint="choose another --out for the report")
+    for name in REPORT_FILES:
+        claim_output(Path(out) / name)  # all of them before any is written: a user's own report.md stops the command now
     ev = run_evaluation(preds, settings, compare, labels)
     write_report(ev.report, ev.curves, out)
     return ev.report

@@ -26,9 +26,9 @@ from cvfast.data.manifest import REJECT_COLUMNS
 from cvfast.data.read import read_mammogram, resize
 from cvfast.errors import CvfastError
 from cvfast.infer.inputs import collect_inputs
-from cvfast.models.artifact import load_model, model_files
+from cvfast.models.artifact import SIDECAR, load_model, model_files
 from cvfast.util.batch_progress import BatchProgress
-from cvfast.util.files import atomic_write_bytes, check_output_name, file_identity, refuse_overwrite
+from cvfast.util.files import atomic_write_bytes, check_output_name, claim_output, file_identity, refuse_overwrite
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +111,8 @@ def load_members(models: Sequence[str | Path]) -> list[tuple[nn.Module, dict]]:
     seen: dict = {}
     for path, (_, sidecar) in zip(models, members):
         # the same model twice (one file by two spellings, or a copy of its weights) would count double in the average
-        for key in (file_identity(model_files(path)[-1]), ("weights", sidecar.get("weights_sha256") or str(path))):
+        loaded = Path(path) if Path(path).is_file() else Path(path) / SIDECAR  # the file load_model read
+        for key in (file_identity(loaded), ("weights", sidecar.get("weights_sha256") or str(path))):
             if key in seen:
                 raise CvfastError(f"{path}: the same model as {seen[key]} (same {'weights' if key[0] == 'weights' else 'file'}); "
                                   "an ensemble averages different models, each given once")
@@ -209,6 +210,8 @@ def write_predictions(result: Predictions, out: str | Path) -> Path:
     """Write the predictions CSV (and, when inputs were rejected, OUT.rejects.csv beside it) atomically; never onto an input."""
     out = check_output_name(out)
     refuse_overwrite([out, out.with_suffix(".rejects.csv")], result.inputs, hint="choose another --out for the predictions")
+    for path in (out, out.with_suffix(".rejects.csv")):
+        claim_output(path)  # both before either is written (the rejects file may be removed below: only cvfast's own)
     buf = io.StringIO()
     result.frame.to_csv(buf, index=False, float_format="%.9g")  # 6 digits would round confident scores to 1 and tie them
     atomic_write_bytes(out, buf.getvalue().encode())

@@ -349,8 +349,9 @@ def read_progress_raw(checkpoint_dir: Path) -> dict:
     return read_json(f, "training progress (delete it, or pass --no-resume, to start over)") if f.is_file() else {}
 
 
-def read_progress(out_dir: str | Path, fingerprint: str) -> dict | None:
-    """progress.json of an interrupted run with the same recipe (and its checkpoint present), or None."""
+def read_progress(out_dir: str | Path, fingerprint: str, legacy: str | None = None) -> dict | None:
+    """progress.json of an interrupted run with the same recipe (and its checkpoint present), or None; LEGACY: the
+    fingerprint a cvfast 0.1 run of it had (without its inputs' digests), resumed with a warning."""
     d = Path(out_dir) / "checkpoints"
     p = read_progress_raw(d)
     if not p or p.get("done"):
@@ -358,7 +359,10 @@ def read_progress(out_dir: str | Path, fingerprint: str) -> dict | None:
     if not isinstance(p.get("checkpoint"), str) or not (d / p["checkpoint"]).is_file():
         log.warning("%s names checkpoint %r, which is not there: training starts over", d / "progress.json", p.get("checkpoint"))
         return None
-    if p.get("fingerprint") != fingerprint:
+    if legacy is not None and p.get("fingerprint") == legacy:
+        log.warning("%s: an unfinished run of cvfast 0.1, which did not record its inputs' content: resuming it on the inputs "
+                    "as they are now (pass --no-resume if the DATA folder was re-prepared since)", d)
+    elif p.get("fingerprint") != fingerprint:
         raise CvfastError(f"{d}: holds an unfinished run of a different recipe or data; use another --out, "
                           "pass --no-resume, or delete the folder")
     if not all(isinstance(p.get(k), int) and not isinstance(p.get(k), bool) and p[k] >= 0 for k in ("stage", "epochs_done")):

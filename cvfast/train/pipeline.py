@@ -44,7 +44,7 @@ from cvfast.train.runtime import Runtime, apply_runtime, data_parallel, export_r
 from cvfast.train.schedule import Stage, begin_stage, describe, fit_stage, random_init_schedule, stages_from
 from cvfast.util.batch_progress import BatchProgress
 from cvfast.util.distributed import is_main_process
-from cvfast.util.files import TEMP_PREFIX, atomic_write_bytes, exclusive, file_sha256, refuse_overwrite
+from cvfast.util.files import TEMP_PREFIX, atomic_write_bytes, claim_output, exclusive, file_sha256, refuse_overwrite
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,8 @@ def train_schedule(learn: Learner, stages: list[Stage], out: Path, recipe: dict,
     """
     fp = fingerprint(recipe)
     ckpt = out / "checkpoints"
-    progress = read_progress(out, fp) if resume else None
+    inputs = {k: v for k, v in recipe.get("inputs", {}).items() if not k.endswith("_sha256")}
+    progress = read_progress(out, fp, legacy=fingerprint({**recipe, "inputs": inputs})) if resume else None
     if progress is None and is_main_process():  # a fresh run: no checkpoint of an earlier run may leak into this one
         for old in [*ckpt.glob("s*e*.pth"), ckpt / "progress.json", ckpt / "best.pth", ckpt / "history.json", ckpt / HISTORY_CSV]:
             old.unlink(missing_ok=True)
@@ -308,6 +309,9 @@ def _train(learn: Learner, stages: list[Stage], out: Path, recipe: dict, extra: 
     with exclusive(out, "cvfast training run") if is_main_process() else nullcontext(), learn.no_bar(), learn.no_logging():
         for tmp in (out / "checkpoints").glob(f"{TEMP_PREFIX}*.tmp.pth") if is_main_process() else []:
             tmp.unlink(missing_ok=True)  # a checkpoint a killed run was writing
+        for name in (PKL, WEIGHTS, SIDECAR, "recipe.json", "checkpoints/history.json", f"checkpoints/{HISTORY_CSV}", "checkpoints/progress.json"):
+            if is_main_process():
+                claim_output(out / name)  # before training, not after it: a user's own file of one of these names stops the run now
         try:
             with data_parallel(learn):
                 train_schedule(learn, stages, out, recipe, cbs=cbs, resume=resume, logger=(runtime or Runtime()).log)

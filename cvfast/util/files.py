@@ -18,6 +18,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import logging
 import os
 import re
 import tempfile
@@ -174,7 +175,7 @@ def read_json(path: str | os.PathLike, what: str) -> dict:
     return value
 
 
-# beside the files cvfast writes: WRITTEN_DIR/<name>.sha256 holds the digest of what it wrote, so a later run can tell
+# beside the files cvfast writes: WRITTEN_DIR/<name>.sha256 lists the digests of what it wrote, so a later run can tell
 # its own earlier output (replace it) from a user's file of the same name (keep it, refuse)
 WRITTEN_DIR = ".cvfast-written"
 
@@ -192,11 +193,19 @@ def _written_record(path: Path) -> Path:
     return path.parent / WRITTEN_DIR / f"{path.name}.sha256"
 
 
-def written_by_cvfast(path: str | os.PathLike) -> bool:
-    """True when PATH holds exactly what cvfast last wrote there."""
-    path, record = Path(path), _written_record(Path(path))
+def _recorded(path: Path) -> set[str]:
     try:
-        return record.read_text().strip() == file_sha256(path)
+        return set(_written_record(path).read_text().split())
+    except OSError:
+        return set()
+
+
+def written_by_cvfast(path: str | os.PathLike) -> bool:
+    """True when PATH holds exactly what cvfast wrote there."""
+    path = Path(path)
+    digests = _recorded(path)
+    try:
+        return bool(digests) and file_sha256(path) in digests
     except OSError:
         return False
 
@@ -208,23 +217,51 @@ def claim_output(path: str | os.PathLike) -> None:
     if path.is_dir() and not path.is_symlink():
         raise CvfastError(f"{path}: is a folder; cvfast would write a file of that name there")
     if path.exists() and not written_by_cvfast(path):
-        raise CvfastError(f"{path}: already exists and was not written by cvfast (or was changed since); it is kept: move it or choose another --out")
+        raise CvfastError(f"{path}: already exists and was not written by cvfast (or was changed since); it is kept: move it or choose "
+                          f"another --out (a folder written by a cvfast older than 0.2, which kept no records: `cvfast adopt {path.parent}` once)")
+
+
+def _write_record(path: Path, digests: set[str]) -> None:
+    record = _written_record(path)
+    record.parent.mkdir(exist_ok=True)
+    fd, rtmp = tempfile.mkstemp(dir=record.parent, prefix=TEMP_PREFIX, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write("".join(f"{d}\n" for d in sorted(digests)))
+        os.replace(rtmp, record)
+    except BaseException:
+        Path(rtmp).unlink(missing_ok=True)
+        raise
 
 
 def _replace(tmp: str | os.PathLike, path: Path, digest: str | None) -> None:
-    """os.replace(tmp, path), then record path's digest (None: a cache file, whose folder cvfast keeps its own records for)."""
+    """os.replace(tmp, path) with path's record (None: a cache file, whose folder cvfast keeps its own records for).
+
+    The record lists the new digest beside the old one before the rename and only the new one after it, so a kill or a
+    full disk at any point leaves a file that a re-run recognises as cvfast's.
+    """
+    if digest is None:
+        os.replace(tmp, path)
+        return
+    old = _recorded(path) & {file_sha256(path)} if path.is_file() else set()
+    _write_record(path, old | {digest})
     os.replace(tmp, path)
-    if digest is not None:
-        record = _written_record(path)
-        record.parent.mkdir(exist_ok=True)
-        fd, rtmp = tempfile.mkstemp(dir=record.parent, prefix=TEMP_PREFIX, suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            f.write(digest + "\n")
-        os.replace(rtmp, record)
+    if old - {digest}:
+        _write_record(path, {digest})
+
+
+def adopt(folder: str | os.PathLike) -> int:
+    """Record every file below FOLDER as cvfast's own (for folders written before cvfast kept records); return how many."""
+    n = 0
+    for path in walk_files(folder):
+        if TEMP_PREFIX not in path.name:
+            _write_record(path, {file_sha256(path)})
+            n += 1
+    return n
 
 
 # how libraries that write through their own C++ code (torch's zip writer, safetensors) report a full disk
-DISK_FULL_WORDS = ("No space left", "unexpected pos", "Disk quota exceeded", "file write failed")
+DISK_FULL_WORDS = ("No space left", "unexpected pos", "Disk quota exceeded")
 
 
 def disk_full(e: BaseException) -> bool:
@@ -236,8 +273,11 @@ def disk_full(e: BaseException) -> bool:
 
 @contextmanager
 def exclusive(folder: str | os.PathLike, what: str) -> Iterator[None]:
-    """Hold a lock on FOLDER while a run writes into it: a second run into the same folder is refused, never interleaved
-    (the lock goes with the process, so a killed run leaves none behind); where file locks are unknown (Windows) it holds none."""
+    """Hold a lock on FOLDER while a run writes into it: a second run into the same folder is refused, never interleaved.
+
+    A POSIX record lock (lockf): it goes with the process, so a killed run leaves none behind, and forked loader workers
+    do not inherit it. Where the file system or the platform has no locks (Windows, some network mounts) it holds none.
+    """
     try:
         import fcntl
     except ImportError:
@@ -248,9 +288,13 @@ def exclusive(folder: str | os.PathLike, what: str) -> Iterator[None]:
     fd = os.open(folder / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except (BlockingIOError, PermissionError):
             raise CvfastError(f"{folder}: another {what} is writing into this folder now; wait for it to end, or choose another --out") from None
+        except OSError as e:
+            if e.errno not in (errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOLCK):
+                raise
+            logging.getLogger(__name__).warning("%s: this file system has no file locks (%s); nothing stops a second run into it", folder, e.strerror)
         yield
     finally:
         os.close(fd)  # closing releases the lock
