@@ -26,6 +26,7 @@ from cvfast.models.artifact import export_model
 from cvfast.stats import delong_test, patient_bootstrap_aucs
 from cvfast.train.heldout import predict_frame
 from cvfast.train.learners import learner_for, patch_learner, whole_image_learner
+from cvfast.util.files import WRITTEN_DIR
 
 
 @pytest.fixture(scope="module")
@@ -350,5 +351,6 @@ def test_show_grids(models, ddsm_data, s10, tmp_path):
 def test_write_predictions_is_atomic_and_lists_rejects(models, ddsm_data, tmp_path):
     result = predict([models["whole"]], [read_manifest(ddsm_data)["path"].iloc[0], tmp_path / "gone.png"], progress=False)
     write_predictions(result, tmp_path / "p.csv")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.csv", "p.rejects.csv"]  # no temporaries left
+    assert sorted(p.name for p in tmp_path.iterdir()) == [WRITTEN_DIR, "p.csv", "p.rejects.csv"]  # no temporaries left
+    assert sorted(p.name for p in (tmp_path / WRITTEN_DIR).iterdir()) == ["p.csv.sha256", "p.rejects.csv.sha256"]
     assert pd.read_csv(tmp_path / "p.rejects.csv")["reason"].str.contains("gone.png: no such file").all()

@@ -309,7 +309,7 @@ def _train(learn: Learner, stages: list[Stage], out: Path, recipe: dict, extra: 
     with exclusive(out, "cvfast training run") if is_main_process() else nullcontext(), learn.no_bar(), learn.no_logging():
         for tmp in (out / "checkpoints").glob(f"{TEMP_PREFIX}*.tmp.pth") if is_main_process() else []:
             tmp.unlink(missing_ok=True)  # a checkpoint a killed run was writing
-        for name in (PKL, WEIGHTS, SIDECAR, "recipe.json", "checkpoints/history.json", f"checkpoints/{HISTORY_CSV}", "checkpoints/progress.json"):
+        for name in (PKL, WEIGHTS, SIDECAR, "recipe.json", "checkpoints/history.json", f"checkpoints/{HISTORY_CSV}"):
             if is_main_process():
                 claim_output(out / name)  # before training, not after it: a user's own file of one of these names stops the run now
         try:

@@ -231,6 +231,10 @@ def _write_record(path: Path, digests: set[str]) -> None:
         os.replace(rtmp, record)
     except BaseException:
         Path(rtmp).unlink(missing_ok=True)
+        try:
+            record.parent.rmdir()  # only when empty: a failed first record leaves no folder behind
+        except OSError:
+            pass
         raise
 
 
