@@ -74,9 +74,12 @@ def test_training_resumes_after_being_killed(s10, tmp_path):
     assert (out / "model.pkl").is_file() and not list(out.rglob("*.tmp*"))
 
 
-def test_a_resumed_whole_image_run_ends_with_the_weights_of_an_uninterrupted_one(ddsm_data, untrained_models, tmp_path, monkeypatch):
-    """Killed after its first epoch and resumed: the same weights, bit for bit (data order, augmentation and the
-    loaders' random state restored); skipping any of those restores changes them."""
+@pytest.mark.parametrize("killed_after", [1, 3], ids=["mid-stage", "end-of-stage"])
+def test_a_resumed_whole_image_run_ends_with_the_weights_of_an_uninterrupted_one(ddsm_data, untrained_models, tmp_path, monkeypatch, caplog,
+                                                                                 killed_after):
+    """Killed after an epoch and resumed: the same weights, bit for bit (data order, augmentation and the loaders'
+    random state restored); skipping any of those restores changes them. Killed after a stage's last epoch, the
+    resume says so (not "epoch 4 of 3")."""
     from safetensors.torch import load_file
 
     from cvfast.train import callbacks
@@ -84,19 +87,26 @@ def test_a_resumed_whole_image_run_ends_with_the_weights_of_an_uninterrupted_one
     from cvfast.train.recipes import load_recipe, resolve
 
     recipe = resolve(load_recipe("demo-whole"), {}, epochs_scale=0.1)
-    assert sum(s["epochs"] for s in recipe["stages"]) >= 3
+    assert [s["epochs"] for s in recipe["stages"]] == [3, 1]
     train_whole(recipe, ddsm_data, untrained_models[0], tmp_path / "whole")
     checkpoint = callbacks.EpochCheckpoint._checkpoint
 
-    def killed_after_the_first_epoch(self, values, stopped):
+    def killed(self, values, stopped):
         checkpoint(self, values, stopped)
-        raise KeyboardInterrupt
+        if self.offset + self.epoch + 1 == killed_after:
+            raise KeyboardInterrupt
 
-    monkeypatch.setattr(callbacks.EpochCheckpoint, "_checkpoint", killed_after_the_first_epoch)
+    monkeypatch.setattr(callbacks.EpochCheckpoint, "_checkpoint", killed)
     with pytest.raises(KeyboardInterrupt):
         train_whole(recipe, ddsm_data, untrained_models[0], tmp_path / "resumed")
     monkeypatch.undo()
-    assert json.loads((tmp_path / "resumed" / "checkpoints" / "progress.json").read_text())["epochs_done"] == 1
-    train_whole(recipe, ddsm_data, untrained_models[0], tmp_path / "resumed")
+    assert json.loads((tmp_path / "resumed" / "checkpoints" / "progress.json").read_text())["epochs_done"] == killed_after
+    with caplog.at_level("INFO", logger="cvfast.train.pipeline"):
+        train_whole(recipe, ddsm_data, untrained_models[0], tmp_path / "resumed")
+    said = caplog.text
+    if killed_after == recipe["stages"][0]["epochs"]:
+        assert "resuming after stage 1 (" in said and "it was complete" in said and "epoch 4 of 3" not in said, said
+    else:
+        assert "resuming at stage 1 (" in said and f"epoch {killed_after + 1} of 3" in said, said
     a, b = load_file(tmp_path / "whole" / "model.safetensors"), load_file(tmp_path / "resumed" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
