@@ -48,14 +48,15 @@ def export_model(learn, out_dir: str | Path, recipe: dict | None = None, metrics
             claim_output(out / name)  # before any work: a user's own file of one of these names stays
         learn.export(temps[PKL].resolve())
         save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(temps[WEIGHTS]))
+        digests = {name: file_sha256(tmp) for name, tmp in temps.items()}
         sidecar = {"format": FORMAT, "kind": model.spec["kind"], **model.info, "spec": model.spec,
-                   "weights": WEIGHTS, "weights_sha256": file_sha256(temps[WEIGHTS]), "pkl_sha256": file_sha256(temps[PKL]),
+                   "weights": WEIGHTS, "weights_sha256": digests[WEIGHTS], "pkl_sha256": digests[PKL],
                    "recipe": recipe or {}, "metrics": metrics or {}}
         sidecar = json.loads(json.dumps(sidecar, default=str))  # tuples -> lists: the digest is of what a reader sees
         sidecar["content_sha256"] = content_digest(sidecar)
         (out / SIDECAR).unlink(missing_ok=True)
         for name, tmp in temps.items():
-            replace_file(tmp, out / name)
+            replace_file(tmp, out / name, digests[name])
         atomic_write_bytes(out / SIDECAR, json.dumps(sidecar, indent=1, default=str).encode())
     except BaseException as e:
         for tmp in temps.values():

@@ -350,13 +350,13 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes, cache: bool = False
         raise
 
 
-def replace_file(tmp: str | os.PathLike, path: str | os.PathLike) -> None:
+def replace_file(tmp: str | os.PathLike, path: str | os.PathLike, digest: str | None = None) -> None:
     """Move a finished temporary file (written by a library: torch, safetensors) onto PATH, with atomic_write_bytes' check
     and record; the temporary is removed when that fails."""
     path = Path(path)
     try:
         claim_output(path)
-        _replace(tmp, path, file_sha256(tmp))
+        _replace(tmp, path, digest or file_sha256(tmp))  # DIGEST: the caller's, when it hashed the file already
     except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
         if isinstance(e, OSError):
