@@ -105,6 +105,7 @@ def main() -> None:
     ap.add_argument("--cpu", action="store_true", help="the 2-core benchmark's settings (256x208, 48-px patches, the mias-cpu-* recipes)")
     ap.add_argument("--size", default="256x208", help="working size HxW")
     ap.add_argument("--patch-size", type=int, default=48)
+    ap.add_argument("--edge-share", type=float, default=0.0, help="share of background patches on the breast's edge")
     ap.add_argument("--patch-recipe", default="mias-cpu-patch")
     ap.add_argument("--whole-recipe", default="mias-cpu-whole")
     ap.add_argument("--stages", default="chain", choices=["patch", "chain"])
@@ -142,9 +143,9 @@ def run(args: argparse.Namespace) -> None:
     prepare_mias(source, PrepareOptions(out=data, size=size, seed=args.seed, workers=args.workers, crop=crop))  # resumable
     log.info("prepared in %.0f s", time.perf_counter() - t0)
     spec = CrossvalSpec(folds=args.folds, seed=args.seed, stages=args.stages, patch_recipe=args.patch_recipe, whole_recipe=args.whole_recipe,
-                        patch_size=args.patch_size, epochs_scale=args.epochs_scale, weights=args.weights, only=args.only, review=False)
+                        patch_size=args.patch_size, edge_share=args.edge_share, epochs_scale=args.epochs_scale, weights=args.weights, only=args.only, review=False)
     runtime = Runtime(device=args.device, workers=args.workers)
-    tag = f"{data.name}-p{args.patch_size}-{args.patch_recipe}-{args.whole_recipe}-{args.stages}-e{args.epochs_scale:g}-k{args.folds}s{args.seed}"
+    tag = f"{data.name}-p{args.patch_size}{f'-edge{args.edge_share:g}' if args.edge_share else ''}-{args.patch_recipe}-{args.whole_recipe}-{args.stages}-e{args.epochs_scale:g}-k{args.folds}s{args.seed}"
     report = crossval(data, args.work / "runs" / tag, spec, runtime)
     if report is None:
         print(f"folds still to run; re-run the same command to continue ({args.work / 'runs' / tag})")

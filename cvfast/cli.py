@@ -265,6 +265,8 @@ def patches(data: Annotated[Path, typer.Argument(help="A prepared DATA folder (w
             out: Annotated[Optional[Path], typer.Option(help="Output folder (default DATA/patches_<set>).")] = None,
             n_roi: Annotated[Optional[int], typer.Option(help="Patches per ROI (default from the set).")] = None,
             n_background: Annotated[Optional[int], typer.Option(help="Background patches per image (default from the set).")] = None,
+            edge_share: Annotated[float, typer.Option(help="Share of the background patches on the breast's edge (skin line, chest "
+                                                           "wall) instead of inner tissue; 0 is the paper's sampler.")] = 0.0,
             seed: Annotated[int, typer.Option(help="Sampling seed; same seed, same patches.")] = 0,
             workers: WORKERS = None) -> None:
     """Cut the paper's S1/S10 patch sets (5 classes, stored order) with the patient-level split carried over."""
@@ -274,7 +276,7 @@ def patches(data: Annotated[Path, typer.Argument(help="A prepared DATA folder (w
 
     _at_least(0, seed=seed, n_roi=n_roi, n_background=n_background)
     _at_least(1, workers=workers)
-    spec = replace(PATCH_SETS[set_.value], size=size, seed=seed)
+    spec = replace(PATCH_SETS[set_.value], size=size, seed=seed, edge_share=edge_share)
     if n_roi is not None:
         spec = replace(spec, n_roi=n_roi)
     if n_background is not None:
@@ -638,6 +640,8 @@ def crossval(data: Annotated[Path, typer.Argument(help="A prepared DATA folder (
              model: Annotated[Optional[Path], typer.Option(help="--stages finetune: the whole-image model to start from.")] = None,
              patch_size: Annotated[int, typer.Option(help="Patch (and window) side in working-size pixels.")] = 48,
              patch_set: Annotated[str, typer.Option(help="s10 or s1.")] = "s10",
+             edge_share: Annotated[float, typer.Option(help="Share of the background patches on the breast's edge (skin line, "
+                                                            "chest wall); 0 is the paper's sampler.")] = 0.0,
              stride: Annotated[Optional[int], typer.Option(help="Window stride for the max over breast windows (default patch/4).")] = None,
              weights: Annotated[Optional[Path], typer.Option(help="Local pretrained weights for the patch recipe's arch.")] = None,
              probe: Annotated[bool, typer.Option("--probe/--no-probe", help="The frozen-ImageNet linear probe on the same folds.")] = True,
@@ -653,7 +657,7 @@ def crossval(data: Annotated[Path, typer.Argument(help="A prepared DATA folder (
 
     spec = CrossvalSpec(folds=folds, seed=seed, valid_frac=valid_frac, stages=stages.value, patch_recipe=patch_recipe,
                         whole_recipe=whole_recipe, finetune_recipe=finetune_recipe, model=str(model) if model else None,
-                        patch_set=patch_set, patch_size=patch_size, epochs_scale=1.0 if epochs_scale is None else epochs_scale,
+                        patch_set=patch_set, patch_size=patch_size, edge_share=edge_share, epochs_scale=1.0 if epochs_scale is None else epochs_scale,
                         weights=str(weights) if weights else None, probe=probe, stride=stride, only=only, review=review_page)
     report = run_crossval(data, out, spec, _runtime(device, precision, channels_last, compile, workers))
     if report is None:

@@ -113,3 +113,52 @@ def test_patch_set_refused_after_the_manifest_changes(ddsm_data, tmp_path):
     m.to_csv(data / "manifest.csv", index=False)
     with pytest.raises(CvfastError, match="changed since these patches were cut"):
         patch_dataloaders(data / "patches_s1", bs=4)
+
+
+def test_edge_share_puts_background_patches_on_the_skin_line_and_the_border(ddsm_data, tmp_path):
+    plain = make_patches(ddsm_data, replace(PATCH_SETS["s10"], size=PATCH), out=tmp_path / "plain", workers=1)
+    r = run_cli("patches", str(ddsm_data), "--size", str(PATCH), "--edge-share", "0.4", "--out", str(tmp_path / "edge"))
+    assert r.returncode == 0, r.stderr
+    edged = pd.read_csv(tmp_path / "edge" / "patches.csv", dtype={"image_id": str})
+    assert json.loads((tmp_path / "edge" / "patchset.json").read_text())["spec"]["edge_share"] == 0.4
+    m = read_manifest(ddsm_data).set_index("image_id")
+    kinds = {"skin": 0, "border": 0}
+    for image_id, group in edged[edged["label"] == "background"].groupby("image_id"):
+        assert len(group) == 10
+        edge = group[group["patch_id"].str.contains("_edge_")]
+        assert len(edge) == 4, image_id
+        # the inner patches are the paper sampler's own, minus the share the edge took
+        inner = group[group["patch_id"].str.contains("_bg_")][["cy", "cx"]].to_numpy()
+        first = plain[(plain["image_id"] == image_id) & (plain["label"] == "background")][["cy", "cx"]].to_numpy()[:6]
+        assert np.array_equal(inner, first)
+        img = read_png(m.loc[image_id, "path"])
+        breast = segment_breast(img)
+        union = np.logical_or.reduce([read_png(a["mask"]) > 0 for a in m.loc[image_id, "abnormalities"]] or [np.zeros(img.shape, bool)])
+        for p in edge.itertuples():
+            y0, x0 = p.cy - PATCH // 2, p.cx - PATCH // 2
+            assert 0 <= y0 and y0 + PATCH <= img.shape[0] and 0 <= x0 and x0 + PATCH <= img.shape[1], "an edge patch lies inside the image"
+            window = breast[y0 : y0 + PATCH, x0 : x0 + PATCH]
+            assert not union[y0 : y0 + PATCH, x0 : x0 + PATCH].any() and window.mean() >= 0.25
+            on_skin = not window.all()  # background beside the breast inside the window
+            on_border = (y0 == 0 and window[0].any()) or (x0 == 0 and window[:, 0].any()) or \
+                (y0 + PATCH == img.shape[0] and window[-1].any()) or (x0 + PATCH == img.shape[1] and window[:, -1].any())
+            assert on_skin or on_border, f"{p.patch_id} is inner tissue"
+            kinds["skin" if on_skin else "border"] += 1
+    assert min(kinds.values()) > 0, kinds
+
+
+def test_edge_centres_alternate_skin_line_and_border_and_keep_clear_of_rois():
+    from cvfast.data.sample import PatchSetSpec, edge_centres
+
+    yy, xx = np.mgrid[:64, :64]
+    breast = (xx**2 + (yy - 32) ** 2) < 30**2  # a half disc against the left border only: the chest wall
+    rois = np.zeros_like(breast)
+    rois[:, :20] = True  # everything near the chest wall is lesion: only skin-line patches are left
+    spec = PatchSetSpec(size=16)
+    free = edge_centres(np.random.default_rng(0), breast, np.zeros_like(breast), spec, 6)
+    assert len(free) == 6 and len(set(free)) == 6
+    assert [cx == 8 for _, cx in free] == [False, True] * 3  # skin line, chest wall, skin line, ...
+    blocked = edge_centres(np.random.default_rng(0), breast, rois, spec, 6)
+    assert len(blocked) == 6 and all(cx - 8 >= 20 for _, cx in blocked)
+    with pytest.raises(Exception, match="edge-share"):
+        PatchSetSpec(edge_share=1.5)

@@ -76,6 +76,7 @@ class CrossvalSpec:
     model: str | None = None  # finetune: the whole-image model to start from
     patch_set: str = "s10"
     patch_size: int = 48  # cut patch side in working-size pixels (the window the patch model and probe read)
+    edge_share: float = 0.0  # of the background patches, the share on the breast's edge (skin line, chest wall)
     epochs_scale: float = 1.0
     weights: str | None = None  # a local weights file for the patch recipe's arch (default: packaged ImageNet weights / hub)
     probe: bool = True  # the frozen-ImageNet linear probe on the same folds (needs ROIs)
@@ -93,6 +94,8 @@ class CrossvalSpec:
             raise CvfastError(f"--valid-frac {self.valid_frac}: in (0, 1) -- every training stage chooses its epoch on validation patients")
         if self.patch_set not in PATCH_SETS:
             raise CvfastError(f"--patch-set {self.patch_set}: expected one of {', '.join(PATCH_SETS)}")
+        if not 0 <= self.edge_share <= 1:
+            raise CvfastError(f"--edge-share {self.edge_share}: a share of the background patches, in [0, 1]")
         if self.patch_size < 8 or (self.stride is not None and self.stride < 1) or self.epochs_scale <= 0:
             raise CvfastError("--patch-size must be at least 8, --stride at least 1, --epochs-scale above 0")
 
@@ -202,11 +205,13 @@ def run_fold(k: int, df: pd.DataFrame, splits: dict[str, str], spec: CrossvalSpe
     if spec.stages in ("patch", "chain"):
         images = {i: working_image(paths[i]) for i in ids}  # the held-out images only: a large dataset's cache never sits in memory
         patches = work / "patches"
+        pspec = replace(PATCH_SETS[spec.patch_set], size=spec.patch_size, seed=spec.seed, edge_share=spec.edge_share)
         try:
-            check_patch_set(patches)
+            reusable = check_patch_set(patches)["spec"] == asdict(pspec)
         except CvfastError:
-            make_patches(data, replace(PATCH_SETS[spec.patch_set], size=spec.patch_size, seed=spec.seed), out=patches,
-                         workers=runtime.workers or None)
+            reusable = False
+        if not reusable:
+            make_patches(data, pspec, out=patches, workers=runtime.workers or None)
         extra["times"]["patches_s"] = round(time.perf_counter() - t, 1)
         plist = pd.read_csv(patches / "patches.csv")
         test_patches = plist[plist["split"] == "test"]

@@ -4,7 +4,9 @@ S1: one patch centred on each ROI + ``n_background`` (default 1) background patc
 S10: 10 patches per ROI sampled around it (accepted when the patch covers at least ``min_overlap`` of the
 ROI or the ROI covers at least ``min_overlap`` of the patch; the cut-off is relaxed after repeated failures,
 as the reference sampler did) + 10 background patches per image. Background patches lie on breast tissue
-(segmented by Otsu threshold + largest component) and overlap no ROI of the image -- not just the first.
+(segmented by `crop.segment_breast`) and overlap no ROI of the image -- not just the first. With ``edge_share`` > 0
+(not the paper's sampler: an option), that share of them straddles the breast's edge instead -- the skin line, and
+the chest wall where the breast meets the image border -- which whole-image windows show but inner-tissue patches never do.
 Every image uses its own RNG seeded from (seed, image_id), so the output does not depend on worker order.
 """
 
@@ -21,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from scipy import ndimage
 
 from cvfast.data.classes import PATCH_CLASSES
 from cvfast.data.crop import MASK_VERSION, segment_breast
@@ -46,7 +49,12 @@ class PatchSetSpec:
     centred: bool = False  # S1: the ROI patch is centred on the ROI
     min_overlap: float = 0.75
     min_breast: float = 0.6  # background patches: at least this fraction of the patch on breast tissue
+    edge_share: float = 0.0  # of the background patches, the share centred on the breast's edge (skin line, chest wall)
     seed: int = 0
+
+    def __post_init__(self):
+        if not 0 <= self.edge_share <= 1:
+            raise CvfastError(f"--edge-share {self.edge_share}: a share of the background patches, in [0, 1]")
 
 
 PATCH_SETS = {
@@ -101,7 +109,7 @@ def roi_centres(rng: np.random.Generator, roi: np.ndarray, spec: PatchSetSpec) -
 
 
 def background_centres(rng: np.random.Generator, breast: np.ndarray, rois: np.ndarray, spec: PatchSetSpec) -> list[tuple[int, int]]:
-    """n_background centres whose patches touch no ROI and lie mostly on breast tissue."""
+    """n_background centres whose patches touch no ROI and lie mostly on breast tissue, inner tissue first."""
     h, w = breast.shape
     roi_sat, breast_sat = _integral(rois), _integral(breast)
     ys, xs = np.nonzero(breast)
@@ -120,6 +128,42 @@ def background_centres(rng: np.random.Generator, breast: np.ndarray, rois: np.nd
         if attempt % 10 == 9:
             min_breast *= 0.7  # small or mostly-lesion breasts: accept less tissue, never an ROI
     return found[: spec.n_background]
+
+
+EDGE_MIN_BREAST = 0.25  # an edge patch still shows this much breast: the edge, not the film beside it
+
+
+def edge_centres(rng: np.random.Generator, breast: np.ndarray, rois: np.ndarray, spec: PatchSetSpec, n: int) -> list[tuple[int, int]]:
+    """Up to n centres of patches on the breast's edge that touch no ROI, alternating skin line and image border.
+
+    The skin line is where the mask meets background inside the image; the image border is where the breast runs off
+    it (the chest wall, and the cut of a breast crop). Alternating keeps the long border from crowding out the skin
+    line. A patch is centred on an edge pixel, moved inwards just enough to lie inside the image, so a border patch
+    sits flush against the border as a whole-image window does, with no padding.
+    """
+    h, w = breast.shape
+    if n < 1 or h < spec.size or w < spec.size:
+        return []
+    skin = breast & ~ndimage.binary_erosion(breast, border_value=1)
+    border = breast & ~ndimage.binary_erosion(breast, border_value=0) & ~skin
+    half = spec.size // 2
+    roi_sat, breast_sat = _integral(rois), _integral(breast)
+    kinds = []
+    for edge in (skin, border):
+        ys, xs = np.nonzero(edge)
+        found: list[tuple[int, int]] = []
+        for _ in range(10 if len(ys) else 0):
+            pick = rng.integers(0, len(ys), 256)
+            cy = np.clip(ys[pick], half, h - spec.size + half)
+            cx = np.clip(xs[pick], half, w - spec.size + half)
+            ok = (_window_sums(roi_sat, cy, cx, spec.size) == 0) & (_window_sums(breast_sat, cy, cx, spec.size) >= EDGE_MIN_BREAST * spec.size**2)
+            found += list(dict.fromkeys(c for c in zip(cy[ok].tolist(), cx[ok].tolist()) if c not in found))
+            if len(found) >= n:
+                break
+        kinds.append(found)
+    # alternate the two kinds; when one runs out the other fills in
+    merged = [c for pair in zip(*kinds) for c in pair] + kinds[0][len(kinds[1]):] + kinds[1][len(kinds[0]):]
+    return list(dict.fromkeys(merged))[:n]
 
 
 def _image_seed(seed: int, image_id: str) -> np.random.Generator:
@@ -154,11 +198,14 @@ def patches_for_image(args: tuple[dict, str, PatchSetSpec, str, str]) -> tuple[l
         rejects.append({"source": row["path"], "row": row["image_id"],
                         "reason": f"{len(unmasked)} abnormality(ies) without a usable ROI mask; no background patches from this image"})
     elif spec.n_background:
-        bg = background_centres(rng, segment_breast(img), union, spec)
-        if len(bg) < spec.n_background:
+        breast = segment_breast(img)
+        inner = background_centres(rng, breast, union, spec)  # first, so an edge share keeps the inner patches it leaves
+        edge = edge_centres(rng, breast, union, spec, round(spec.edge_share * spec.n_background))
+        inner = inner[: spec.n_background - len(edge)]
+        if len(inner) + len(edge) < spec.n_background:
             rejects.append({"source": row["path"], "row": row["image_id"],
-                            "reason": f"only {len(bg)} of {spec.n_background} background patches fit clear of the ROIs"})
-        planned += [("background", "bg", c) for c in bg]
+                            "reason": f"only {len(inner) + len(edge)} of {spec.n_background} background patches fit clear of the ROIs"})
+        planned += [("background", "bg", c) for c in inner] + [("background", "edge", c) for c in edge]
     for k, (cls, tag, (cy, cx)) in enumerate(planned):
         rel = f"{cut}/{cls}/{stem}_{tag}_{k:02d}.png"
         write_png(inside(out, rel), crop(img, cy, cx, spec.size))
