@@ -145,7 +145,8 @@ def run(args: argparse.Namespace) -> None:
     spec = CrossvalSpec(folds=args.folds, seed=args.seed, stages=args.stages, patch_recipe=args.patch_recipe, whole_recipe=args.whole_recipe,
                         patch_size=args.patch_size, edge_share=args.edge_share, epochs_scale=args.epochs_scale, weights=args.weights, only=args.only, review=False)
     runtime = Runtime(device=args.device, workers=args.workers)
-    tag = f"{data.name}-p{args.patch_size}{f'-edge{args.edge_share:g}' if args.edge_share else ''}-{args.patch_recipe}-{args.whole_recipe}-{args.stages}-e{args.epochs_scale:g}-k{args.folds}s{args.seed}"
+    edge = f"-edge{args.edge_share:g}" if args.edge_share else ""
+    tag = f"{data.name}-p{args.patch_size}{edge}-{args.patch_recipe}-{args.whole_recipe}-{args.stages}-e{args.epochs_scale:g}-k{args.folds}s{args.seed}"
     report = crossval(data, args.work / "runs" / tag, spec, runtime)
     if report is None:
         print(f"folds still to run; re-run the same command to continue ({args.work / 'runs' / tag})")
