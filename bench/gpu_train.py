@@ -86,7 +86,7 @@ def no_gpu(args: argparse.Namespace) -> list[str]:
             "`python bench/gpu_train.py --allow-cpu --tiny --no-write`.", "",
             "The real-scale training check (the mini-MIAS chain: patch classifier from its ROIs, whole-image model, "
             "patient-level 5-fold cross-validated AUC; `python bench/mias_cv.py --source ../shared/data/mini-mias`) needs a GPU "
-            "too and was not run for the same reason; its CPU smoke mode is `python bench/mias_cv.py --tiny --no-write`."]
+            "too and was not run for the same reason; at CPU scale it is `python bench/mias_cv.py --cpu` (BENCHMARKS.md's mini-MIAS section)."]
 
 
 def main() -> None:
