@@ -1,13 +1,14 @@
-"""The memory allocator the CLI runs under: glibc's as it comes (the default), glibc tuned to keep freed memory
-(CVFAST_ALLOCATOR=glibc-tuned), or jemalloc / tcmalloc preloaded.
+"""The memory allocator the CLI runs under: jemalloc with its decay off where it is installed (the default), else glibc's
+as it comes; glibc tuned to keep freed memory (CVFAST_ALLOCATOR=glibc-tuned) or tcmalloc on request.
 
 PyTorch's CPU training allocates and frees large tensors every step; glibc's malloc returns that memory to the kernel
-and takes it back again, page fault by page fault (sys time). Told not to trim its heap and to serve blocks up to 1 GiB
-from it (GLIBC_TUNABLES), glibc keeps them; so does jemalloc with its decay switched off. bench/allocator.py measured
-both ~1.3x faster on a short CPU training at 256x192 (BENCHMARKS.md). But the tuned glibc is not the default: in the
-test suite a 1024x1024 VGG-heatmap training under it grew past 18 GB and was killed by the kernel (its heap fragments
-and is never trimmed), where glibc's defaults pass. `DEFAULT` is what `auto` means; None keeps the system's.
-The CLI re-executes itself once with the setting in its environment (GLIBC_TUNABLES and LD_PRELOAD are read when a
+and takes it back again, page fault by page fault (sys time). jemalloc with its decay switched off keeps and reuses
+them; so does glibc told not to trim its heap and to serve blocks up to 1 GiB from it (GLIBC_TUNABLES). bench/allocator.py
+measured both ~1.3x faster on a short CPU training at 256x192, and at 1024x1024 (the test suite's VGG-heatmap training)
+jemalloc peaked at 14.8 GB against glibc's 14.1 GB while spending 22 s in the kernel instead of 800 s (BENCHMARKS.md).
+The tuned glibc is not the default: at that size its heap fragmented, was never trimmed, and grew past 18 GB until the
+kernel killed it. `DEFAULT` is what `auto` means; CVFAST_ALLOCATOR=system keeps the system's.
+The CLI re-executes itself once with the setting in its environment (LD_PRELOAD and MALLOC_CONF are read when a
 process starts, which no Python API can change after the fact -- hence this module). A leaf: imports nothing of cvfast.
 """
 
@@ -30,7 +31,7 @@ GLIBC_TUNED = "glibc.malloc.trim_threshold=4294967295:glibc.malloc.mmap_threshol
 SETTINGS = {"glibc-tuned": {"GLIBC_TUNABLES": GLIBC_TUNED}, "jemalloc": {"MALLOC_CONF": "dirty_decay_ms:-1,muzzy_decay_ms:-1"},
             "tcmalloc": {}}
 CHOICES = ("auto", "system", *SETTINGS)
-DEFAULT: str | None = None  # the tuned glibc is faster at small sizes but ran out of memory at 1024x1024 (see above)
+DEFAULT: str | None = "jemalloc"  # where installed (apt-get install libjemalloc2); the tuned glibc ran out of memory at 1024x1024
 SEARCH = ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64", "/usr/lib", "/usr/local/lib")
 
 

@@ -33,10 +33,13 @@ def test_the_system_allocator_is_kept_when_asked_and_an_unknown_one_refused():
 
 
 @pytest.mark.skipif(not available("glibc-tuned"), reason="the C library is not glibc")
-def test_the_tuned_glibc_runs_when_asked_and_the_default_is_the_systems():
-    """glibc-tuned needs nothing installed; it is opt-in (it ran a 1024x1024 training out of memory), so a plain run keeps glibc's."""
-    env = {k: v for k, v in os.environ.items() if k not in ("CVFAST_ALLOCATOR", allocator.DONE)}
-    for asked, says in ((None, "memory allocator: system"), ("glibc-tuned", "memory allocator: glibc-tuned")):
+def test_the_default_is_jemalloc_where_installed_and_the_tuned_glibc_runs_only_when_asked():
+    """glibc-tuned needs nothing installed but is opt-in (it ran a 1024x1024 training out of memory); a plain run gets
+    jemalloc without decay where libjemalloc is installed, else glibc's own."""
+    env = {k: v for k, v in os.environ.items() if k not in ("CVFAST_ALLOCATOR", allocator.DONE, "LD_PRELOAD", "MALLOC_CONF")}
+    default = "jemalloc" if find_library("jemalloc") else "system"
+    for asked, says in ((None, f"memory allocator: {default}"), ("auto", f"memory allocator: {default}"),
+                        ("glibc-tuned", "memory allocator: glibc-tuned")):
         r = subprocess.run([sys.executable, "-m", "cvfast", "--verbose", "recipes", "list"], capture_output=True, text=True, timeout=300,
                            env={**env, **({"CVFAST_ALLOCATOR": asked} if asked else {})})
         assert r.returncode == 0 and says in r.stderr, r.stderr
