@@ -47,7 +47,7 @@ def cv_data(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def cv_run(cv_data) -> tuple[Path, CrossvalSpec, dict]:
     p, w = tiny_recipes(cv_data / "recipes")
-    spec = CrossvalSpec(folds=3, stages="patch", patch_recipe=p, whole_recipe=w, patch_size=32)
+    spec = CrossvalSpec(folds=3, stages="patch", patch_recipe=p, whole_recipe=w, patch_size=32, edge_share=0.2)
     report = crossval(cv_data / "data", cv_data / "cv", spec)
     return cv_data / "cv", spec, report
 
@@ -170,7 +170,17 @@ def test_malignant_auc_metric_matches_sklearn():
     assert np.isnan(metric.func(torch.softmax(logits, 1), torch.zeros(60, dtype=torch.long)))  # one class: undefined
 
 
+def test_each_folds_patch_set_takes_the_edge_share(cv_run):
+    for k in range(3):
+        patches = pd.read_csv(cv_run[0] / f"fold{k}" / "patches" / "patches.csv")
+        background = patches[patches["label"] == "background"]
+        assert json.loads((cv_run[0] / f"fold{k}" / "patches" / "patchset.json").read_text())["spec"]["edge_share"] == 0.2
+        assert background["patch_id"].str.contains("_edge_").sum() == 2 * background["image_id"].nunique()  # 2 of 10 per image
+
+
 def test_cli_refuses_what_it_cannot_cross_validate(cv_data, tmp_path):
+    r = run_cli("crossval", str(cv_data / "data"), "--out", str(tmp_path / "o"), "--edge-share", "1.5")
+    assert r.returncode == 1 and "--edge-share 1.5" in r.stderr
     r = run_cli("crossval", str(cv_data / "data"), "--out", str(tmp_path / "o"), "--stages", "finetune")
     assert r.returncode == 1 and "--model" in r.stderr
     r = run_cli("crossval", str(cv_data / "data"), "--out", str(tmp_path / "o"), "--folds", "40")

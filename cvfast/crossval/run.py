@@ -205,13 +205,11 @@ def run_fold(k: int, df: pd.DataFrame, splits: dict[str, str], spec: CrossvalSpe
     if spec.stages in ("patch", "chain"):
         images = {i: working_image(paths[i]) for i in ids}  # the held-out images only: a large dataset's cache never sits in memory
         patches = work / "patches"
-        pspec = replace(PATCH_SETS[spec.patch_set], size=spec.patch_size, seed=spec.seed, edge_share=spec.edge_share)
         try:
-            reusable = check_patch_set(patches)["spec"] == asdict(pspec)
+            check_patch_set(patches)  # the fold's own (its folder holds one key's work only)
         except CvfastError:
-            reusable = False
-        if not reusable:
-            make_patches(data, pspec, out=patches, workers=runtime.workers or None)
+            make_patches(data, replace(PATCH_SETS[spec.patch_set], size=spec.patch_size, seed=spec.seed, edge_share=spec.edge_share),
+                         out=patches, workers=runtime.workers or None)
         extra["times"]["patches_s"] = round(time.perf_counter() - t, 1)
         plist = pd.read_csv(patches / "patches.csv")
         test_patches = plist[plist["split"] == "test"]
