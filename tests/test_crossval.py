@@ -170,6 +170,7 @@ def test_malignant_auc_metric_matches_sklearn():
     assert np.isnan(metric.func(torch.softmax(logits, 1), torch.zeros(60, dtype=torch.long)))  # one class: undefined
 
 
+@pytest.mark.slow
 def test_each_folds_patch_set_takes_the_edge_share(cv_run):
     for k in range(3):
         patches = pd.read_csv(cv_run[0] / f"fold{k}" / "patches" / "patches.csv")
