@@ -2,6 +2,7 @@
 
 - nan: rank 1's loss turns nan at the second batch of stage 2; every rank must stop with cvfast's message.
 - weights: rank 1 cannot get the ImageNet weights (no package, no hub); every rank must follow rank 0's decision.
+- unshared: each rank its own --out (OUT_rank0, OUT_rank1), as disks local to each machine; every rank must be refused.
 """
 
 import json
@@ -21,6 +22,8 @@ from cvfast.train.runtime import Runtime
 
 patches, out, mode = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
 rank = int(os.environ["RANK"])
+if mode == "unshared":
+    out = out.with_name(f"{out.name}_rank{rank}")
 torch.set_num_threads(1)
 
 

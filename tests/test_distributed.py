@@ -75,6 +75,19 @@ def test_a_nan_on_one_rank_stops_every_rank_with_the_resume_message(s10, tmp_pat
     assert progress["stage"] == 0 and (tmp_path / "m" / "checkpoints" / progress["checkpoint"]).is_file()  # stage 1's last epoch kept
 
 
+def test_an_out_folder_that_one_rank_cannot_see_is_refused_on_every_rank_before_training(s10, tmp_path):
+    # each rank its own --out: as a disk local to each machine, where rank 1 would never see rank 0's progress.json / best.pth
+    r = _torchrun(str(Path(__file__).with_name("ddp_faults_worker.py")), str(s10), str(tmp_path / "m"), "unshared", timeout=300)
+    assert r.returncode != 0
+    for i in range(2):
+        outcome = json.loads((tmp_path / f"rank{i}.json").read_text())["outcome"]
+        assert outcome.startswith("--out must be on a file system every process sees: rank 1 (on "), outcome
+        assert "rank 0 (on" not in outcome and str(tmp_path / "m_rank0") in outcome
+    assert json.loads((tmp_path / "rank0.json").read_text())["stages_run"] == 0  # refused before any training
+    assert not [p for p in (tmp_path / "m_rank0").rglob("*") if p.name != ".cvfast-lock"]  # the token is gone again
+    assert not (tmp_path / "m_rank1").exists()
+
+
 def test_a_weights_source_that_fails_on_one_rank_leaves_every_rank_on_rank0s_schedule(s10, tmp_path):
     r = _torchrun(str(Path(__file__).with_name("ddp_faults_worker.py")), str(s10), str(tmp_path / "m"), "weights")
     assert r.returncode == 0, r.stderr[-3000:]

@@ -40,7 +40,15 @@ from cvfast.train.heldout import heldout_patch_metrics, heldout_whole_metrics
 from cvfast.train.learners import learner_for, patch_learner, whole_image_learner
 from cvfast.train.optim import optimizer_from, optimizer_settings
 from cvfast.train.recipes import Recipe, fingerprint, typed
-from cvfast.train.runtime import Runtime, apply_runtime, data_parallel, export_ready, rank0_decision, this_process_only
+from cvfast.train.runtime import (
+    Runtime,
+    apply_runtime,
+    check_shared_out,
+    data_parallel,
+    export_ready,
+    rank0_decision,
+    this_process_only,
+)
 from cvfast.train.schedule import Stage, begin_stage, describe, fit_stage, random_init_schedule, stages_from
 from cvfast.util.batch_progress import BatchProgress
 from cvfast.util.distributed import is_main_process
@@ -304,6 +312,7 @@ def _refuse_overwriting_inputs(out: Path, data: str | Path, model: str | Path | 
 def _train(learn: Learner, stages: list[Stage], out: Path, recipe: dict, extra: Callable[[], dict], cbs=None, resume: bool = True,
            runtime: Runtime | None = None) -> TrainResult:
     """Train (data-parallel under torchrun / accelerate launch), then validate and export on rank 0 only."""
+    check_shared_out(out, learn.dls.device)
     # fastai's bar and printed table give way to rich bars and EpochCheckpoint's log lines: readable in terminals, logs, notebooks
     # one run at a time per --out (rank 0 holds the lock for all): two would overwrite each other's checkpoints
     with exclusive(out, "cvfast training run") if is_main_process() else nullcontext(), learn.no_bar(), learn.no_logging():

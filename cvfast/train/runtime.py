@@ -5,9 +5,13 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import secrets
 import shutil
+import socket
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
@@ -248,6 +252,42 @@ class DataParallel(DistributedTrainer):
 
     def _wrap_dl(self, dl):
         return dl if isinstance(dl, DistributedDL) else BackendDistributedDL(dl, device=self.learn.model.device)
+
+
+# how long a rank looks for rank 0's token in --out: a network file system may show a new file to another machine late
+SHARED_OUT_WAIT_S = 10.0
+
+
+def check_shared_out(out: Path, device: torch.device) -> None:
+    """Under data parallel, refuse an --out that some rank does not see as rank 0 writes it, before any training.
+
+    Rank 0 alone writes checkpoints, progress.json and best.pth, and every rank reads them back (the best epoch's
+    weights, a resume): on a disk local to each machine the other ranks would resume or load something else, or wait
+    forever. Rank 0 writes a token of this launch (under a new name each time, so no cached "no such file" answers for
+    it), every rank looks for it, and all learn together whether every one saw it.
+    """
+    if num_distrib() <= 1:
+        return
+    ensure_process_group(device)
+    box = [(secrets.token_hex(8), str(Path(out).resolve())) if rank_distrib() == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    (secret, where), token = box[0], Path(out) / f".cvfast-shared-{box[0][0]}"
+    if rank_distrib() == 0:
+        token.parent.mkdir(parents=True, exist_ok=True)
+        token.write_text(secret)
+    dist.barrier()
+    deadline = time.monotonic() + SHARED_OUT_WAIT_S
+    while not (seen := token.is_file() and token.read_text() == secret) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    flags = [None] * num_distrib()
+    dist.all_gather_object(flags, (socket.gethostname(), seen))  # also the barrier after which rank 0 may remove the token
+    if rank_distrib() == 0:
+        token.unlink(missing_ok=True)
+    blind = [f"rank {r} (on {host})" for r, (host, ok) in enumerate(flags) if not ok]
+    if blind:
+        raise CvfastError(f"--out must be on a file system every process sees: {', '.join(blind)} cannot see the file rank 0 wrote in "
+                          f"{where} (a disk local to each machine?); rank 0 alone writes checkpoints and the best epoch's weights, and "
+                          "every rank reads them back. Pass an --out on a shared file system (NFS, Lustre, ...)")
 
 
 @contextmanager
