@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import math
 import os
 import secrets
 import shutil
@@ -98,8 +99,16 @@ class Runtime:
         """DataLoader arguments: reader processes, pinned memory and the target device (batch transforms run there)."""
         device = self.torch_device
         gpu = device.type == "cuda"
-        workers = self.workers if self.workers is not None else (min(8, max(1, (os.cpu_count() or 2) // max(1, num_distrib()) - 1)) if gpu else 0)
+        workers = self.workers if self.workers is not None else (gpu_loader_workers() if gpu else 0)
         return dict(num_workers=workers, pin_memory=gpu, device=device)
+
+
+def gpu_loader_workers() -> int:
+    """Loader workers per process on a GPU: up to 8, from this machine's cores shared by the processes on this machine
+    (LOCAL_WORLD_SIZE: WORLD_SIZE counts every machine's, so 2 nodes of 8 GPUs would leave each process 1 of 16 cores'
+    share when it has 2), one core left to each process itself."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 2  # a container's share
+    return min(8, max(1, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1))) - 1))
 
 
 def check_shared_memory(workers: int, batch_bytes: int, shm: str = "/dev/shm") -> None:
@@ -114,9 +123,11 @@ def check_shared_memory(workers: int, batch_bytes: int, shm: str = "/dev/shm") -
     need, free = ranks * workers * PREFETCH * batch_bytes, shutil.disk_usage(shm).free
     if free < 1.25 * need:  # headroom: the collation's own temporaries
         fit = int(free / 1.25 // (ranks * PREFETCH * batch_bytes))
+        usage = shutil.disk_usage(shm)
+        size = math.ceil((1.25 * need + usage.total - usage.free) / 2**30)  # what others hold there stays held
         who = f"{workers} loader workers" + (f" in each of {ranks} processes" if ranks > 1 else "")
         raise CvfastError(f"{shm} has {free / 2**20:.0f} MB free, but {who} with batches of {batch_bytes / 2**20:.1f} MB need "
-                          f"about {need / 2**20:.0f} MB of shared memory; give the machine more (docker run --shm-size=1g, or a larger tmpfs "
+                          f"about {need / 2**20:.0f} MB of shared memory; give the machine more (docker run --shm-size={size}g, or a larger tmpfs "
                           f"on {shm}) or pass --workers {fit}")
 
 
