@@ -55,3 +55,28 @@ def test_the_shared_memory_hint_is_what_the_workers_need(tmp_path, monkeypatch):
     # 2 processes x 8 workers x 2 batches in flight x 100 MB = 3200 MB, 1.25 x that with headroom, and the 16 MB held already
     with pytest.raises(CvfastError, match=r"need about 3200 MB of shared memory; give the machine more \(docker run --shm-size=4g"):
         runtime.check_shared_memory(8, 100 * 2**20, shm=str(tmp_path))
+
+
+def test_the_process_group_is_bound_to_the_ranks_gpu_with_the_timeout_cvfast_dist_timeout_sets(monkeypatch):
+    from datetime import timedelta
+
+    joined = []
+    monkeypatch.setattr(runtime.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(runtime.dist, "init_process_group", lambda **kwargs: joined.append(kwargs))
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    runtime.ensure_process_group(torch.device("cuda", 1))
+    assert joined[-1] == dict(backend="nccl", timeout=timedelta(minutes=30), device_id=torch.device("cuda", 1))
+    monkeypatch.setenv("CVFAST_DIST_TIMEOUT", "90")
+    runtime.ensure_process_group(torch.device("cpu"))
+    assert joined[-1] == dict(backend="gloo", timeout=timedelta(seconds=90))  # gloo binds no device
+    monkeypatch.setenv("CVFAST_DIST_TIMEOUT", "soon")
+    with pytest.raises(CvfastError, match="CVFAST_DIST_TIMEOUT='soon': expected a number of seconds above 0"):
+        runtime.ensure_process_group(torch.device("cpu"))
+
+
+def test_accelerate_launchs_mixed_precision_is_named_and_left_to_cvfasts_precision(monkeypatch, caplog):
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")
+    settings = runtime.accelerator_settings()
+    assert settings["mixed_precision"] == "no" and not settings["kwargs_handlers"][0].broadcast_buffers
+    assert "accelerate asks for fp16 mixed precision" in caplog.text

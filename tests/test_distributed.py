@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 from conftest import run_cli
@@ -113,3 +114,20 @@ def test_the_cli_under_torchrun_exports_one_model_and_reports_once(s10, tmp_path
     single = tmp_path / "single"
     assert run_cli("patch", "--data", str(s10), "--recipe", "demo-patch", "--epochs-scale", "0.25", "--out", str(single)).returncode == 0
     assert json.loads((single / "model.json").read_text())["metrics"]["test_patches"] == sidecar["metrics"]["test_patches"]
+
+
+def test_grad_accumulation_all_reduces_once_per_step_and_batchnorm_statistics_stay_per_rank(tmp_path, monkeypatch):
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")  # as `accelerate launch --mixed_precision fp16` sets it
+    r = _torchrun(str(Path(__file__).with_name("ddp_parallel_worker.py")), str(tmp_path), timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "accelerate asks for fp16 mixed precision" in r.stderr
+    ranks = [json.loads((tmp_path / f"rank{i}.json").read_text()) for i in range(2)]
+    for rank in ranks:
+        fastai, recipe = rank["fastai"], rank["recipe"]
+        assert fastai["batches"] == recipe["batches"] == 16  # 2 epochs of 32 items per rank in batches of 4
+        assert fastai["syncs"] == 16 and recipe["syncs"] == 8  # grad_acc = 2: one all-reduce per step, not per batch
+        assert all(np.allclose(a, b, atol=1e-6) for a, b in zip(fastai["params"], recipe["params"]))  # the same training
+        assert fastai["precision"] == recipe["precision"] == "no"  # cvfast's --precision decides, not accelerate's
+        assert fastai["bn_own_shard"] and recipe["bn_own_shard"]  # each rank's statistics are of its own batches only
+    assert ranks[0]["recipe"]["running_mean"] != ranks[1]["recipe"]["running_mean"]
+    assert ranks[0]["recipe"]["params"] == ranks[1]["recipe"]["params"]  # gradients all-reduced: one model on both

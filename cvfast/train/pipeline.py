@@ -12,7 +12,6 @@ from typing import Callable
 
 import fastai.callback.progress  # noqa: F401  (Learner.no_bar)
 import numpy as np
-from fastai.callback.training import GradientAccumulation
 from fastai.learner import Learner
 from fastai.torch_core import distrib_barrier, num_distrib, set_seed
 
@@ -23,6 +22,7 @@ from cvfast.errors import CvfastError
 from cvfast.models.artifact import PKL, SIDECAR, WEIGHTS, create_model, export_model, load_model, model_files
 from cvfast.train.callbacks import (
     HISTORY_CSV,
+    AccumulateGradients,
     BestModel,
     EarlyStop,
     EpochCheckpoint,
@@ -159,7 +159,7 @@ def whole_training_cbs(recipe: dict, hold_body_bn: bool = True) -> list:
     cfg = _settings(recipe)
     cbs = [HoldBodyBatchNorm()] if cfg.train.bn_policy == "hold_body_stats" and hold_body_bn else []
     if cfg.data.grad_acc > 1:
-        cbs.append(GradientAccumulation(n_acc=cfg.batch_size * cfg.data.grad_acc))  # fastai counts samples
+        cbs.append(AccumulateGradients(n_acc=cfg.batch_size * cfg.data.grad_acc))  # fastai counts samples
     return cbs
 
 

@@ -12,11 +12,13 @@ import socket
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
 import torch.distributed as dist
+from accelerate.utils import DistributedDataParallelKwargs
 from fastai.callback.channelslast import ChannelsLast
 from fastai.callback.fp16 import AMPMode, MixedPrecision
 from fastai.distributed import DistributedDL, DistributedTrainer
@@ -104,9 +106,8 @@ class Runtime:
 
 
 def gpu_loader_workers() -> int:
-    """Loader workers per process on a GPU: up to 8, from this machine's cores shared by the processes on this machine
-    (LOCAL_WORLD_SIZE: WORLD_SIZE counts every machine's, so 2 nodes of 8 GPUs would leave each process 1 of 16 cores'
-    share when it has 2), one core left to each process itself."""
+    """Loader workers per process on a GPU: up to 8, from this machine's cores shared among this machine's processes
+    (LOCAL_WORLD_SIZE; WORLD_SIZE counts every machine's), one core left to each process itself."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 2  # a container's share
     return min(8, max(1, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1))) - 1))
 
@@ -194,10 +195,33 @@ def export_ready(learn: Learner) -> Learner:
     return learn
 
 
+# torch's default for gloo (NCCL's is 10 minutes, short for ranks that wait on rank 0 writing a checkpoint to a network
+# disk, or on one rank's first torch.compile); CVFAST_DIST_TIMEOUT sets another
+DEFAULT_DIST_TIMEOUT_S = 1800
+
+
+def dist_timeout() -> timedelta:
+    """How long a rank waits in a collective for the others (CVFAST_DIST_TIMEOUT seconds, default 30 minutes): a rank
+    that died or hangs then ends every rank with torch's timeout error instead of holding the GPUs."""
+    text = os.environ.get("CVFAST_DIST_TIMEOUT", str(DEFAULT_DIST_TIMEOUT_S))
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = -1.0
+    if not seconds > 0:
+        raise CvfastError(f"CVFAST_DIST_TIMEOUT={text!r}: expected a number of seconds above 0")
+    return timedelta(seconds=seconds)
+
+
 def ensure_process_group(device: torch.device) -> None:
-    """Join torchrun's process group now (accelerate, which fastai's data parallel uses, adopts it at the first fit)."""
+    """Join torchrun's process group now (accelerate, which fastai's data parallel uses, adopts it at the first fit).
+
+    On a GPU with device_id: NCCL then binds the communicator to this rank's GPU at once, instead of guessing one at the
+    first collective (the warning "using GPU 0 ... as device used by this process is currently unknown").
+    """
     if num_distrib() > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        cuda = device.type == "cuda"
+        dist.init_process_group(backend="nccl" if cuda else "gloo", timeout=dist_timeout(), **({"device_id": device} if cuda else {}))
 
 
 def rank0_decision(value, what: str, device: torch.device):
@@ -211,6 +235,42 @@ def rank0_decision(value, what: str, device: torch.device):
     if box[0] != value:
         log.warning("rank %d: %s was %r here but %r on rank 0; following rank 0", rank_distrib(), what, value, box[0])
     return box[0]
+
+
+# how long a rank looks for rank 0's token in --out: a network file system may show a new file to another machine late
+SHARED_OUT_WAIT_S = 10.0
+
+
+def check_shared_out(out: Path, device: torch.device) -> None:
+    """Under data parallel, refuse an --out that some rank does not see as rank 0 writes it, before any training.
+
+    Rank 0 alone writes checkpoints, progress.json and best.pth, and every rank reads them back (the best epoch's
+    weights, a resume): on a disk local to each machine the other ranks would resume or load something else, or wait
+    forever. Rank 0 writes a token of this launch (under a new name each time, so no cached "no such file" answers for
+    it), every rank looks for it, and all learn together whether every one saw it.
+    """
+    if num_distrib() <= 1:
+        return
+    ensure_process_group(device)
+    box = [(secrets.token_hex(8), str(Path(out).resolve())) if rank_distrib() == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    (secret, where), token = box[0], Path(out) / f".cvfast-shared-{box[0][0]}"
+    if rank_distrib() == 0:
+        token.parent.mkdir(parents=True, exist_ok=True)
+        token.write_text(secret)
+    dist.barrier()
+    deadline = time.monotonic() + SHARED_OUT_WAIT_S
+    while not (seen := token.is_file() and token.read_text() == secret) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    flags = [None] * num_distrib()
+    dist.all_gather_object(flags, (socket.gethostname(), seen))  # also the barrier after which rank 0 may remove the token
+    if rank_distrib() == 0:
+        token.unlink(missing_ok=True)
+    blind = [f"rank {r} (on {host})" for r, (host, ok) in enumerate(flags) if not ok]
+    if blind:
+        raise CvfastError(f"--out must be on a file system every process sees: {', '.join(blind)} cannot see the file rank 0 wrote in "
+                          f"{where} (a disk local to each machine?); rank 0 alone writes checkpoints and the best epoch's weights, and "
+                          "every rank reads them back. Pass an --out on a shared file system (NFS, Lustre, ...)")
 
 
 @contextmanager
@@ -265,40 +325,19 @@ class DataParallel(DistributedTrainer):
         return dl if isinstance(dl, DistributedDL) else BackendDistributedDL(dl, device=self.learn.model.device)
 
 
-# how long a rank looks for rank 0's token in --out: a network file system may show a new file to another machine late
-SHARED_OUT_WAIT_S = 10.0
+def accelerator_settings() -> dict:
+    """The Accelerator's settings under data parallel: no mixed precision of its own, and DDP without buffer broadcasts.
 
-
-def check_shared_out(out: Path, device: torch.device) -> None:
-    """Under data parallel, refuse an --out that some rank does not see as rank 0 writes it, before any training.
-
-    Rank 0 alone writes checkpoints, progress.json and best.pth, and every rank reads them back (the best epoch's
-    weights, a resume): on a disk local to each machine the other ranks would resume or load something else, or wait
-    forever. Rank 0 writes a token of this launch (under a new name each time, so no cached "no such file" answers for
-    it), every rank looks for it, and all learn together whether every one saw it.
+    cvfast's --precision decides (fastai's MixedPrecision): an Accelerator set to fp16 by `accelerate launch` would
+    autocast a second time, inside it, with a loss scaler of its own. BatchNorm statistics stay per process (the paper's
+    batch of 2 per GPU; the body's are held): DDP's default would overwrite every rank's with rank 0's before each
+    forward pass, and SyncBatchNorm would need CUDA and would stay in the exported model.
     """
-    if num_distrib() <= 1:
-        return
-    ensure_process_group(device)
-    box = [(secrets.token_hex(8), str(Path(out).resolve())) if rank_distrib() == 0 else None]
-    dist.broadcast_object_list(box, src=0)
-    (secret, where), token = box[0], Path(out) / f".cvfast-shared-{box[0][0]}"
-    if rank_distrib() == 0:
-        token.parent.mkdir(parents=True, exist_ok=True)
-        token.write_text(secret)
-    dist.barrier()
-    deadline = time.monotonic() + SHARED_OUT_WAIT_S
-    while not (seen := token.is_file() and token.read_text() == secret) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    flags = [None] * num_distrib()
-    dist.all_gather_object(flags, (socket.gethostname(), seen))  # also the barrier after which rank 0 may remove the token
-    if rank_distrib() == 0:
-        token.unlink(missing_ok=True)
-    blind = [f"rank {r} (on {host})" for r, (host, ok) in enumerate(flags) if not ok]
-    if blind:
-        raise CvfastError(f"--out must be on a file system every process sees: {', '.join(blind)} cannot see the file rank 0 wrote in "
-                          f"{where} (a disk local to each machine?); rank 0 alone writes checkpoints and the best epoch's weights, and "
-                          "every rank reads them back. Pass an --out on a shared file system (NFS, Lustre, ...)")
+    asked = os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower()
+    if asked != "no" and rank_distrib() == 0:
+        log.warning("accelerate asks for %s mixed precision (accelerate config / launch --mixed_precision): cvfast's --precision "
+                    "decides instead, through fastai's MixedPrecision; accelerate's is off", asked)
+    return dict(mixed_precision="no", kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
 
 
 @contextmanager
@@ -307,9 +346,7 @@ def data_parallel(learn: Learner) -> Iterator[Learner]:
     if num_distrib() <= 1:
         yield learn
         return
-    # BatchNorm statistics stay per process (the paper's batch of 2 per GPU; the body's are held): SyncBatchNorm would
-    # need CUDA and would stay in the exported model
-    cb = DataParallel(sync_bn=False, cpu=learn.dls.device.type != "cuda")
+    cb = DataParallel(sync_bn=False, cpu=learn.dls.device.type != "cuda", **accelerator_settings())
     learn.add_cb(cb)
     log.info("rank %d of %d: data-parallel training (%s)", rank_distrib(), num_distrib(), dist.get_backend())
     try:
