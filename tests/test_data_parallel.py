@@ -80,3 +80,21 @@ def test_accelerate_launchs_mixed_precision_is_named_and_left_to_cvfasts_precisi
     settings = runtime.accelerator_settings()
     assert settings["mixed_precision"] == "no" and not settings["kwargs_handlers"][0].broadcast_buffers
     assert "accelerate asks for fp16 mixed precision" in caplog.text
+
+
+def test_the_global_batch_is_logged_when_processes_or_accumulation_multiply_the_recipes(monkeypatch, caplog):
+    from cvfast.train.pipeline import log_global_batch
+    from cvfast.train.recipes import load_recipe, resolve
+
+    caplog.set_level("INFO", logger="cvfast.train.pipeline")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "16")
+    log_global_batch(resolve(load_recipe("demo-whole"), {"data": {"bs": 2, "grad_acc": 4}}))
+    assert "global batch: 2 images per process x 16 processes x 4 accumulated batches = 128 images per optimizer step" in caplog.text
+    caplog.clear()
+    log_global_batch(resolve(load_recipe("demo-patch"), {"data": {"bs": 32}}))  # patch training accumulates nothing
+    assert "global batch: 32 images per process x 16 processes x 1 accumulated batch = 512 images per optimizer step" in caplog.text
+    monkeypatch.setenv("RANK", "3")
+    caplog.clear()
+    log_global_batch(resolve(load_recipe("demo-patch"), {}))
+    assert "global batch" not in caplog.text  # rank 0 says it

@@ -105,6 +105,7 @@ def test_the_cli_under_torchrun_exports_one_model_and_reports_once(s10, tmp_path
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.count("patch classifier") == 1  # the metrics table: rank 0 only
     assert "rank 0 of 2: data-parallel training (gloo)" in r.stderr
+    assert r.stderr.count("global batch: 64 images per process x 2 processes x 1 accumulated batch = 128 images per optimizer step") == 1
     assert sorted(p.name for p in out.iterdir()) == [".cvfast-lock", ".cvfast-written", "checkpoints", "model.json", "model.pkl",
                                                      "model.safetensors", "recipe.json"]  # one set of files: rank 0's
     assert sorted(p.name for p in (out / ".cvfast-written").iterdir()) == ["model.json.sha256", "model.pkl.sha256", "model.safetensors.sha256",

@@ -163,6 +163,17 @@ def whole_training_cbs(recipe: dict, hold_body_bn: bool = True) -> list:
     return cbs
 
 
+def log_global_batch(recipe: dict) -> None:
+    """Say, on rank 0, how many images one optimizer step sees when that is not the recipe's batch: --bs is per process,
+    and each process accumulates grad_acc batches (whole-image and fine-tune recipes) before a step."""
+    cfg, processes = _settings(recipe), max(1, num_distrib())
+    acc = cfg.data.grad_acc if recipe["kind"] != "patch" else 1
+    if (processes > 1 or acc > 1) and is_main_process():
+        log.info("global batch: %d images per process x %d process%s x %d accumulated batch%s = %d images per optimizer step "
+                 "(the recipe's lr is not scaled to it)", cfg.batch_size, processes, "es" if processes > 1 else "", acc,
+                 "es" if acc > 1 else "", cfg.batch_size * processes * acc)
+
+
 def _stage_cbs(recipe: dict, hold_body_bn: bool = True) -> Callable[[dict], list]:
     """Per-stage callbacks: training ones (whole-image and fine-tune recipes), the best epoch on the validation score
     kept across all stages (the reference's checkpointers: AUC for whole images, accuracy for patches), early stopping."""
@@ -313,6 +324,7 @@ def _train(learn: Learner, stages: list[Stage], out: Path, recipe: dict, extra: 
            runtime: Runtime | None = None) -> TrainResult:
     """Train (data-parallel under torchrun / accelerate launch), then validate and export on rank 0 only."""
     check_shared_out(out, learn.dls.device)
+    log_global_batch(recipe)
     # fastai's bar and printed table give way to rich bars and EpochCheckpoint's log lines: readable in terminals, logs, notebooks
     # one run at a time per --out (rank 0 holds the lock for all): two would overwrite each other's checkpoints
     with exclusive(out, "cvfast training run") if is_main_process() else nullcontext(), learn.no_bar(), learn.no_logging():
