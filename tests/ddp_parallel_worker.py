@@ -2,7 +2,8 @@
 
 It trains the same BatchNorm + linear model from the same start twice, with fastai's GradientAccumulation and with
 the one the recipes' grad_acc gives (AccumulateGradients), counting DDP's gradient all-reduces through a comm hook;
-and it follows each rank's BatchNorm statistics with a copy of the layer fed this rank's batches only.
+it follows each rank's BatchNorm statistics with a copy of the layer fed this rank's batches only; and it compares each
+epoch's validation figures (an odd validation set of 9) with rank 0 validating the final weights in a single process.
 """
 
 import copy
@@ -17,6 +18,7 @@ from fastai.callback.training import GradientAccumulation
 from fastai.data.core import DataLoaders
 from fastai.data.load import DataLoader
 from fastai.learner import Learner
+from fastai.metrics import RocAucBinary, accuracy
 from fastai.optimizer import SGD
 from fastai.torch_core import set_seed
 from torch import nn
@@ -24,7 +26,7 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
 from cvfast.train.pipeline import whole_training_cbs
 from cvfast.train.recipes import load_recipe, resolve
-from cvfast.train.runtime import data_parallel, ensure_process_group
+from cvfast.train.runtime import data_parallel, ensure_process_group, this_process_only
 
 work = Path(sys.argv[1])
 rank = int(os.environ["RANK"])
@@ -60,13 +62,18 @@ def train(accumulate) -> dict:
     x = torch.randn(64, 3) * 2 + 1
     items = list(zip(x, (x.sum(1) > 3).long()))
     dls = DataLoaders(DataLoader(items, bs=4, shuffle=True), DataLoader(items[:9], bs=4), device=torch.device("cpu"))
-    learn = Learner(dls, nn.Sequential(nn.BatchNorm1d(3), nn.Linear(3, 2)), loss_func=nn.CrossEntropyLoss(), opt_func=SGD, lr=0.1)
+    learn = Learner(dls, nn.Sequential(nn.BatchNorm1d(3), nn.Linear(3, 2)), loss_func=nn.CrossEntropyLoss(), opt_func=SGD, lr=0.1,
+                    metrics=[accuracy, RocAucBinary()])
     watch = Watch()
     with data_parallel(learn):
         learn.fit(2, cbs=[accumulate, watch])
-    bn = learn.model[0]
+    bn, figures = learn.model[0], [[float(v) for v in epoch] for epoch in learn.recorder.values]  # before validate() resets them
+    if rank == 0:
+        with this_process_only():
+            single = [float(v) for v in learn.validate()]
     return {"params": [v.tolist() for v in learn.model.parameters()], "batches": watch.batches, "syncs": len(watch.syncs),
-            "precision": watch.precision, "running_mean": bn.running_mean.tolist(),
+            "precision": watch.precision, "figures": figures,
+            "single": single if rank == 0 else None, "running_mean": bn.running_mean.tolist(),
             "bn_own_shard": torch.allclose(bn.running_mean, watch.shadow.running_mean) and torch.allclose(bn.running_var, watch.shadow.running_var)}
 
 

@@ -64,8 +64,9 @@ def test_two_ranks_train_disjoint_shards_and_only_rank0_writes(s10, ddsm_data, t
         assert all(pids == rerun["readers"][0] for pids in rerun["readers"]) and len(rerun["readers"][0]) == 1
 
 
-def test_a_nan_on_one_rank_stops_every_rank_with_the_resume_message(s10, tmp_path):
-    r = _torchrun(str(Path(__file__).with_name("ddp_faults_worker.py")), str(s10), str(tmp_path / "m"), "nan")
+@pytest.mark.parametrize("mode", ["nan", "nan-valid"])  # rank 1's training loss; rank 0's validation loss (it validates alone)
+def test_a_nan_on_one_rank_stops_every_rank_with_the_resume_message(s10, tmp_path, mode):
+    r = _torchrun(str(Path(__file__).with_name("ddp_faults_worker.py")), str(s10), str(tmp_path / "m"), mode)
     assert r.returncode != 0
     poisoned = float((tmp_path / "poisoned_at.txt").read_text())
     for i in range(2):  # both ranks stop with cvfast's message within seconds (not at the collective's 30-minute timeout)
@@ -117,7 +118,7 @@ def test_the_cli_under_torchrun_exports_one_model_and_reports_once(s10, tmp_path
     assert json.loads((single / "model.json").read_text())["metrics"]["test_patches"] == sidecar["metrics"]["test_patches"]
 
 
-def test_grad_accumulation_all_reduces_once_per_step_and_batchnorm_statistics_stay_per_rank(tmp_path, monkeypatch):
+def test_grad_accumulation_syncs_once_per_step_bn_statistics_stay_per_rank_and_validation_counts_each_item_once(tmp_path, monkeypatch):
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")  # as `accelerate launch --mixed_precision fp16` sets it
     r = _torchrun(str(Path(__file__).with_name("ddp_parallel_worker.py")), str(tmp_path), timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -131,4 +132,8 @@ def test_grad_accumulation_all_reduces_once_per_step_and_batchnorm_statistics_st
         assert fastai["precision"] == recipe["precision"] == "no"  # cvfast's --precision decides, not accelerate's
         assert fastai["bn_own_shard"] and recipe["bn_own_shard"]  # each rank's statistics are of its own batches only
     assert ranks[0]["recipe"]["running_mean"] != ranks[1]["recipe"]["running_mean"]
+    for run in ("fastai", "recipe"):  # each epoch's validation counts each of the 9 items once, and every rank has rank 0's figures
+        figures = ranks[0][run]["figures"]
+        assert len(figures) == 2 and figures == ranks[1][run]["figures"]
+        assert np.allclose(figures[-1][1:], ranks[0][run]["single"], atol=1e-6), (figures[-1], ranks[0][run]["single"])
     assert ranks[0]["recipe"]["params"] == ranks[1]["recipe"]["params"]  # gradients all-reduced: one model on both

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from fastai.callback.core import Callback, CancelFitException
+from fastai.callback.core import Callback, CancelFitException, CancelValidException
 from fastai.callback.fp16 import MixedPrecision
 from fastai.callback.tracker import EarlyStoppingCallback, SaveModelCallback, TrackerCallback
 from fastai.callback.training import GradientAccumulation
@@ -234,6 +234,8 @@ class StopOnNonFinite(Callback):
             dist.all_reduce(bad, op=dist.ReduceOp.MAX)
         if bad.item():
             self.learn.diverged = True
+            if getattr(self.learn, "validating_alone", False):
+                raise CancelValidException()  # rank 0 validates alone: ValidateOnRank0 tells the other ranks, which wait for it
             raise CancelFitException()
 
 

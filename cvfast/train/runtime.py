@@ -10,7 +10,7 @@ import secrets
 import shutil
 import socket
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -20,9 +20,10 @@ import torch
 import torch.distributed as dist
 from accelerate.utils import DistributedDataParallelKwargs
 from fastai.callback.channelslast import ChannelsLast
+from fastai.callback.core import Callback, CancelFitException, CancelValidException
 from fastai.callback.fp16 import AMPMode, MixedPrecision
 from fastai.distributed import DistributedDL, DistributedTrainer
-from fastai.learner import Learner
+from fastai.learner import Learner, Recorder
 from fastai.torch_core import default_device, distrib_barrier, num_distrib, rank_distrib
 from torch import nn
 
@@ -325,6 +326,59 @@ class DataParallel(DistributedTrainer):
         return dl if isinstance(dl, DistributedDL) else BackendDistributedDL(dl, device=self.learn.model.device)
 
 
+class ValidateOnRank0(Callback):
+    """Under data parallel, validate each epoch on rank 0 alone, over the whole validation set once, and give every rank
+    its figures.
+
+    Sharded, each rank validated its half with the last batch padded by repeated items, and only the AUCs were gathered:
+    valid_loss and accuracy were rank 0's half (duplicates included) on rank 0 and rank 1's half on rank 1, so the best
+    epoch, early stopping and the history followed a part of the set, and ranks could stop at different epochs (a hang).
+    Rank 0 validates the bare model (not DDP) with its own BatchNorm statistics, the ones it saves; the others wait.
+    """
+
+    order = Recorder.order + 1  # after the Recorder has reset the metrics (before) and logged them (after)
+
+    def before_fit(self):
+        """No validation in progress."""
+        self.alone, self.ddp = ExitStack(), None
+
+    def before_validate(self):
+        """Rank 0: the bare model, the whole validation set, no gathering across ranks; the others skip validation."""
+        if rank_distrib() != 0:
+            raise CancelValidException()
+        self.ddp, self.learn.model = self.learn.model, getattr(self.learn.model, "module", self.learn.model)
+        if isinstance(self.learn.dl, DistributedDL):
+            self.learn.dl = self.learn.dl.dl
+        self.alone.enter_context(this_process_only())  # fastai gathers predictions across processes when WORLD_SIZE > 1
+        self.learn.validating_alone = True
+
+    def after_validate(self):
+        """Rank 0's figures (and whether its validation met a non-finite loss) on every rank."""
+        self._restore()
+        box = [None]
+        if rank_distrib() == 0:
+            log, n = self.recorder.log, len(self.recorder._valid_mets)  # none when its validation was cancelled
+            box = [(list(log[len(log) - n:]), getattr(self.learn, "diverged", False))]
+        dist.broadcast_object_list(box, src=0)
+        figures, diverged = box[0]
+        if rank_distrib() != 0:  # the Recorder logged nothing for the validation this rank skipped
+            self.recorder.cancel_valid = False
+            self.recorder.log += figures
+        if diverged:
+            self.learn.diverged = True
+            raise CancelFitException()  # on every rank together: StopOnNonFinite let rank 0 end its validation alone
+
+    def after_fit(self):
+        """A fit that stopped in rank 0's validation leaves data parallel as it was."""
+        self._restore()
+
+    def _restore(self) -> None:
+        self.alone.close()
+        self.learn.validating_alone = False
+        if self.ddp is not None:
+            self.learn.model, self.ddp = self.ddp, None
+
+
 def accelerator_settings() -> dict:
     """The Accelerator's settings under data parallel: no mixed precision of its own, and DDP without buffer broadcasts.
 
@@ -346,11 +400,11 @@ def data_parallel(learn: Learner) -> Iterator[Learner]:
     if num_distrib() <= 1:
         yield learn
         return
-    cb = DataParallel(sync_bn=False, cpu=learn.dls.device.type != "cuda", **accelerator_settings())
-    learn.add_cb(cb)
+    cbs = [DataParallel(sync_bn=False, cpu=learn.dls.device.type != "cuda", **accelerator_settings()), ValidateOnRank0()]
+    learn.add_cbs(cbs)
     log.info("rank %d of %d: data-parallel training (%s)", rank_distrib(), num_distrib(), dist.get_backend())
     try:
         yield learn
     finally:
-        learn.remove_cb(cb)
+        learn.remove_cbs(cbs)
     distrib_barrier()  # not after a failure: a rank that raised must exit (torchrun then stops the others), not wait here
