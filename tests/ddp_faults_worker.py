@@ -4,6 +4,7 @@
 - nan-valid: rank 0's validation loss turns nan in stage 2 (rank 0 validates alone); every rank must stop alike.
 - weights: rank 1 cannot get the ImageNet weights (no package, no hub); every rank must follow rank 0's decision.
 - unshared: each rank its own --out (OUT_rank0, OUT_rank1), as disks local to each machine; every rank must be refused.
+- unwritable: OUT is a file; every rank must stop with rank 0's reason.
 """
 
 import json

@@ -61,5 +61,6 @@ if patch_only:
 step = "whole"
 whole = train_whole(resolve(load_recipe("demo-whole"), last_epoch, epochs_scale=0.05), data, work / "patch_rank0", work / f"whole_rank{rank}",
                     runtime=rt)
-weights = hashlib.sha256(b"".join(v.detach().cpu().numpy().tobytes() for v in whole.learn.model.state_dict().values())).hexdigest()
+# the learned weights (BatchNorm running statistics are each rank's own: DDP does not broadcast buffers)
+weights = hashlib.sha256(b"".join(v.detach().cpu().numpy().tobytes() for v in whole.learn.model.parameters())).hexdigest()
 (work / f"rank{rank}.json").write_text(json.dumps({"shards": shards, "shifts": shifts, "weights": weights, "metrics": whole.metrics}))

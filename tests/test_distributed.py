@@ -90,6 +90,15 @@ def test_an_out_folder_that_one_rank_cannot_see_is_refused_on_every_rank_before_
     assert not (tmp_path / "m_rank1").exists()
 
 
+def test_an_out_folder_rank0_cannot_write_ends_every_rank_with_its_reason(s10, tmp_path):
+    (tmp_path / "m").write_text("a file, not a folder")
+    r = _torchrun(str(Path(__file__).with_name("ddp_faults_worker.py")), str(s10), str(tmp_path / "m"), "unwritable", timeout=300)
+    assert r.returncode != 0
+    for i in range(2):  # rank 1 does not wait in the next collective for a rank 0 that has left
+        outcome = json.loads((tmp_path / f"rank{i}.json").read_text())["outcome"]
+        assert outcome.startswith(f"--out {tmp_path / 'm'}: rank 0 cannot write there ("), outcome
+
+
 def test_a_weights_source_that_fails_on_one_rank_leaves_every_rank_on_rank0s_schedule(s10, tmp_path):
     r = _torchrun(str(Path(__file__).with_name("ddp_faults_worker.py")), str(s10), str(tmp_path / "m"), "weights")
     assert r.returncode == 0, r.stderr[-3000:]

@@ -256,18 +256,24 @@ def check_shared_out(out: Path, device: torch.device) -> None:
     box = [(secrets.token_hex(8), str(Path(out).resolve())) if rank_distrib() == 0 else None]
     dist.broadcast_object_list(box, src=0)
     (secret, where), token = box[0], Path(out) / f".cvfast-shared-{box[0][0]}"
+    failed = None  # an OSError here must not end one rank alone: the others would wait in the next collective
     if rank_distrib() == 0:
-        token.parent.mkdir(parents=True, exist_ok=True)
-        token.write_text(secret)
+        try:
+            token.parent.mkdir(parents=True, exist_ok=True)
+            token.write_text(secret)
+        except OSError as e:
+            failed = f"{e.filename or where}: {e.strerror or e}"
     dist.barrier()
     deadline = time.monotonic() + SHARED_OUT_WAIT_S
-    while not (seen := token.is_file() and token.read_text() == secret) and time.monotonic() < deadline:
+    while not (seen := failed is None and _holds(token, secret)) and failed is None and time.monotonic() < deadline:
         time.sleep(0.5)
     flags = [None] * num_distrib()
-    dist.all_gather_object(flags, (socket.gethostname(), seen))  # also the barrier after which rank 0 may remove the token
-    if rank_distrib() == 0:
+    dist.all_gather_object(flags, (socket.gethostname(), seen, failed))  # also the barrier after which rank 0 may remove the token
+    if rank_distrib() == 0 and failed is None:
         token.unlink(missing_ok=True)
-    blind = [f"rank {r} (on {host})" for r, (host, ok) in enumerate(flags) if not ok]
+    if flags[0][2]:
+        raise CvfastError(f"--out {where}: rank 0 cannot write there ({flags[0][2]})")
+    blind = [f"rank {r} (on {host})" for r, (host, ok, _) in enumerate(flags) if not ok]
     if blind:
         raise CvfastError(f"--out must be on a file system every process sees: {', '.join(blind)} cannot see the file rank 0 wrote in "
                           f"{where} (a disk local to each machine?); rank 0 alone writes checkpoints and the best epoch's weights, and "
@@ -324,6 +330,14 @@ class DataParallel(DistributedTrainer):
 
     def _wrap_dl(self, dl):
         return dl if isinstance(dl, DistributedDL) else BackendDistributedDL(dl, device=self.learn.model.device)
+
+
+def _holds(path: Path, text: str) -> bool:
+    """Whether PATH can be read and holds TEXT."""
+    try:
+        return path.read_text() == text
+    except OSError:
+        return False
 
 
 class ValidateOnRank0(Callback):
