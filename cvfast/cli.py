@@ -6,6 +6,7 @@ import functools
 import inspect
 import logging
 import re
+import sys
 import warnings
 from enum import Enum
 from pathlib import Path
@@ -39,8 +40,9 @@ VERBOSE = {"on": False}  # set by --verbose: unexpected failures then print thei
 def handles_errors(fn: Callable) -> Callable:
     """One line and exit code 1 for every failure of a command (a traceback only with --verbose), never a bare traceback.
 
-    CvfastError and OSError carry their own wording (the file or row); any other exception is a failure cvfast did not
-    foresee: it is named with its type, and --verbose shows where it came from.
+    CvfastError and OSError carry their own wording (the file or row); CUDA running out of memory gets the settings that
+    need less; any other exception is a failure cvfast did not foresee: it is named with its type, and --verbose shows
+    where it came from.
     """
 
     @functools.wraps(fn)
@@ -51,11 +53,16 @@ def handles_errors(fn: Callable) -> Callable:
         except (typer.Exit, typer.Abort, click.ClickException):
             raise
         except CvfastError as e:
-            # fastai prefixes an error raised in a callback with where it was raised: the user needs only what it says
-            _error(re.sub(r"^Exception occured in `\w+` when calling event `\w+`:\s*", "", str(e)))
+            _error(_unprefixed(str(e)))
         except OSError as e:  # disk full, read-only or unwritable output, ...: the file and the reason, not a traceback
             _error(f"{f'{e.filename}: ' if e.filename else ''}{e.strerror or e}")
         except Exception as e:
+            if _out_of_gpu_memory(e):
+                said = ". ".join(_unprefixed(" ".join(str(e).split())).split(". ")[:2])  # "CUDA out of memory. Tried to allocate 2.00 GiB"
+                _error(f"the GPU ran out of memory ({said}). Lower --bs (per process), train at a "
+                       "smaller --size, or keep the batch and take smaller steps with --grad-acc (whole, finetune; grad_acc in a "
+                       "recipe); --precision auto, bf16 or fp16 (not fp32) holds activations in half the memory; and check with nvidia-smi that "
+                       "no other process holds this GPU")
             if VERBOSE["on"]:
                 console.print_exception()
             text = " ".join(str(e).split())  # one line, whatever the library put in its message
@@ -64,6 +71,17 @@ def handles_errors(fn: Callable) -> Callable:
             _leave_process_group()
 
     return wrapper
+
+
+def _unprefixed(message: str) -> str:
+    """MESSAGE without the prefix fastai puts on an error raised in a callback: the user needs only what it says."""
+    return re.sub(r"^Exception occured in `\w+` when calling event `\w+`:\s*", "", message)
+
+
+def _out_of_gpu_memory(e: BaseException) -> bool:
+    """Whether E is torch's CUDA out-of-memory error (without importing torch for a command that never did)."""
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(e, torch.cuda.OutOfMemoryError)
 
 
 def _leave_process_group() -> None:

@@ -1,7 +1,10 @@
 """Launched by torchrun from test_distributed.py: a fault on rank 1 only.
 
 - nan: rank 1's loss turns nan at the second batch of stage 2; every rank must stop with cvfast's message.
+- nan-valid: rank 0's validation loss turns nan in stage 2 (rank 0 validates alone); every rank must stop alike.
 - weights: rank 1 cannot get the ImageNet weights (no package, no hub); every rank must follow rank 0's decision.
+- unshared: each rank its own --out (OUT_rank0, OUT_rank1), as disks local to each machine; every rank must be refused.
+- unwritable: OUT is a file; every rank must stop with rank 0's reason.
 """
 
 import json
@@ -21,11 +24,14 @@ from cvfast.train.runtime import Runtime
 
 patches, out, mode = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
 rank = int(os.environ["RANK"])
+if mode == "unshared":
+    out = out.with_name(f"{out.name}_rank{rank}")
 torch.set_num_threads(1)
 
 
 class PoisonRank1(Callback):
-    """On rank 1 only, make the predictions nan at the second training batch of the second fit (stage 2)."""
+    """On one rank only, make the predictions nan in the second fit (stage 2): rank 1's second training batch (nan), or
+    rank 0's validation (nan-valid)."""
 
     stages = 0  # training stages begun (fastai's get_preds and validate send before_fit too, so fits are not counted)
 
@@ -34,7 +40,8 @@ class PoisonRank1(Callback):
             PoisonRank1.stages += 1
 
     def after_pred(self):
-        if mode == "nan" and rank == 1 and self.training and PoisonRank1.stages == 2 and self.iter == 1:
+        if PoisonRank1.stages == 2 and ((mode == "nan" and rank == 1 and self.training and self.iter == 1)
+                                        or (mode == "nan-valid" and rank == 0 and not self.training)):
             self.learn.pred = self.learn.pred * float("nan")
             (out.parent / "poisoned_at.txt").write_text(str(time.time()))
 

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 from conftest import run_cli
@@ -63,8 +64,9 @@ def test_two_ranks_train_disjoint_shards_and_only_rank0_writes(s10, ddsm_data, t
         assert all(pids == rerun["readers"][0] for pids in rerun["readers"]) and len(rerun["readers"][0]) == 1
 
 
-def test_a_nan_on_one_rank_stops_every_rank_with_the_resume_message(s10, tmp_path):
-    r = _torchrun(str(Path(__file__).with_name("ddp_faults_worker.py")), str(s10), str(tmp_path / "m"), "nan")
+@pytest.mark.parametrize("mode", ["nan", "nan-valid"])  # rank 1's training loss; rank 0's validation loss (it validates alone)
+def test_a_nan_on_one_rank_stops_every_rank_with_the_resume_message(s10, tmp_path, mode):
+    r = _torchrun(str(Path(__file__).with_name("ddp_faults_worker.py")), str(s10), str(tmp_path / "m"), mode)
     assert r.returncode != 0
     poisoned = float((tmp_path / "poisoned_at.txt").read_text())
     for i in range(2):  # both ranks stop with cvfast's message within seconds (not at the collective's 30-minute timeout)
@@ -73,6 +75,28 @@ def test_a_nan_on_one_rank_stops_every_rank_with_the_resume_message(s10, tmp_pat
         assert rank["ended"] - poisoned < 60
     progress = json.loads((tmp_path / "m" / "checkpoints" / "progress.json").read_text())
     assert progress["stage"] == 0 and (tmp_path / "m" / "checkpoints" / progress["checkpoint"]).is_file()  # stage 1's last epoch kept
+
+
+def test_an_out_folder_that_one_rank_cannot_see_is_refused_on_every_rank_before_training(s10, tmp_path):
+    # each rank its own --out: as a disk local to each machine, where rank 1 would never see rank 0's progress.json / best.pth
+    r = _torchrun(str(Path(__file__).with_name("ddp_faults_worker.py")), str(s10), str(tmp_path / "m"), "unshared", timeout=300)
+    assert r.returncode != 0
+    for i in range(2):
+        outcome = json.loads((tmp_path / f"rank{i}.json").read_text())["outcome"]
+        assert outcome.startswith("--out must be on a file system every process sees: rank 1 (on "), outcome
+        assert "rank 0 (on" not in outcome and str(tmp_path / "m_rank0") in outcome
+    assert json.loads((tmp_path / "rank0.json").read_text())["stages_run"] == 0  # refused before any training
+    assert not [p for p in (tmp_path / "m_rank0").rglob("*") if p.name != ".cvfast-lock"]  # the token is gone again
+    assert not (tmp_path / "m_rank1").exists()
+
+
+def test_an_out_folder_rank0_cannot_write_ends_every_rank_with_its_reason(s10, tmp_path):
+    (tmp_path / "m").write_text("a file, not a folder")
+    r = _torchrun(str(Path(__file__).with_name("ddp_faults_worker.py")), str(s10), str(tmp_path / "m"), "unwritable", timeout=300)
+    assert r.returncode != 0
+    for i in range(2):  # rank 1 does not wait in the next collective for a rank 0 that has left
+        outcome = json.loads((tmp_path / f"rank{i}.json").read_text())["outcome"]
+        assert outcome.startswith(f"--out {tmp_path / 'm'}: rank 0 cannot write there ("), outcome
 
 
 def test_a_weights_source_that_fails_on_one_rank_leaves_every_rank_on_rank0s_schedule(s10, tmp_path):
@@ -91,6 +115,7 @@ def test_the_cli_under_torchrun_exports_one_model_and_reports_once(s10, tmp_path
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.count("patch classifier") == 1  # the metrics table: rank 0 only
     assert "rank 0 of 2: data-parallel training (gloo)" in r.stderr
+    assert r.stderr.count("global batch: 64 images per process x 2 processes x 1 accumulated batch = 128 images per optimizer step") == 1
     assert sorted(p.name for p in out.iterdir()) == [".cvfast-lock", ".cvfast-written", "checkpoints", "model.json", "model.pkl",
                                                      "model.safetensors", "recipe.json"]  # one set of files: rank 0's
     assert sorted(p.name for p in (out / ".cvfast-written").iterdir()) == ["model.json.sha256", "model.pkl.sha256", "model.safetensors.sha256",
@@ -100,3 +125,24 @@ def test_the_cli_under_torchrun_exports_one_model_and_reports_once(s10, tmp_path
     single = tmp_path / "single"
     assert run_cli("patch", "--data", str(s10), "--recipe", "demo-patch", "--epochs-scale", "0.25", "--out", str(single)).returncode == 0
     assert json.loads((single / "model.json").read_text())["metrics"]["test_patches"] == sidecar["metrics"]["test_patches"]
+
+
+def test_grad_accumulation_syncs_once_per_step_bn_statistics_stay_per_rank_and_validation_counts_each_item_once(tmp_path, monkeypatch):
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")  # as `accelerate launch --mixed_precision fp16` sets it
+    r = _torchrun(str(Path(__file__).with_name("ddp_parallel_worker.py")), str(tmp_path), timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "accelerate asks for fp16 mixed precision" in r.stderr
+    ranks = [json.loads((tmp_path / f"rank{i}.json").read_text()) for i in range(2)]
+    for rank in ranks:
+        fastai, recipe = rank["fastai"], rank["recipe"]
+        assert fastai["batches"] == recipe["batches"] == 16  # 2 epochs of 32 items per rank in batches of 4
+        assert fastai["syncs"] == 16 and recipe["syncs"] == 8  # grad_acc = 2: one all-reduce per step, not per batch
+        assert all(np.allclose(a, b, atol=1e-6) for a, b in zip(fastai["params"], recipe["params"]))  # the same training
+        assert fastai["precision"] == recipe["precision"] == "no"  # cvfast's --precision decides, not accelerate's
+        assert fastai["bn_own_shard"] and recipe["bn_own_shard"]  # each rank's statistics are of its own batches only
+    assert ranks[0]["recipe"]["running_mean"] != ranks[1]["recipe"]["running_mean"]
+    for run in ("fastai", "recipe"):  # each epoch's validation counts each of the 9 items once, and every rank has rank 0's figures
+        figures = ranks[0][run]["figures"]
+        assert len(figures) == 2 and figures == ranks[1][run]["figures"]
+        assert np.allclose(figures[-1][1:], ranks[0][run]["single"], atol=1e-6), (figures[-1], ranks[0][run]["single"])
+    assert ranks[0]["recipe"]["params"] == ranks[1]["recipe"]["params"]  # gradients all-reduced: one model on both

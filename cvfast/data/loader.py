@@ -109,7 +109,7 @@ class PersistentWorkers:
             if self.pin_memory and type(b) is list:  # pin_memory turns tuples into lists (as in fastai's own loop)
                 b = tuple(b)
             if self.device is not None:
-                b = to_device(b, self.device)
+                b = to_device(b, self.device, non_blocking=self.pin_memory)  # pinned: the copy overlaps the GPU's work
             yield self.after_batch(b)
         self.after_iter()
 

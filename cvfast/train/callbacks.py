@@ -10,16 +10,18 @@ import logging
 import math
 import os
 import random
+from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from fastai.callback.core import Callback, CancelFitException
+from fastai.callback.core import Callback, CancelFitException, CancelValidException
 from fastai.callback.fp16 import MixedPrecision
 from fastai.callback.tracker import EarlyStoppingCallback, SaveModelCallback, TrackerCallback
+from fastai.callback.training import GradientAccumulation
 from fastai.learner import Learner, Recorder
-from fastai.torch_core import distrib_barrier, get_model, num_distrib, rank_distrib
+from fastai.torch_core import distrib_barrier, find_bs, get_model, num_distrib, rank_distrib
 from torch import nn
 
 from cvfast.errors import CvfastError, DiskFull
@@ -181,6 +183,34 @@ def write_history_csv(checkpoint_dir: Path, history: list[dict]) -> Path:
     return Path(checkpoint_dir) / HISTORY_CSV
 
 
+class AccumulateGradients(GradientAccumulation):
+    """fastai's GradientAccumulation (n_acc samples per step), all-reducing the gradients under data parallel only on
+    the batches that step.
+
+    The other batches run under DDP's no_sync: their gradients add up in each rank's own .grad, and the stepping
+    batch's all-reduce carries the sum -- one all-reduce per step instead of one per batch, the same weights. Every rank
+    takes the same decision: the shards have equal batch counts and sizes (DistributedDL pads the last).
+    """
+
+    def before_fit(self):
+        """Count samples from 0 (fastai's), with no batch left unsynced."""
+        super().before_fit()
+        self.unsynced = ExitStack()
+
+    def before_batch(self):
+        """Skip the all-reduce of a batch that will not step; before the forward pass, where DDP prepares it."""
+        if hasattr(self.learn.model, "no_sync") and self.count + find_bs(self.learn.yb) < self.n_acc:
+            self.unsynced.enter_context(self.learn.model.no_sync())
+
+    def after_batch(self):
+        """Leave no_sync (also after the batch was cancelled, which is how a batch that does not step ends)."""
+        self.unsynced.close()
+
+    def after_fit(self):
+        """Leave no_sync when a stop cancelled the fit mid-batch."""
+        self.unsynced.close()
+
+
 class StopOnNonFinite(Callback):
     """Stop every rank together when the loss of any rank is not finite -- after the loss, before the backward pass.
 
@@ -204,6 +234,8 @@ class StopOnNonFinite(Callback):
             dist.all_reduce(bad, op=dist.ReduceOp.MAX)
         if bad.item():
             self.learn.diverged = True
+            if getattr(self.learn, "validating_alone", False):
+                raise CancelValidException()  # rank 0 validates alone: ValidateOnRank0 tells the other ranks, which wait for it
             raise CancelFitException()
 
 

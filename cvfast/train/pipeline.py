@@ -12,7 +12,6 @@ from typing import Callable
 
 import fastai.callback.progress  # noqa: F401  (Learner.no_bar)
 import numpy as np
-from fastai.callback.training import GradientAccumulation
 from fastai.learner import Learner
 from fastai.torch_core import distrib_barrier, num_distrib, set_seed
 
@@ -23,6 +22,7 @@ from cvfast.errors import CvfastError
 from cvfast.models.artifact import PKL, SIDECAR, WEIGHTS, create_model, export_model, load_model, model_files
 from cvfast.train.callbacks import (
     HISTORY_CSV,
+    AccumulateGradients,
     BestModel,
     EarlyStop,
     EpochCheckpoint,
@@ -40,7 +40,15 @@ from cvfast.train.heldout import heldout_patch_metrics, heldout_whole_metrics
 from cvfast.train.learners import learner_for, patch_learner, whole_image_learner
 from cvfast.train.optim import optimizer_from, optimizer_settings
 from cvfast.train.recipes import Recipe, fingerprint, typed
-from cvfast.train.runtime import Runtime, apply_runtime, data_parallel, export_ready, rank0_decision, this_process_only
+from cvfast.train.runtime import (
+    Runtime,
+    apply_runtime,
+    check_shared_out,
+    data_parallel,
+    export_ready,
+    rank0_decision,
+    this_process_only,
+)
 from cvfast.train.schedule import Stage, begin_stage, describe, fit_stage, random_init_schedule, stages_from
 from cvfast.util.batch_progress import BatchProgress
 from cvfast.util.distributed import is_main_process
@@ -151,8 +159,19 @@ def whole_training_cbs(recipe: dict, hold_body_bn: bool = True) -> list:
     cfg = _settings(recipe)
     cbs = [HoldBodyBatchNorm()] if cfg.train.bn_policy == "hold_body_stats" and hold_body_bn else []
     if cfg.data.grad_acc > 1:
-        cbs.append(GradientAccumulation(n_acc=cfg.batch_size * cfg.data.grad_acc))  # fastai counts samples
+        cbs.append(AccumulateGradients(n_acc=cfg.batch_size * cfg.data.grad_acc))  # fastai counts samples
     return cbs
+
+
+def log_global_batch(recipe: dict) -> None:
+    """Say, on rank 0, how many images one optimizer step sees when that is not the recipe's batch: --bs is per process,
+    and each process accumulates grad_acc batches (whole-image and fine-tune recipes) before a step."""
+    cfg, processes = _settings(recipe), max(1, num_distrib())
+    acc = cfg.data.grad_acc if recipe["kind"] != "patch" else 1
+    if (processes > 1 or acc > 1) and is_main_process():
+        log.info("global batch: %d images per process x %d process%s x %d accumulated batch%s = %d images per optimizer step "
+                 "(the recipe's lr is not scaled to it)", cfg.batch_size, processes, "es" if processes > 1 else "", acc,
+                 "es" if acc > 1 else "", cfg.batch_size * processes * acc)
 
 
 def _stage_cbs(recipe: dict, hold_body_bn: bool = True) -> Callable[[dict], list]:
@@ -304,6 +323,8 @@ def _refuse_overwriting_inputs(out: Path, data: str | Path, model: str | Path | 
 def _train(learn: Learner, stages: list[Stage], out: Path, recipe: dict, extra: Callable[[], dict], cbs=None, resume: bool = True,
            runtime: Runtime | None = None) -> TrainResult:
     """Train (data-parallel under torchrun / accelerate launch), then validate and export on rank 0 only."""
+    check_shared_out(out, learn.dls.device)
+    log_global_batch(recipe)
     # fastai's bar and printed table give way to rich bars and EpochCheckpoint's log lines: readable in terminals, logs, notebooks
     # one run at a time per --out (rank 0 holds the lock for all): two would overwrite each other's checkpoints
     with exclusive(out, "cvfast training run") if is_main_process() else nullcontext(), learn.no_bar(), learn.no_logging():

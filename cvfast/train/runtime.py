@@ -4,18 +4,26 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import math
 import os
+import secrets
 import shutil
-from contextlib import contextmanager
+import socket
+import time
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
 import torch.distributed as dist
+from accelerate.utils import DistributedDataParallelKwargs
 from fastai.callback.channelslast import ChannelsLast
+from fastai.callback.core import Callback, CancelFitException, CancelValidException
 from fastai.callback.fp16 import AMPMode, MixedPrecision
 from fastai.distributed import DistributedDL, DistributedTrainer
-from fastai.learner import Learner
+from fastai.learner import Learner, Recorder
 from fastai.torch_core import default_device, distrib_barrier, num_distrib, rank_distrib
 from torch import nn
 
@@ -94,8 +102,15 @@ class Runtime:
         """DataLoader arguments: reader processes, pinned memory and the target device (batch transforms run there)."""
         device = self.torch_device
         gpu = device.type == "cuda"
-        workers = self.workers if self.workers is not None else (min(8, max(1, (os.cpu_count() or 2) // max(1, num_distrib()) - 1)) if gpu else 0)
+        workers = self.workers if self.workers is not None else (gpu_loader_workers() if gpu else 0)
         return dict(num_workers=workers, pin_memory=gpu, device=device)
+
+
+def gpu_loader_workers() -> int:
+    """Loader workers per process on a GPU: up to 8, from this machine's cores shared among this machine's processes
+    (LOCAL_WORLD_SIZE; WORLD_SIZE counts every machine's), one core left to each process itself."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 2  # a container's share
+    return min(8, max(1, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1))) - 1))
 
 
 def check_shared_memory(workers: int, batch_bytes: int, shm: str = "/dev/shm") -> None:
@@ -110,9 +125,11 @@ def check_shared_memory(workers: int, batch_bytes: int, shm: str = "/dev/shm") -
     need, free = ranks * workers * PREFETCH * batch_bytes, shutil.disk_usage(shm).free
     if free < 1.25 * need:  # headroom: the collation's own temporaries
         fit = int(free / 1.25 // (ranks * PREFETCH * batch_bytes))
+        usage = shutil.disk_usage(shm)
+        size = math.ceil((1.25 * need + usage.total - usage.free) / 2**30)  # what others hold there stays held
         who = f"{workers} loader workers" + (f" in each of {ranks} processes" if ranks > 1 else "")
         raise CvfastError(f"{shm} has {free / 2**20:.0f} MB free, but {who} with batches of {batch_bytes / 2**20:.1f} MB need "
-                          f"about {need / 2**20:.0f} MB of shared memory; give the machine more (docker run --shm-size=1g, or a larger tmpfs "
+                          f"about {need / 2**20:.0f} MB of shared memory; give the machine more (docker run --shm-size={size}g, or a larger tmpfs "
                           f"on {shm}) or pass --workers {fit}")
 
 
@@ -179,10 +196,33 @@ def export_ready(learn: Learner) -> Learner:
     return learn
 
 
+# torch's default for gloo (NCCL's is 10 minutes, short for ranks that wait on rank 0 writing a checkpoint to a network
+# disk, or on one rank's first torch.compile); CVFAST_DIST_TIMEOUT sets another
+DEFAULT_DIST_TIMEOUT_S = 1800
+
+
+def dist_timeout() -> timedelta:
+    """How long a rank waits in a collective for the others (CVFAST_DIST_TIMEOUT seconds, default 30 minutes): a rank
+    that died or hangs then ends every rank with torch's timeout error instead of holding the GPUs."""
+    text = os.environ.get("CVFAST_DIST_TIMEOUT", str(DEFAULT_DIST_TIMEOUT_S))
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = -1.0
+    if not seconds > 0:
+        raise CvfastError(f"CVFAST_DIST_TIMEOUT={text!r}: expected a number of seconds above 0")
+    return timedelta(seconds=seconds)
+
+
 def ensure_process_group(device: torch.device) -> None:
-    """Join torchrun's process group now (accelerate, which fastai's data parallel uses, adopts it at the first fit)."""
+    """Join torchrun's process group now (accelerate, which fastai's data parallel uses, adopts it at the first fit).
+
+    On a GPU with device_id: NCCL then binds the communicator to this rank's GPU at once, instead of guessing one at the
+    first collective (the warning "using GPU 0 ... as device used by this process is currently unknown").
+    """
     if num_distrib() > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        cuda = device.type == "cuda"
+        dist.init_process_group(backend="nccl" if cuda else "gloo", timeout=dist_timeout(), **({"device_id": device} if cuda else {}))
 
 
 def rank0_decision(value, what: str, device: torch.device):
@@ -196,6 +236,48 @@ def rank0_decision(value, what: str, device: torch.device):
     if box[0] != value:
         log.warning("rank %d: %s was %r here but %r on rank 0; following rank 0", rank_distrib(), what, value, box[0])
     return box[0]
+
+
+# how long a rank looks for rank 0's token in --out: a network file system may show a new file to another machine late
+SHARED_OUT_WAIT_S = 10.0
+
+
+def check_shared_out(out: Path, device: torch.device) -> None:
+    """Under data parallel, refuse an --out that some rank does not see as rank 0 writes it, before any training.
+
+    Rank 0 alone writes checkpoints, progress.json and best.pth, and every rank reads them back (the best epoch's
+    weights, a resume): on a disk local to each machine the other ranks would resume or load something else, or wait
+    forever. Rank 0 writes a token of this launch (under a new name each time, so no cached "no such file" answers for
+    it), every rank looks for it, and all learn together whether every one saw it.
+    """
+    if num_distrib() <= 1:
+        return
+    ensure_process_group(device)
+    box = [(secrets.token_hex(8), str(Path(out).resolve())) if rank_distrib() == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    (secret, where), token = box[0], Path(out) / f".cvfast-shared-{box[0][0]}"
+    failed = None  # an OSError here must not end one rank alone: the others would wait in the next collective
+    if rank_distrib() == 0:
+        try:
+            token.parent.mkdir(parents=True, exist_ok=True)
+            token.write_text(secret)
+        except OSError as e:
+            failed = f"{e.filename or where}: {e.strerror or e}"
+    dist.barrier()
+    deadline = time.monotonic() + SHARED_OUT_WAIT_S
+    while not (seen := failed is None and _holds(token, secret)) and failed is None and time.monotonic() < deadline:
+        time.sleep(0.5)
+    flags = [None] * num_distrib()
+    dist.all_gather_object(flags, (socket.gethostname(), seen, failed))  # also the barrier after which rank 0 may remove the token
+    if rank_distrib() == 0 and failed is None:
+        token.unlink(missing_ok=True)
+    if flags[0][2]:
+        raise CvfastError(f"--out {where}: rank 0 cannot write there ({flags[0][2]})")
+    blind = [f"rank {r} (on {host})" for r, (host, ok, _) in enumerate(flags) if not ok]
+    if blind:
+        raise CvfastError(f"--out must be on a file system every process sees: {', '.join(blind)} cannot see the file rank 0 wrote in "
+                          f"{where} (a disk local to each machine?); rank 0 alone writes checkpoints and the best epoch's weights, and "
+                          "every rank reads them back. Pass an --out on a shared file system (NFS, Lustre, ...)")
 
 
 @contextmanager
@@ -250,19 +332,93 @@ class DataParallel(DistributedTrainer):
         return dl if isinstance(dl, DistributedDL) else BackendDistributedDL(dl, device=self.learn.model.device)
 
 
+def _holds(path: Path, text: str) -> bool:
+    """Whether PATH can be read and holds TEXT."""
+    try:
+        return path.read_text() == text
+    except OSError:
+        return False
+
+
+class ValidateOnRank0(Callback):
+    """Under data parallel, validate each epoch on rank 0 alone, over the whole validation set once, and give every rank
+    its figures.
+
+    Sharded, each rank validated its half with the last batch padded by repeated items, and only the AUCs were gathered:
+    valid_loss and accuracy were rank 0's half (duplicates included) on rank 0 and rank 1's half on rank 1, so the best
+    epoch, early stopping and the history followed a part of the set, and ranks could stop at different epochs (a hang).
+    Rank 0 validates the bare model (not DDP) with its own BatchNorm statistics, the ones it saves; the others wait.
+    """
+
+    order = Recorder.order + 1  # after the Recorder has reset the metrics (before) and logged them (after)
+
+    def before_fit(self):
+        """No validation in progress."""
+        self.alone, self.ddp = ExitStack(), None
+
+    def before_validate(self):
+        """Rank 0: the bare model, the whole validation set, no gathering across ranks; the others skip validation."""
+        if rank_distrib() != 0:
+            raise CancelValidException()
+        self.ddp, self.learn.model = self.learn.model, getattr(self.learn.model, "module", self.learn.model)
+        if isinstance(self.learn.dl, DistributedDL):
+            self.learn.dl = self.learn.dl.dl
+        self.alone.enter_context(this_process_only())  # fastai gathers predictions across processes when WORLD_SIZE > 1
+        self.learn.validating_alone = True
+
+    def after_validate(self):
+        """Rank 0's figures (and whether its validation met a non-finite loss) on every rank."""
+        self._restore()
+        box = [None]
+        if rank_distrib() == 0:
+            log, n = self.recorder.log, len(self.recorder._valid_mets)  # none when its validation was cancelled
+            box = [(list(log[len(log) - n:]), getattr(self.learn, "diverged", False))]
+        dist.broadcast_object_list(box, src=0)
+        figures, diverged = box[0]
+        if rank_distrib() != 0:  # the Recorder logged nothing for the validation this rank skipped
+            self.recorder.cancel_valid = False
+            self.recorder.log += figures
+        if diverged:
+            self.learn.diverged = True
+            raise CancelFitException()  # on every rank together: StopOnNonFinite let rank 0 end its validation alone
+
+    def after_fit(self):
+        """A fit that stopped in rank 0's validation leaves data parallel as it was."""
+        self._restore()
+
+    def _restore(self) -> None:
+        self.alone.close()
+        self.learn.validating_alone = False
+        if self.ddp is not None:
+            self.learn.model, self.ddp = self.ddp, None
+
+
+def accelerator_settings() -> dict:
+    """The Accelerator's settings under data parallel: no mixed precision of its own, and DDP without buffer broadcasts.
+
+    cvfast's --precision decides (fastai's MixedPrecision): an Accelerator set to fp16 by `accelerate launch` would
+    autocast a second time, inside it, with a loss scaler of its own. BatchNorm statistics stay per process (the paper's
+    batch of 2 per GPU; the body's are held): DDP's default would overwrite every rank's with rank 0's before each
+    forward pass, and SyncBatchNorm would need CUDA and would stay in the exported model.
+    """
+    asked = os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower()
+    if asked != "no" and rank_distrib() == 0:
+        log.warning("accelerate asks for %s mixed precision (accelerate config / launch --mixed_precision): cvfast's --precision "
+                    "decides instead, through fastai's MixedPrecision; accelerate's is off", asked)
+    return dict(mixed_precision="no", kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
+
+
 @contextmanager
 def data_parallel(learn: Learner) -> Iterator[Learner]:
     """Train data-parallel when launched by torchrun / `accelerate launch` (WORLD_SIZE > 1); a no-op otherwise."""
     if num_distrib() <= 1:
         yield learn
         return
-    # BatchNorm statistics stay per process (the paper's batch of 2 per GPU; the body's are held): SyncBatchNorm would
-    # need CUDA and would stay in the exported model
-    cb = DataParallel(sync_bn=False, cpu=learn.dls.device.type != "cuda")
-    learn.add_cb(cb)
+    cbs = [DataParallel(sync_bn=False, cpu=learn.dls.device.type != "cuda", **accelerator_settings()), ValidateOnRank0()]
+    learn.add_cbs(cbs)
     log.info("rank %d of %d: data-parallel training (%s)", rank_distrib(), num_distrib(), dist.get_backend())
     try:
         yield learn
     finally:
-        learn.remove_cb(cb)
+        learn.remove_cbs(cbs)
     distrib_barrier()  # not after a failure: a rank that raised must exit (torchrun then stops the others), not wait here
