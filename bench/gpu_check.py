@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -205,7 +206,7 @@ def step_mias_fold(s: dict, out: Path, mias: str | None, dry: bool) -> dict:
     work = out / "work" / "mias"
     cmd = [sys.executable, str(ROOT / "bench" / "mias_cv.py"), "--source", str(source), "--work", str(work), "--only", "0", "--no-write",
            "--device", s["device"], *scale]
-    r = subprocess.run(cmd, capture_output=True, text=True)
+    r = subprocess.run(cmd, capture_output=True, text=True)  # killed with this step's whole process group at its limit
     if r.returncode != 0:
         raise RuntimeError(f"mias_cv.py failed:\n{r.stderr[-3000:]}")
     folds = sorted(work.glob("runs/*/results/fold0.json"))
@@ -228,6 +229,30 @@ def run_step(name: str, args: argparse.Namespace) -> None:
     os.replace(tmp, args.out / f"{name}.json")
 
 
+def done_before(path: Path, dry_run: bool) -> bool:
+    """Whether a step's JSON holds figures of this kind of run (a dry run's never pass for the GPU's; a skip is not done)."""
+    if not path.is_file():
+        return False
+    try:
+        d = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return False
+    return d.get("dry_run") == dry_run and "skipped" not in d
+
+
+def run_limited(cmd: list[str], limit: float, env: dict | None) -> str:
+    """Run a step's process in a session of its own; at its limit kill the whole group (a step's own children too,
+    such as mias_cv.py, which would otherwise keep the GPU and race the next call in the same folder)."""
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+    try:
+        code = proc.wait(timeout=limit)
+        return "ok" if code == 0 else f"failed (exit {code})"
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        return f"killed at its {limit:g} s limit"
+
+
 def main() -> None:
     """Every step not yet done, each in its own process under its time limit; then the summary (and, on a GPU, the section)."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -236,6 +261,7 @@ def main() -> None:
     ap.add_argument("--steps", nargs="+", choices=STEPS, default=list(STEPS))
     ap.add_argument("--mias", default=None, help="mini-MIAS folder (default ../shared/data/mini-mias; the dry run skips it without this)")
     ap.add_argument("--fresh", action="store_true", help="run steps whose JSON is already there again")
+    ap.add_argument("--limit", nargs="+", default=[], metavar="STEP=SECONDS", help="another time limit for a step (e.g. mias_fold=400)")
     ap.add_argument("--step", choices=STEPS, help=argparse.SUPPRESS)  # the child process of one step
     ap.add_argument("--publish", type=Path, default=None, help="write BENCHMARKS.md's gpu_check section from this folder's JSONs")
     args = ap.parse_args()
@@ -248,22 +274,24 @@ def main() -> None:
         return
     if not args.dry_run and not torch.cuda.is_available():
         sys.exit("gpu_check: torch sees no CUDA GPU here (use --dry-run for the CPU rehearsal)")
+    limits = {**({n: DRY_BUDGET_S for n in STEPS} if args.dry_run else BUDGET_S)}
+    for item in args.limit:
+        name, _, seconds = item.partition("=")
+        if name not in STEPS or not seconds.replace(".", "", 1).isdigit():
+            sys.exit(f"gpu_check: --limit {item}: expected STEP=SECONDS with STEP one of {', '.join(STEPS)}")
+        limits[name] = float(seconds)
     status = {}
     for name in args.steps:
-        if (args.out / f"{name}.json").is_file() and not args.fresh:
+        if done_before(args.out / f"{name}.json", args.dry_run) and not args.fresh:
             status[name] = "done before"
             continue
-        limit = DRY_BUDGET_S if args.dry_run else BUDGET_S[name]
+        limit = limits[name]
         cmd = [sys.executable, __file__, "--step", name, "--out", str(args.out), *(["--dry-run"] if args.dry_run else []),
                *(["--mias", args.mias] if args.mias else [])]
         t = time.perf_counter()
         print(f"== {name} (limit {limit} s)", flush=True)
         env = {**os.environ, "TORCH_LOGS": os.environ.get("TORCH_LOGS", "recompiles")} if name == "compiled" else None
-        try:
-            r = subprocess.run(cmd, timeout=limit, env=env)
-            status[name] = "ok" if r.returncode == 0 else f"failed (exit {r.returncode})"
-        except subprocess.TimeoutExpired:
-            status[name] = f"killed at its {limit} s limit"
+        status[name] = run_limited(cmd, limit, env)
         print(f"   {status[name]} in {time.perf_counter() - t:.0f} s", flush=True)
     (args.out / "summary.json").write_text(json.dumps(status, indent=1))
     if not args.dry_run:

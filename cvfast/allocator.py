@@ -57,6 +57,8 @@ def wanted() -> str | None:
         return None
     if choice not in CHOICES:
         raise SystemExit(f"error: {ENV}={choice!r}: expected one of {', '.join(CHOICES)}")
+    if choice == "auto" and any("malloc" in Path(p).name for p in os.environ.get("LD_PRELOAD", "").replace(":", " ").split()):
+        return None  # the user preloads an allocator of their own: the default does not stack another in front of it
     name = DEFAULT if choice == "auto" else choice
     return name if name and available(name) else None
 
@@ -69,8 +71,9 @@ def reexec_with_allocator(argv: list[str]) -> None:
     if name is None:
         return
     env = {**os.environ, DONE: name, **SETTINGS[name]}
-    if "GLIBC_TUNABLES" in SETTINGS[name] and os.environ.get("GLIBC_TUNABLES"):  # the user's own tunables come last: theirs win
-        env["GLIBC_TUNABLES"] = f"{SETTINGS[name]['GLIBC_TUNABLES']}:{os.environ['GLIBC_TUNABLES']}"
+    for var, sep in (("GLIBC_TUNABLES", ":"), ("MALLOC_CONF", ",")):  # the user's own settings come last: theirs win
+        if var in SETTINGS[name] and os.environ.get(var):
+            env[var] = f"{SETTINGS[name][var]}{sep}{os.environ[var]}"
     if name in LIBRARIES:
         env["LD_PRELOAD"] = " ".join(p for p in (find_library(name), os.environ.get("LD_PRELOAD", "")) if p)
     sys.stdout.flush()

@@ -58,3 +58,26 @@ def test_the_re_executed_environment_keeps_the_users_own_settings(monkeypatch):
     env = seen["env"]
     assert env["GLIBC_TUNABLES"] == f"{GLIBC_TUNED}:glibc.malloc.arena_max=2" and env["LD_PRELOAD"] == "/opt/mine.so"
     assert env[allocator.DONE] == "glibc-tuned" and seen["argv"][-2:] == ["recipes", "list"]
+
+
+def test_the_users_malloc_conf_follows_cvfasts_and_their_own_preloaded_allocator_is_left_alone(monkeypatch):
+    """jemalloc reads MALLOC_CONF left to right (later options win); an allocator the user preloads is not stacked over."""
+    seen = {}
+    monkeypatch.setattr(allocator.os, "execve", lambda exe, argv, env: seen.update(env=env))
+    monkeypatch.setattr(allocator, "available", lambda name: True)
+    monkeypatch.setattr(allocator, "find_library", lambda name: f"/usr/lib/lib{name}.so.2")
+    monkeypatch.delenv(allocator.DONE, raising=False)
+    monkeypatch.setenv("CVFAST_ALLOCATOR", "jemalloc")
+    monkeypatch.setenv("MALLOC_CONF", "narenas:2")
+    monkeypatch.delenv("LD_PRELOAD", raising=False)
+    allocator.reexec_with_allocator(["recipes", "list"])
+    assert seen["env"]["MALLOC_CONF"] == "dirty_decay_ms:-1,muzzy_decay_ms:-1,narenas:2"
+    seen.clear()
+    monkeypatch.setenv("CVFAST_ALLOCATOR", "auto")
+    monkeypatch.setattr(allocator, "DEFAULT", "jemalloc")
+    monkeypatch.setenv("LD_PRELOAD", "/opt/lib/libmimalloc.so")
+    allocator.reexec_with_allocator(["recipes", "list"])
+    assert seen == {}  # no re-exec: the user's mimalloc stays the allocator
+    monkeypatch.setenv("LD_PRELOAD", "/opt/lib/libfaketime.so")
+    allocator.reexec_with_allocator(["recipes", "list"])
+    assert seen["env"]["LD_PRELOAD"] == "/usr/lib/libjemalloc.so.2 /opt/lib/libfaketime.so"

@@ -186,3 +186,21 @@ def test_cli_refuses_what_it_cannot_cross_validate(cv_data, tmp_path):
     assert r.returncode == 1 and "--model" in r.stderr
     r = run_cli("crossval", str(cv_data / "data"), "--out", str(tmp_path / "o"), "--folds", "40")
     assert r.returncode == 1 and "40 folds need at least 40 patients" in r.stderr
+
+
+def test_fold_keys_and_cut_names_of_runs_made_before_the_edge_share_option_stay_valid():
+    """A finished fold's key (and a patch cut's folder) must not change for settings that already existed: a changed key
+    re-runs every finished fold and clears its folder. The formula before the option: the settings without edge_share."""
+    import hashlib
+    from dataclasses import asdict
+
+    from cvfast.crossval.run import fold_key
+    from cvfast.data.sample import MASK_VERSION, PatchSetSpec, _cut_name
+
+    spec, splits = CrossvalSpec(), {"a": "train", "b": "test"}
+    before = {k: v for k, v in asdict(spec).items() if k not in ("only", "review", "edge_share")}
+    blob = json.dumps([before, {}, "digest", sorted(splits.items())], sort_keys=True)
+    assert fold_key(spec, {}, "digest", splits) == hashlib.sha256(blob.encode()).hexdigest()[:16]
+    assert fold_key(CrossvalSpec(edge_share=0.3), {}, "digest", splits) != fold_key(spec, {}, "digest", splits)
+    cut = {k: v for k, v in asdict(PatchSetSpec()).items() if k != "edge_share"}
+    assert _cut_name(PatchSetSpec(), "m") == "cut-" + hashlib.sha256(json.dumps([cut, "m", MASK_VERSION], sort_keys=True).encode()).hexdigest()[:10]

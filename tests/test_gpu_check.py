@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -49,8 +50,31 @@ def test_the_dry_run_writes_every_steps_figures_and_a_second_call_resumes(tmp_pa
     r = _check(tmp_path)  # the second call: only the missing step runs
     assert r.returncode == 0, r.stdout[-3000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["predict"] == "ok" and all(v == "done before" for k, v in summary.items() if k != "predict")
-    assert all(p.stat().st_mtime_ns == t for p, t in before.items())
+    # the missing step runs, and the skipped mini-MIAS fold is tried again; the rest were done
+    assert summary["predict"] == summary["mias_fold"] == "ok" and all(v == "done before" for k, v in summary.items() if k not in ("predict", "mias_fold"))
+    assert all(p.stat().st_mtime_ns == t for p, t in before.items() if p.stem != "mias_fold")
+
+    from bench.gpu_check import done_before
+
+    assert done_before(tmp_path / "env.json", dry_run=True) and not done_before(tmp_path / "env.json", dry_run=False)
+
+
+def test_a_step_killed_at_its_limit_takes_its_own_children_with_it(tmp_path):
+    sys.path.insert(0, str(ROOT))
+    from bench.gpu_check import run_limited
+
+    pidfile = tmp_path / "child.pid"
+    status = run_limited(["bash", "-c", f"sleep 120 & echo $! > {pidfile}; wait"], 2, None)
+    assert status == "killed at its 2 s limit"
+    pid = int(pidfile.read_text())
+    time.sleep(0.5)
+    try:
+        os.kill(pid, 0)
+        alive = not Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
+    except ProcessLookupError:
+        alive = False
+    assert not alive, "the step's child outlived it (an orphaned mias_cv.py would keep the GPU)"
+    assert run_limited([sys.executable, "-c", "raise SystemExit(3)"], 30, None) == "failed (exit 3)"
 
 
 def test_without_wheels_or_fastai_it_says_what_to_carry(tmp_path):

@@ -115,6 +115,8 @@ def _recipes(spec: CrossvalSpec) -> dict[str, dict]:
 def fold_key(spec: CrossvalSpec, recipes: dict[str, dict], data_digest: str, splits: dict[str, str]) -> str:
     """What a finished fold must match to be reused: the settings, the recipes' contents, the data and the fold's splits."""
     settings = {k: v for k, v in asdict(spec).items() if k not in ("only", "review")}
+    if not settings["edge_share"]:  # the paper's sampler: keys of runs made before the option existed stay valid
+        del settings["edge_share"]
     blob = json.dumps([settings, {k: fingerprint(r) for k, r in recipes.items()}, data_digest, sorted(splits.items())], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

@@ -49,7 +49,7 @@ class PatchSetSpec:
     centred: bool = False  # S1: the ROI patch is centred on the ROI
     min_overlap: float = 0.75
     min_breast: float = 0.6  # background patches: at least this fraction of the patch on breast tissue
-    edge_share: float = 0.0  # of the background patches, the share centred on the breast's edge (skin line, chest wall)
+    edge_share: float = 0.0  # of the background patches, the share centred on the breast's edge (skin line, chest wall; rounded half up)
     seed: int = 0
 
     def __post_init__(self):
@@ -200,7 +200,7 @@ def patches_for_image(args: tuple[dict, str, PatchSetSpec, str, str]) -> tuple[l
     elif spec.n_background:
         breast = segment_breast(img)
         inner = background_centres(rng, breast, union, spec)  # first, so an edge share keeps the inner patches it leaves
-        edge = edge_centres(rng, breast, union, spec, round(spec.edge_share * spec.n_background))
+        edge = edge_centres(rng, breast, union, spec, int(spec.edge_share * spec.n_background + 0.5))
         inner = inner[: spec.n_background - len(edge)]
         if len(inner) + len(edge) < spec.n_background:
             rejects.append({"source": row["path"], "row": row["image_id"],
@@ -242,7 +242,10 @@ def _cut_name(spec: PatchSetSpec, manifest_sha256: str) -> str:
     A re-cut with other settings writes into a new sub-folder, so until the new patches.csv and patchset.json are in
     place the old set stays whole; equal settings and data give equal files, so rewriting in place is safe.
     """
-    return "cut-" + hashlib.sha256(json.dumps([asdict(spec), manifest_sha256, MASK_VERSION], sort_keys=True).encode()).hexdigest()[:10]
+    settings = asdict(spec)
+    if not settings["edge_share"]:  # the paper's sampler: cuts made before the option existed keep their name
+        del settings["edge_share"]
+    return "cut-" + hashlib.sha256(json.dumps([settings, manifest_sha256, MASK_VERSION], sort_keys=True).encode()).hexdigest()[:10]
 
 
 def make_patches(data: str | Path, spec: PatchSetSpec, out: str | Path | None = None, workers: int | None = None) -> pd.DataFrame:
