@@ -239,7 +239,7 @@ def rank0_decision(value, what: str, device: torch.device):
 
 
 # how long a rank looks for rank 0's token in --out: a network file system may show a new file to another machine late
-SHARED_OUT_WAIT_S = 10.0
+SHARED_OUT_WAIT_S = 60.0  # an NFS client may answer from its cache of a folder's listing for 30-60 s
 
 
 def check_shared_out(out: Path, device: torch.device) -> None:
@@ -333,7 +333,13 @@ class DataParallel(DistributedTrainer):
 
 
 def _holds(path: Path, text: str) -> bool:
-    """Whether PATH can be read and holds TEXT."""
+    """Whether PATH can be read and holds TEXT (its folders listed first: on NFS a listing revalidates the cached
+    "no such file" of a folder another machine has just made)."""
+    for folder in (path.parent.parent, path.parent):
+        try:
+            os.listdir(folder)
+        except OSError:
+            pass
     try:
         return path.read_text() == text
     except OSError:
