@@ -124,8 +124,8 @@ def _throughput(s: dict, out: Path, channels_last: bool, compile: bool) -> dict:
         roof = ceiling(out, rt.torch_device)
         m = measure_config(cfg, rt, s["warmup"], s["steps"], rounds=1, work=out / "work" / name, pipeline=False, count_flops=True)
         result[name] = {"describe": cfg.describe(), "bare_per_s": round(m.bare, 2), "fastai_per_s": round(m.fastai_memory, 2),
-                        "gflop_per_image": round(m.flops / 1e9, 1) if m.flops else None,
-                        "mfu_vs_matmul": round(m.bare * m.flops / roof, 3) if m.flops else None, "peak_gib": _peak_memory(rt.torch_device)}
+                        "gflop_per_image": float(f"{m.flops / 1e9:.4g}") if m.flops else None,
+                        "mfu_vs_matmul": float(f"{m.bare * m.flops / roof:.3g}") if m.flops else None, "peak_gib": _peak_memory(rt.torch_device)}
     return result
 
 
