@@ -151,16 +151,16 @@ def edge_centres(rng: np.random.Generator, breast: np.ndarray, rois: np.ndarray,
     kinds = []
     for edge in (skin, border):
         ys, xs = np.nonzero(edge)
-        found: list[tuple[int, int]] = []
+        found: dict[tuple[int, int], None] = {}  # an ordered set: the first draw of a centre keeps its place
         for _ in range(10 if len(ys) else 0):
             pick = rng.integers(0, len(ys), 256)
             cy = np.clip(ys[pick], half, h - spec.size + half)
             cx = np.clip(xs[pick], half, w - spec.size + half)
             ok = (_window_sums(roi_sat, cy, cx, spec.size) == 0) & (_window_sums(breast_sat, cy, cx, spec.size) >= EDGE_MIN_BREAST * spec.size**2)
-            found += list(dict.fromkeys(c for c in zip(cy[ok].tolist(), cx[ok].tolist()) if c not in found))
+            found.update(dict.fromkeys(zip(cy[ok].tolist(), cx[ok].tolist())))
             if len(found) >= n:
                 break
-        kinds.append(found)
+        kinds.append(list(found))
     # alternate the two kinds; when one runs out the other fills in
     merged = [c for pair in zip(*kinds) for c in pair] + kinds[0][len(kinds[1]):] + kinds[1][len(kinds[0]):]
     return list(dict.fromkeys(merged))[:n]

@@ -122,10 +122,10 @@ def check_shared_memory(workers: int, batch_bytes: int, shm: str = "/dev/shm") -
     if workers <= 0 or not os.path.isdir(shm):
         return
     ranks = int(os.environ.get("LOCAL_WORLD_SIZE", 1))  # every rank of this machine fills the one /dev/shm
-    need, free = ranks * workers * PREFETCH * batch_bytes, shutil.disk_usage(shm).free
+    usage = shutil.disk_usage(shm)
+    need, free = ranks * workers * PREFETCH * batch_bytes, usage.free
     if free < 1.25 * need:  # headroom: the collation's own temporaries
         fit = int(free / 1.25 // (ranks * PREFETCH * batch_bytes))
-        usage = shutil.disk_usage(shm)
         size = math.ceil((1.25 * need + usage.total - usage.free) / 2**30)  # what others hold there stays held
         who = f"{workers} loader workers" + (f" in each of {ranks} processes" if ranks > 1 else "")
         raise CvfastError(f"{shm} has {free / 2**20:.0f} MB free, but {who} with batches of {batch_bytes / 2**20:.1f} MB need "
